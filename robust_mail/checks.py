@@ -1,0 +1,3 @@
+"""System checks (placeholder until conf.py lands)."""
+
+from __future__ import annotations

@@ -1,0 +1,287 @@
+"""The error tree and the one function that classifies delivery failures.
+
+This module imports nothing from Django so that the transport, pool and
+policy layers (and their tests) can use it as plain Python.
+
+``classify(exc)`` is the single place that decides what a failure means; the
+dispatcher, the outbox and the breakers act on its answer and never inspect
+exceptions themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class Classification(enum.StrEnum):
+    """What a failure means for the message and for the provider."""
+
+    #: Worth retrying here, then elsewhere; counts against the provider's breaker.
+    TRANSIENT = "transient"
+    #: This provider cannot send for us (auth, TLS, policy): no retry, open its breaker,
+    #: try the next provider.
+    PROVIDER_FATAL = "provider_fatal"
+    #: No provider will accept this message as it is: no retry, no failover.
+    MESSAGE_FATAL = "message_fatal"
+    #: The server may have accepted the message (timeout or disconnect after the final
+    #: ``.`` of DATA): retried only with the same Message-ID, and counted.
+    AMBIGUOUS = "ambiguous"
+
+
+Transient = Classification.TRANSIENT
+ProviderFatal = Classification.PROVIDER_FATAL
+MessageFatal = Classification.MESSAGE_FATAL
+Ambiguous = Classification.AMBIGUOUS
+
+
+class Step(enum.StrEnum):
+    """The step of an SMTP session in which a failure happened."""
+
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    #: The DATA command and the message content, before the final ``.``.
+    DATA = "data"
+    #: Waiting for the reply to the final ``.``: the server may already have the message.
+    DATA_END = "data_end"
+    RSET = "rset"
+    NOOP = "noop"
+    BUILD = "build"
+
+
+class RobustMailError(Exception):
+    """Base class of every error robust_mail raises."""
+
+
+class InvalidMessage(RobustMailError, ValueError):
+    """The message cannot be sent as built (bad address, header injection, no recipients).
+
+    Raised before any network traffic, so nothing is ever half-sent.
+    """
+
+
+class ResolutionError(RobustMailError, OSError):
+    """A provider's host name could not be resolved to an address."""
+
+    def __init__(self, host: str, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(f"cannot resolve {host!r}: {reason}")
+        self.host = host
+        self.reason = reason
+        #: True for NXDOMAIN / no such record: retrying soon will not help.
+        self.permanent = permanent
+
+
+class StartTLSUnavailable(RobustMailError, smtplib.SMTPNotSupportedError):
+    """The provider requires STARTTLS but the server did not offer it."""
+
+
+class TransportError(RobustMailError):
+    """One SMTP step failed at one provider.
+
+    ``cause`` is the underlying exception (``smtplib``, ``ssl``, ``OSError`` ...);
+    ``code`` and ``reply`` are the server's answer when there was one.
+    """
+
+    def __init__(
+        self,
+        step: Step,
+        cause: BaseException,
+        *,
+        provider: str = "",
+        code: int | None = None,
+        reply: str = "",
+        refused: Mapping[str, tuple[int, str]] | None = None,
+    ) -> None:
+        self.step = step
+        self.cause = cause
+        self.provider = provider
+        self.code = code if code is not None else _code_of(cause)
+        self.reply = reply or _reply_of(cause)
+        #: For RCPT failures: every refused recipient with its code and reply.
+        self.refused = dict(refused or {})
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.provider}: " if self.provider else ""
+        answer = f" ({self.code} {self.reply})" if self.code else ""
+        if not answer and not isinstance(self.cause, smtplib.SMTPResponseException):
+            answer = f" ({type(self.cause).__name__}: {self.cause})"
+        return f"{where}{self.step.value} failed{answer}"
+
+
+@dataclass(frozen=True)
+class ProviderError:
+    """What went wrong at one provider while delivering one message."""
+
+    provider: str
+    classification: Classification
+    step: str
+    message: str
+    code: int | None = None
+    attempts: int = 1
+
+    def __str__(self) -> str:
+        tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
+        return f"{self.provider}: {self.classification.value} at {self.step}{tries}: {self.message}"
+
+
+class DeliveryFailed(RobustMailError):
+    """No provider accepted the message, and no fallback took it.
+
+    ``errors`` holds one :class:`ProviderError` per provider tried (or skipped).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        errors: list[ProviderError] | tuple[ProviderError, ...] = (),
+        *,
+        classification: Classification | None = None,
+    ) -> None:
+        self.errors = tuple(errors)
+        self.classification = classification
+        detail = "; ".join(str(e) for e in self.errors)
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class RateLimited(RobustMailError):
+    """A rate limit refused the request; ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str = "rate limit exceeded", *, retry_after: float = 0.0) -> None:
+        self.retry_after = max(0.0, float(retry_after))
+        super().__init__(f"{message}; retry after {self.retry_after:.0f}s")
+
+
+# --- classification -------------------------------------------------------------------
+
+_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+_BEFORE_DATA = frozenset(
+    {Step.RESOLVE, Step.CONNECT, Step.GREETING, Step.EHLO, Step.MAIL, Step.RCPT, Step.DATA}
+)
+
+
+def enhanced_status(reply: str) -> tuple[int, int, int] | None:
+    """The RFC 3463 enhanced status code in a reply text (``"5.1.1 no such user"``)."""
+    match = _ENHANCED.search(reply)
+    if match is None:
+        return None
+    cls, subject, detail = (int(g) for g in match.groups())
+    return cls, subject, detail
+
+
+def _code_of(exc: BaseException) -> int | None:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return int(exc.smtp_code)
+    return None
+
+
+def _reply_of(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        error = exc.smtp_error
+        return error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+    return ""
+
+
+def _classify_reply(step: Step, code: int, reply: str) -> Classification:
+    """Classify a negative SMTP reply by the step that got it."""
+    enhanced = enhanced_status(reply)
+    if 400 <= code < 500:
+        return Transient
+    if code in (530, 534, 535, 538):
+        # Authentication required / failed: this provider's credentials, not the message.
+        return ProviderFatal
+    if step in (Step.GREETING, Step.EHLO, Step.STARTTLS, Step.AUTH):
+        return ProviderFatal
+    if step is Step.MAIL:
+        if code == 552 or (enhanced and enhanced[1] == 1 and enhanced[2] in (3, 7)):
+            # Message too large for any server / the sender address itself is malformed.
+            return MessageFatal
+        # 5.7.x and friends: the provider refuses *us* as a sender (policy, not verified).
+        return ProviderFatal
+    if step is Step.RCPT:
+        if enhanced and enhanced[1] == 7 and enhanced[2] == 1:
+            # "Relaying denied": this provider will not relay for us.
+            return ProviderFatal
+        return MessageFatal
+    if step in (Step.DATA, Step.DATA_END):
+        return MessageFatal
+    return ProviderFatal
+
+
+def classify(exc: BaseException) -> Classification:
+    """Decide what a delivery failure means. The table lives in DESIGN.md and the docs."""
+    if isinstance(exc, TransportError):
+        return _classify_step(exc.step, exc.cause, exc.code, exc.reply, exc.refused)
+    return _classify_step(None, exc, _code_of(exc), _reply_of(exc), {})
+
+
+def _classify_step(
+    step: Step | None,
+    cause: BaseException,
+    code: int | None,
+    reply: str,
+    refused: Mapping[str, tuple[int, str]],
+) -> Classification:
+    if isinstance(cause, InvalidMessage):
+        return MessageFatal
+    if isinstance(cause, ssl.SSLError | ssl.CertificateError | StartTLSUnavailable):
+        # A bad certificate or a missing STARTTLS never falls back to plain text.
+        return ProviderFatal
+    if isinstance(cause, smtplib.SMTPRecipientsRefused) or (step is Step.RCPT and refused):
+        codes = [c for c, _ in (refused or _refused_of(cause)).values()]
+        if codes and any(400 <= c < 500 for c in codes):
+            return Transient
+        replies = [r for _, r in (refused or _refused_of(cause)).values()]
+        if replies and all(
+            (e := enhanced_status(r)) is not None and e[1:] == (7, 1) for r in replies
+        ):
+            return ProviderFatal
+        return MessageFatal
+    if isinstance(cause, smtplib.SMTPNotSupportedError):
+        return ProviderFatal
+    if code is not None and code >= 400:
+        effective = step or _step_of_response(cause)
+        return _classify_reply(effective, code, reply)
+    if isinstance(cause, ResolutionError):
+        return Transient
+    if isinstance(cause, smtplib.SMTPServerDisconnected | TimeoutError | socket.timeout | OSError):
+        if step is Step.DATA_END:
+            return Ambiguous
+        return Transient
+    if isinstance(cause, UnicodeError | ValueError | TypeError):
+        return MessageFatal
+    return Transient
+
+
+def _refused_of(exc: BaseException) -> dict[str, tuple[int, str]]:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        out: dict[str, tuple[int, str]] = {}
+        for rcpt, (code, reply) in exc.recipients.items():
+            text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+            out[str(rcpt)] = (int(code), text)
+        return out
+    return {}
+
+
+def _step_of_response(exc: BaseException) -> Step:
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return Step.MAIL
+    if isinstance(exc, smtplib.SMTPDataError):
+        return Step.DATA_END
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return Step.AUTH
+    if isinstance(exc, smtplib.SMTPConnectError):
+        return Step.GREETING
+    return Step.MAIL
