@@ -1,3 +1,176 @@
-"""System checks (placeholder until conf.py lands)."""
+"""Django system checks for robust_mail's settings.
+
+Registered when this module is imported (``apps.py`` imports it in ``ready()``). The
+validation itself lives in ``conf.read_config`` and is shared with ``get_config``; this
+module only turns its problems into check messages and adds what needs the rest of the
+settings (caches, other mailers, files on disk, DEBUG).
+
+Ids are stable and never reused; each has a test in ``tests/test_checks.py`` and a row in
+``docs/settings.md``. This module uses E001-E019 and W001-W009; E020-E029 / W020-W029
+belong to the OTP and rate-limit checks, E030-E039 / W030-W039 to the outbox checks.
+
+=====  ==================================================================
+E001   no provider configured
+E002   a provider has both USE_TLS and USE_SSL
+E003   unknown key (top level, a section, or a provider)
+E004   a provider URL cannot be parsed
+E005   a provider timeout is None or ≤ 0
+E006   FALLBACK is not None, "console" or "outbox"
+E007   two providers share a name
+E008   a value has the wrong type or is out of range
+E009   CACHE names an alias that is not in CACHES
+E010   a MAILER provider names a missing MAILERS alias, or its own alias
+E011   an SSL_CAFILE / SSL_CERTFILE / SSL_KEYFILE file does not exist
+W001   FALLBACK "console" while DEBUG is False
+W002   a provider sends its password without TLS to a host that is not local
+=====  ==================================================================
+"""
 
 from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning, register
+
+from robust_mail.conf import RobustMailConfig, read_config, setting_label
+
+#: The backends whose OPTIONS (Django 6.1 MAILERS) are robust_mail configurations.
+ROBUST_BACKENDS = frozenset(
+    {"robust_mail.backends.RobustEmailBackend", "robust_mail.backends.OutboxEmailBackend"}
+)
+# OPTIONS that Django's BaseEmailBackend itself takes; not ours to judge.
+_DJANGO_OPTIONS = frozenset({"fail_silently"})
+
+
+@register("mail", "robust_mail")
+def check_settings(app_configs: object = None, **kwargs: object) -> list[CheckMessage]:
+    """Check ``ROBUST_MAIL`` (when used) and every MAILERS alias served by robust_mail."""
+    messages: list[CheckMessage] = []
+    if _classic_form_in_use():
+        messages += _check_one(None, alias=None)
+    for alias, options in _robust_mailers():
+        messages += _check_one(options, alias=alias)
+    return messages
+
+
+def _classic_form_in_use() -> bool:
+    # is_overridden() reads no setting, so it never triggers Django 6.1's EMAIL_* warnings.
+    overridden = cast(Any, settings).is_overridden
+    if overridden("ROBUST_MAIL"):
+        return True
+    if hasattr(settings, "MAILERS"):
+        return False  # Django 6.1 with MAILERS: EMAIL_BACKEND does not exist
+    return bool(overridden("EMAIL_BACKEND") and settings.EMAIL_BACKEND in ROBUST_BACKENDS)
+
+
+def _robust_mailers() -> Iterator[tuple[str, Any]]:
+    mailers = getattr(settings, "MAILERS", None)
+    if not isinstance(mailers, Mapping):
+        return
+    for alias, entry in mailers.items():
+        if isinstance(entry, Mapping) and entry.get("BACKEND") in ROBUST_BACKENDS:
+            options = entry.get("OPTIONS", {})
+            if isinstance(options, Mapping):
+                options = {k: v for k, v in options.items() if k not in _DJANGO_OPTIONS}
+            yield str(alias), options
+
+
+def _check_one(options: Any, *, alias: str | None) -> list[CheckMessage]:
+    config, problems = read_config(options, alias=alias)
+    messages: list[CheckMessage] = [
+        Error(p.message, hint=p.hint or None, id=f"robust_mail.{p.code}") for p in problems
+    ]
+    if config is not None:
+        where = setting_label(alias=alias, options=options is not None)
+        lower = options is not None
+        messages += _check_environment(config, where, alias=alias, lower=lower)
+    return messages
+
+
+def _check_environment(
+    config: RobustMailConfig, where: str, *, alias: str | None, lower: bool
+) -> list[CheckMessage]:
+    """What a valid configuration can still get wrong about the rest of the project."""
+
+    def key(name: str) -> str:
+        return name.lower() if lower else name
+
+    out: list[CheckMessage] = []
+    if config.fallback == "console" and not settings.DEBUG:
+        out.append(
+            Warning(
+                f"{where}[{key('FALLBACK')!r}] is 'console' while DEBUG is False: a message "
+                "that no provider accepts would be printed to the console, not sent.",
+                hint="Use 'outbox' in production to keep such messages and retry them, "
+                "or None to raise DeliveryFailed.",
+                id="robust_mail.W001",
+            )
+        )
+    caches = getattr(settings, "CACHES", {})
+    if config.cache not in caches:
+        out.append(
+            Error(
+                f"{where}[{key('CACHE')!r}] is {config.cache!r}, which is not an alias in CACHES.",
+                hint=f"Use one of {', '.join(map(repr, caches)) or 'the CACHES aliases'}; "
+                "breakers, rate limits and metrics are shared through it.",
+                id="robust_mail.E009",
+            )
+        )
+    for provider in config.providers:
+        here = f"{where} provider {provider.name!r}"
+        if provider.mailer is not None:
+            out += _check_mailer(here, provider.mailer, alias=alias)
+            continue
+        for attr in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(provider, attr)
+            if path is not None and not os.path.isfile(path):
+                out.append(
+                    Error(
+                        f"{here}: {key(attr.upper())} {path!r} does not exist or is not a file.",
+                        hint="Give the path of a readable PEM file; relative paths are "
+                        "resolved from the working directory of the process.",
+                        id="robust_mail.E011",
+                    )
+                )
+        plain = not (provider.use_tls or provider.use_ssl)
+        if provider.username and plain and not _is_local(provider.host):
+            out.append(
+                Warning(
+                    f"{here} logs in to {provider.host!r} without TLS: the password "
+                    "would cross the network in plain text.",
+                    hint="Set USE_TLS (STARTTLS, port 587) or USE_SSL (port 465), or "
+                    "use a smtp+tls:// or smtps:// URL.",
+                    id="robust_mail.W002",
+                )
+            )
+    return out
+
+
+def _check_mailer(here: str, target: str, *, alias: str | None) -> list[CheckMessage]:
+    mailers = getattr(settings, "MAILERS", None)
+    hint: str | None
+    if not isinstance(mailers, Mapping):
+        problem = f"{here} delegates to mailer {target!r}, but MAILERS is not defined."
+        hint = "MAILER providers need Django 6.1's MAILERS setting."
+    elif target == alias:
+        problem = f"{here} delegates to its own mailer {target!r}."
+        hint = "Name another MAILERS alias, such as a non-SMTP backend used as fallback."
+    elif target not in mailers:
+        problem = f"{here} delegates to mailer {target!r}, which is not in MAILERS."
+        hint = f"Use one of {', '.join(map(repr, mailers))}." if mailers else None
+    else:
+        return []
+    return [Error(problem, hint=hint, id="robust_mail.E010")]
+
+
+def _is_local(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -151,6 +151,8 @@ class DeliveryFailed(RobustMailError):
     ) -> None:
         self.errors = tuple(errors)
         self.classification = classification
+        #: The DeliveryResult, when the failure comes from a delivery attempt.
+        self.result: object | None = None
         detail = "; ".join(str(e) for e in self.errors)
         super().__init__(f"{message}: {detail}" if detail else message)
 

@@ -1,3 +1,8 @@
 """Models of robust_mail. One module per model family, re-exported here for Django."""
 
 from __future__ import annotations
+
+from robust_mail.models.otp import OneTimePassword  # noqa: F401
+from robust_mail.models.outbox import OutboxMessage  # noqa: F401
+
+__all__ = ["OneTimePassword", "OutboxMessage"]

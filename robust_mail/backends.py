@@ -1,0 +1,148 @@
+"""Django email backends: synchronous failover, and outbox-only.
+
+Both follow Django's backend contract: keyword options (``alias`` accepted
+and passed on, our own options popped before ``super().__init__()``),
+``open()`` returns whether it opened, ``close()`` never raises, usable as a
+context manager, ``send_messages()`` returns how many messages were handled.
+
+SMTP connections live in process-wide pools, not in the backend: Django
+builds a new backend for every ``send_mail``, and a pool per backend would
+pay connect + STARTTLS + AUTH for every message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.core.mail import EmailMessage
+from django.core.mail.backends.base import BaseEmailBackend
+
+from robust_mail.conf import TOP_LEVEL_KEYS, RobustMailConfig, get_config
+from robust_mail.dispatch import Dispatcher
+from robust_mail.envelope import build_envelope
+from robust_mail.exceptions import InvalidMessage, RobustMailError
+from robust_mail.fallback import apply_fallback, queue_in_outbox
+from robust_mail.results import DeliveryResult, DeliveryStatus
+from robust_mail.signals import emit, message_failed
+
+logger = logging.getLogger("robust_mail")
+
+#: Keyword options the backends take: ROBUST_MAIL's keys in lower case (MAILERS OPTIONS).
+OPTION_KEYS = frozenset(key.lower() for key in TOP_LEVEL_KEYS)
+
+
+class _RobustBackendBase(BaseEmailBackend):
+    def __init__(
+        self, fail_silently: bool = False, *, alias: str | None = None, **kwargs: Any
+    ) -> None:
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in OPTION_KEYS}
+        super().__init__(alias=alias, **kwargs)
+        self.alias = alias
+        self.fail_silently = fail_silently
+        # With an alias (Django 6.1 MAILERS) the OPTIONS are the whole configuration and
+        # settings.EMAIL_* are never read; without one, settings.ROBUST_MAIL is.
+        self._options: dict[str, Any] | None = options if (options or alias) else None
+        self._opened = False
+
+    @property
+    def config(self) -> RobustMailConfig:
+        """The configuration, read when used so that ``override_settings`` applies."""
+        return get_config(self._options, alias=self.alias)
+
+    def open(self) -> bool:
+        """Validate the configuration; True if this call opened the backend.
+
+        Connections themselves are pooled per process and opened on demand.
+        """
+        if self._opened:
+            return False
+        self.config  # noqa: B018 - raises ConfigurationError early, never swallowed
+        self._opened = True
+        return True
+
+    def close(self) -> None:
+        # Pooled connections stay open for the next backend instance; see pool.pools.
+        self._opened = False
+
+    def send_messages(self, email_messages: Iterable[EmailMessage]) -> int:
+        messages = list(email_messages)
+        if not messages:
+            return 0
+        config = self.config
+        handled = 0
+        problems: list[Exception] = []
+        for message in messages:
+            if not message.recipients():
+                # As Django's SMTP backend does: a message without recipients is skipped.
+                logger.warning("message without recipients skipped: %r", message.subject)
+                continue
+            try:
+                result = self.deliver(message, config=config)
+            except InvalidMessage as exc:
+                problems.append(exc)
+                continue
+            if result.ok:
+                handled += 1
+            else:
+                problems.append(result.to_exception())
+        self._raise_first(problems)
+        return handled
+
+    def _raise_first(self, problems: Sequence[Exception]) -> None:
+        if not problems:
+            return
+        first = problems[0]
+        # Like Django: a malformed message raises even with fail_silently.
+        invalid = next((p for p in problems if isinstance(p, InvalidMessage)), None)
+        if invalid is not None:
+            raise invalid
+        if not self.fail_silently:
+            raise first
+
+    def deliver(
+        self, message: EmailMessage, *, config: RobustMailConfig | None = None
+    ) -> DeliveryResult:
+        raise NotImplementedError
+
+
+class RobustEmailBackend(_RobustBackendBase):
+    """Synchronous failover across the configured providers, then the fallback."""
+
+    def deliver(
+        self, message: EmailMessage, *, config: RobustMailConfig | None = None
+    ) -> DeliveryResult:
+        """Deliver one message and apply the fallback; never raises for a delivery failure.
+
+        Raises :class:`InvalidMessage` for a message that cannot be built and
+        :class:`~robust_mail.conf.ConfigurationError` for broken settings.
+        """
+        config = config or self.config
+        result = Dispatcher(config).deliver(message)
+        if result.status is DeliveryStatus.DEFERRED and not result.rate_limited:
+            try:
+                result = apply_fallback(message, result, config)
+            except RobustMailError:
+                raise
+            except Exception as exc:
+                logger.error(
+                    "message %s: every provider failed and the fallback %r failed too: %s",
+                    result.message_id,
+                    config.fallback,
+                    exc,
+                )
+                result.fallback_error = exc
+        if not result.ok:
+            emit(message_failed, type(self), message=message, result=result)
+        return result
+
+
+class OutboxEmailBackend(_RobustBackendBase):
+    """Every message goes into the durable outbox and ``send_messages`` returns at once."""
+
+    def deliver(
+        self, message: EmailMessage, *, config: RobustMailConfig | None = None
+    ) -> DeliveryResult:
+        build_envelope(message)  # validates (and pins) before anything is stored
+        return queue_in_outbox(message)

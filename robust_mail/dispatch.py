@@ -1,0 +1,309 @@
+"""Failover for one message: the providers in order, retries, breakers, classification.
+
+:meth:`Dispatcher.deliver` never applies a fallback and never raises for a
+delivery failure: it returns a :class:`DeliveryResult` whose status says what
+happened. The backend, the service and the outbox decide what to do with a
+FAILED or DEFERRED result.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.core.mail import EmailMessage
+
+from robust_mail import metrics
+from robust_mail.conf import DNSConfig, RobustMailConfig
+from robust_mail.envelope import Envelope, build_envelope, pin_message
+from robust_mail.exceptions import (
+    Classification,
+    InvalidMessage,
+    ProviderError,
+    RateLimited,
+    Step,
+    TransportError,
+    classify,
+)
+from robust_mail.pool import pools
+from robust_mail.providers import ProviderConfig
+from robust_mail.ratelimit import check_message_rates
+from robust_mail.resolver import Resolver
+from robust_mail.results import DeliveryResult, DeliveryStatus
+from robust_mail.retry import RetryPolicy
+from robust_mail.signals import emit, message_sent, provider_failed
+from robust_mail.state import get_breaker
+from robust_mail.transport import SMTPConnection
+
+__all__ = ["DeliveryResult", "DeliveryStatus", "Dispatcher", "pin_message"]
+
+logger = logging.getLogger("robust_mail")
+
+
+@functools.cache
+def resolver_for(dns: DNSConfig) -> Resolver:
+    """One resolver (and so one stale-answer cache) per DNS configuration, process-wide."""
+    return Resolver(
+        nameservers=list(dns.nameservers) if dns.nameservers else None,
+        port=dns.port,
+        timeout=dns.timeout,
+        stale_ttl=dns.stale_ttl,
+    )
+
+
+@dataclass
+class _Attempts:
+    """Mutable bookkeeping for one ``deliver`` call."""
+
+    count: int = 0
+    errors: list[ProviderError] = field(default_factory=list)
+    ambiguous: bool = False
+
+
+class Dispatcher:
+    """Delivers messages through the configured providers, in order."""
+
+    def __init__(
+        self,
+        config: RobustMailConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        retry = config.retry
+        self.retry = RetryPolicy(
+            attempts=retry.attempts,
+            backoff=retry.backoff,
+            max_backoff=retry.max_backoff,
+            sleep=sleep,
+            clock=clock,
+        )
+
+    # -- public -------------------------------------------------------------------------
+
+    def deliver(self, message: EmailMessage) -> DeliveryResult:
+        """Deliver ``message`` through the first provider that takes it.
+
+        Raises :class:`InvalidMessage` (before any network traffic) when the
+        message cannot be built; every other failure is reported in the result.
+        """
+        envelope = build_envelope(message)
+        result = self._deliver(message, envelope)
+        message.delivery_result = result  # type: ignore[attr-defined]
+        if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
+            emit(message_sent, type(self), message=message, result=result)
+        return result
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _deliver(self, message: EmailMessage, envelope: Envelope) -> DeliveryResult:
+        try:
+            check_message_rates(
+                list(envelope.recipients), self.config.rate_limits, self.config.cache
+            )
+        except RateLimited as exc:
+            logger.warning("message %s deferred by a rate limit: %s", envelope.message_id, exc)
+            return DeliveryResult(
+                DeliveryStatus.DEFERRED,
+                envelope.message_id,
+                retry_after=exc.retry_after,
+                rate_limited=True,
+                classification=Classification.TRANSIENT,
+                errors=(ProviderError("-", Classification.TRANSIENT, "rate_limit", str(exc)),),
+            )
+        deadline = self.clock() + self.config.retry.deadline
+        attempts = _Attempts()
+        last: Classification | None = None
+        retry_at: float | None = None
+        for index, provider in enumerate(self.config.providers):
+            breaker = get_breaker(provider.name, self.config)
+            if not breaker.allow():
+                wait = breaker.retry_at
+                retry_at = wait if retry_at is None or (wait and wait < retry_at) else retry_at
+                self._skip(provider, attempts, "circuit open")
+                continue
+            if self.clock() >= deadline:
+                self._skip(provider, attempts, "delivery deadline reached")
+                continue
+            if index > 0 and attempts.count:
+                metrics.incr(provider.name, "failed_over")
+            outcome = self._try_provider(provider, envelope, message, deadline, attempts)
+            if isinstance(outcome, dict):
+                breaker.record_success()
+                return self._success(provider, envelope, outcome, attempts)
+            last = outcome
+            if outcome is Classification.MESSAGE_FATAL:
+                # The provider is up and answered: the message, not the provider, is at fault.
+                breaker.record_success()
+                break
+            breaker.record_failure(fatal=outcome is Classification.PROVIDER_FATAL)
+        return self._failure(message, envelope, attempts, last, retry_at)
+
+    def _try_provider(
+        self,
+        provider: ProviderConfig,
+        envelope: Envelope,
+        message: EmailMessage,
+        deadline: float,
+        attempts: _Attempts,
+    ) -> dict[str, tuple[int, str]] | Classification:
+        """Send through one provider with retries; the refused recipients, or why it failed."""
+        tries = 0
+
+        def once() -> dict[str, tuple[int, str]]:
+            nonlocal tries
+            tries += 1
+            attempts.count += 1
+            started = time.perf_counter()
+            refused = self._send_once(provider, envelope, message)
+            metrics.observe(provider.name, time.perf_counter() - started)
+            logger.info(
+                "message %s: attempt %d via %s accepted",
+                envelope.message_id,
+                tries,
+                provider.name,
+            )
+            return refused
+
+        def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
+            metrics.incr(provider.name, "retried")
+            self._log_failure(provider, envelope, attempt, exc, f"retrying in {delay:.1f}s")
+
+        try:
+            return self.retry.call(once, retry_if=_retryable, deadline=deadline, on_retry=on_retry)
+        except InvalidMessage:
+            raise
+        except Exception as exc:
+            classification = classify(exc)
+            if classification is Classification.AMBIGUOUS:
+                attempts.ambiguous = True
+                metrics.incr(provider.name, "ambiguous")
+            self._log_failure(provider, envelope, tries, exc, "giving up on this provider")
+            error = ProviderError(
+                provider=provider.name,
+                classification=classification,
+                step=str(getattr(exc, "step", Step.CONNECT)),
+                message=str(exc),
+                code=getattr(exc, "code", None),
+                attempts=tries,
+            )
+            attempts.errors.append(error)
+            metrics.incr(provider.name, "failed")
+            emit(provider_failed, type(self), provider=provider.name, error=error, message=message)
+            return classification
+
+    def _send_once(
+        self, provider: ProviderConfig, envelope: Envelope, message: EmailMessage
+    ) -> dict[str, tuple[int, str]]:
+        if provider.mailer:
+            return _send_via_mailer(provider, message)
+        resolver = resolver_for(self.config.dns)
+        pool = pools.get(
+            provider,
+            lambda: SMTPConnection(provider, resolver=resolver),
+            size=self.config.pool.size,
+            idle_timeout=self.config.pool.idle_timeout,
+            max_messages=self.config.pool.max_messages,
+        )
+        with pool.connection() as conn:
+            return conn.send(envelope.from_addr, list(envelope.recipients), envelope.data)
+
+    def _skip(self, provider: ProviderConfig, attempts: _Attempts, why: str) -> None:
+        logger.info("provider %s skipped: %s", provider.name, why)
+        attempts.errors.append(
+            ProviderError(provider.name, Classification.TRANSIENT, "skipped", why, attempts=0)
+        )
+
+    def _log_failure(
+        self,
+        provider: ProviderConfig,
+        envelope: Envelope,
+        attempt: int,
+        exc: BaseException,
+        then: str,
+    ) -> None:
+        step = getattr(exc, "step", "?")
+        logger.warning(
+            "message %s: attempt %d via %s failed at %s: %s (%s); %s",
+            envelope.message_id,
+            attempt,
+            provider.name,
+            step,
+            classify(exc).value,
+            exc,
+            then,
+        )
+
+    def _success(
+        self,
+        provider: ProviderConfig,
+        envelope: Envelope,
+        refused: dict[str, tuple[int, str]],
+        attempts: _Attempts,
+    ) -> DeliveryResult:
+        metrics.incr(provider.name, "sent")
+        if refused:
+            metrics.incr(provider.name, "refused_recipients", len(refused))
+        return DeliveryResult(
+            DeliveryStatus.PARTIAL if refused else DeliveryStatus.SENT,
+            envelope.message_id,
+            provider=provider.name,
+            attempts=attempts.count,
+            refused=refused,
+            errors=tuple(attempts.errors),
+            ambiguous=attempts.ambiguous,
+        )
+
+    def _failure(
+        self,
+        message: EmailMessage,
+        envelope: Envelope,
+        attempts: _Attempts,
+        last: Classification | None,
+        retry_at: float | None,
+    ) -> DeliveryResult:
+        fatal = last is Classification.MESSAGE_FATAL
+        retry_after = None
+        if not fatal and retry_at is not None:
+            retry_after = max(0.0, retry_at - time.time())
+        result = DeliveryResult(
+            DeliveryStatus.FAILED if fatal else DeliveryStatus.DEFERRED,
+            envelope.message_id,
+            attempts=attempts.count,
+            errors=tuple(attempts.errors),
+            ambiguous=attempts.ambiguous,
+            classification=last or Classification.TRANSIENT,
+            retry_after=retry_after,
+        )
+        message.delivery_result = result  # type: ignore[attr-defined]
+        return result
+
+
+def _retryable(exc: BaseException) -> bool:
+    # Ambiguous failures are retried too: the Message-ID is pinned, so a duplicate is
+    # recognisable, and at-least-once beats a silent loss.
+    return classify(exc) in (Classification.TRANSIENT, Classification.AMBIGUOUS)
+
+
+def _send_via_mailer(provider: ProviderConfig, message: EmailMessage) -> dict[str, tuple[int, str]]:
+    """Deliver through another Django 6.1 mailer alias (e.g. an HTTP API backend)."""
+    from django.core import mail
+
+    assert provider.mailer is not None
+    backend = mail.mailers[provider.mailer]  # type: ignore[attr-defined]
+    try:
+        sent = backend.send_messages([message])
+    except Exception as exc:
+        raise TransportError(Step.DATA, exc, provider=provider.name) from exc
+    if not sent:
+        raise TransportError(
+            Step.DATA,
+            RuntimeError(f"mailer {provider.mailer!r} sent nothing"),
+            provider=provider.name,
+        )
+    return {}

@@ -1,0 +1,121 @@
+"""Turn a Django ``EmailMessage`` into what goes on the wire, once per message.
+
+The Message-ID and Date are pinned into the message's own headers before the
+first attempt, so every retry, every provider and the outbox send the very
+same message. Building fails with :class:`InvalidMessage` before any network
+traffic, so a bad address or an injected header never leaves a message
+half-sent.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.policy
+import inspect
+from dataclasses import dataclass
+from email.headerregistry import AddressHeader
+from email.utils import formatdate, make_msgid
+from typing import Any
+
+from django.conf import settings
+from django.core.mail import EmailMessage
+from django.core.mail.message import DNS_NAME
+from django.utils.encoding import force_str
+
+from robust_mail.exceptions import InvalidMessage
+
+_BUILD_ERRORS = (ValueError, TypeError, UnicodeError, email.errors.MessageError)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope and the exact bytes of one message."""
+
+    from_addr: str
+    recipients: tuple[str, ...]
+    data: bytes
+    message_id: str
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        return not all(a.isascii() for a in (self.from_addr, *self.recipients))
+
+
+def _header(message: EmailMessage, name: str) -> str | None:
+    for key, value in message.extra_headers.items():
+        if key.lower() == name.lower():
+            return str(value)
+    return None
+
+
+def pin_message(message: EmailMessage) -> str:
+    """Give ``message`` a fixed Message-ID and Date (if it has none) and return the Message-ID.
+
+    Django generates both afresh each time ``message()`` is called; pinning
+    them in ``extra_headers`` makes every attempt carry the same identity, so
+    a receiver (or a person) can recognise a duplicate.
+    """
+    message_id = _header(message, "Message-ID")
+    if message_id is None:
+        message_id = make_msgid(domain=str(DNS_NAME))
+        message.extra_headers["Message-ID"] = message_id
+    if _header(message, "Date") is None:
+        use_localtime = bool(getattr(settings, "EMAIL_USE_LOCALTIME", False))
+        message.extra_headers["Date"] = formatdate(localtime=use_localtime)
+    return message_id
+
+
+def prep_address(address: Any) -> str:
+    """The addr-spec of one address, IDNA-encoding a non-ASCII domain.
+
+    A non-ASCII local part is kept (it needs a server offering SMTPUTF8; the
+    transport checks). Raises :class:`InvalidMessage` for anything that is not
+    exactly one valid address, including CR/LF injection.
+    """
+    text = force_str(address)
+    if "\r" in text or "\n" in text:
+        raise InvalidMessage(f"invalid address {text!r}: line breaks are not allowed")
+    try:
+        parsed = AddressHeader.value_parser(text)
+    except _BUILD_ERRORS as exc:
+        raise InvalidMessage(f"invalid address {text!r}: {exc}") from exc
+    defects = {str(d) for d in parsed.all_defects}
+    # Django allows local mailboxes such as "webmaster" (no domain).
+    defects.discard("addr-spec local part with no domain")
+    defects = {d for d in defects if "non-ASCII" not in d}
+    if defects:
+        raise InvalidMessage(f"invalid address {text!r}: {'; '.join(sorted(defects))}")
+    mailboxes = parsed.all_mailboxes
+    if len(mailboxes) != 1:
+        raise InvalidMessage(f"invalid address {text!r}: must be a single address")
+    mailbox = mailboxes[0]
+    local, domain = mailbox.local_part or "", mailbox.domain or ""
+    if domain and not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise InvalidMessage(f"invalid address {text!r}: bad domain ({exc})") from exc
+    return f"{local}@{domain}" if domain else local
+
+
+def _message_bytes(message: EmailMessage) -> bytes:
+    # Django 6.0+ accepts a policy and produces CRLF with email.policy.SMTP;
+    # 5.2 takes no argument and needs linesep given to as_bytes().
+    if "policy" in inspect.signature(message.message).parameters:
+        return bytes(message.message(policy=email.policy.SMTP).as_bytes())  # type: ignore[call-arg]
+    return bytes(message.message().as_bytes(linesep="\r\n"))
+
+
+def build_envelope(message: EmailMessage) -> Envelope:
+    """Pin the message and build its envelope; raise :class:`InvalidMessage` if it can't be sent."""
+    message_id = pin_message(message)
+    recipients_raw = message.recipients()
+    if not recipients_raw:
+        raise InvalidMessage("the message has no recipients (to, cc and bcc are all empty)")
+    from_addr = prep_address(message.from_email or settings.DEFAULT_FROM_EMAIL)
+    recipients = tuple(prep_address(r) for r in recipients_raw)
+    try:
+        data = _message_bytes(message)
+    except _BUILD_ERRORS as exc:
+        raise InvalidMessage(f"the message cannot be built: {exc}") from exc
+    return Envelope(from_addr, recipients, data, message_id)

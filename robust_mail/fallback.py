@@ -1,0 +1,119 @@
+"""Where a message goes when every provider failed: the outbox, the console, or nowhere.
+
+A message-fatal failure never reaches a fallback: no provider would ever
+accept that message, so storing it would only delay the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from datetime import timedelta
+from email import message_from_bytes, policy
+from email.message import EmailMessage as PyEmailMessage
+from typing import TextIO
+
+from django.conf import settings
+from django.core.mail import EmailMessage
+from django.utils import timezone
+
+from robust_mail.conf import ConfigurationError, RobustMailConfig
+from robust_mail.envelope import build_envelope
+from robust_mail.results import DeliveryResult, DeliveryStatus
+
+logger = logging.getLogger("robust_mail")
+
+_console_lock = threading.Lock()
+
+
+def apply_fallback(
+    message: EmailMessage, result: DeliveryResult, config: RobustMailConfig
+) -> DeliveryResult:
+    """Hand a DEFERRED message to the configured fallback; return the new result."""
+    if result.status is not DeliveryStatus.DEFERRED or config.fallback is None:
+        return result
+    if config.fallback == "console":
+        write_console(message)
+        handled = DeliveryResult(
+            DeliveryStatus.CONSOLE,
+            result.message_id,
+            attempts=result.attempts,
+            errors=result.errors,
+            ambiguous=result.ambiguous,
+            classification=result.classification,
+        )
+    elif config.fallback == "outbox":
+        handled = queue_in_outbox(message, result)
+    else:  # pragma: no cover - rejected by conf.py and the system checks
+        raise ConfigurationError(f"unknown ROBUST_MAIL FALLBACK {config.fallback!r}")
+    message.delivery_result = handled  # type: ignore[attr-defined]
+    return handled
+
+
+def queue_in_outbox(message: EmailMessage, result: DeliveryResult | None = None) -> DeliveryResult:
+    """Store ``message`` durably for the workers; raises if the database cannot take it."""
+    from robust_mail.outbox import enqueue
+
+    delay = result.retry_after if result is not None else None
+    not_before = timezone.now() + timedelta(seconds=delay) if delay else None
+    row = enqueue(message, not_before=not_before)
+    queued = DeliveryResult(
+        DeliveryStatus.QUEUED,
+        row.message_id,
+        attempts=result.attempts if result else 0,
+        errors=result.errors if result else (),
+        ambiguous=result.ambiguous if result else False,
+        classification=result.classification if result else None,
+        outbox_id=row.pk,
+    )
+    message.delivery_result = queued  # type: ignore[attr-defined]
+    return queued
+
+
+def write_console(message: EmailMessage, stream: TextIO | None = None) -> None:
+    """Print a readable copy of ``message``: decoded bodies, long lines kept whole.
+
+    Outside DEBUG the bodies are withheld: they may hold one-time codes or
+    reset links, which must never reach a production log.
+    """
+    out = stream or sys.stdout
+    envelope = build_envelope(message)
+    parsed = message_from_bytes(envelope.data, policy=policy.default)
+    assert isinstance(parsed, PyEmailMessage)
+    lines = [
+        "-" * 72,
+        "robust_mail console fallback: no provider accepted this message",
+        f"Message-ID: {envelope.message_id}",
+        f"Envelope-From: {envelope.from_addr}",
+        f"Envelope-To: {', '.join(envelope.recipients)}",
+    ]
+    for name in ("From", "To", "Cc", "Reply-To", "Subject", "Date"):
+        if parsed[name] is not None:
+            lines.append(f"{name}: {parsed[name]}")
+    lines.append("")
+    if settings.DEBUG:
+        lines.extend(_readable_parts(parsed))
+    else:
+        lines.append("[bodies withheld: DEBUG is False]")
+    lines.append("-" * 72)
+    with _console_lock:
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+    logger.warning("message %s written to the console fallback", envelope.message_id)
+
+
+def _readable_parts(parsed: PyEmailMessage) -> list[str]:
+    lines: list[str] = []
+    for part in parsed.walk():
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        filename = part.get_filename()
+        if filename or not ctype.startswith("text/"):
+            size = len(part.get_payload(decode=True) or b"")
+            lines.append(f"[attachment {filename or '(unnamed)'}: {ctype}, {size} bytes]")
+            continue
+        lines.append(f"--- {ctype} ---")
+        lines.append(str(part.get_content()).rstrip("\n"))
+    return lines

@@ -1,0 +1,400 @@
+"""One-time passwords by email: issue a code, verify it once.
+
+Security properties (docs/otp.md says what they do and do not protect against):
+
+- codes come from :mod:`secrets` and are stored only as HMAC-SHA256 over (purpose,
+  identifier, code) keyed with ``ROBUST_MAIL["OTP"]["SECRET"]`` — or, when that is None,
+  a key derived from ``SECRET_KEY`` — so a database dump does not reveal them;
+- comparison is constant time; each code allows ``MAX_ATTEMPTS`` tries, expires after
+  ``TTL`` and is used at most once (a conditional UPDATE, see :mod:`robust_mail.otp_store`);
+- issuing is limited by a cooldown, hourly and daily limits per identifier and an hourly
+  limit per IP address; a code whose email could not be sent is withdrawn and uses up
+  no limit;
+- the code is never in a subject, a log line, an exception or a ``repr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.template.loader import render_to_string, select_template
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from robust_mail.conf import OTPConfig, get_config
+from robust_mail.exceptions import DeliveryFailed, RateLimited
+from robust_mail.otp_store import CacheOTPStore, IssueLimits, NewCode, OTPStore
+from robust_mail.ratelimit import Rate, RateLimiter
+
+if TYPE_CHECKING:
+    from robust_mail.password_reset import PasswordResetService
+
+__all__ = [
+    "IssuedCode",
+    "OTPService",
+    "PasswordResetService",
+    "Reason",
+    "SecretCode",
+    "VerifyResult",
+    "code_keys",
+    "normalize_identifier",
+    "purge_expired",
+]
+
+logger = logging.getLogger("robust_mail.otp")
+
+DIGITS = "0123456789"
+#: Upper-case letters and digits without the look-alikes 0/O, 1/I/L.
+ALPHANUMERIC = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+PURPOSE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+MAX_IDENTIFIER = 254
+#: Longer input is not even normalised: nobody types 64 characters for a 6-digit code.
+MAX_CODE_INPUT = 64
+_KEY_SALT = b"robust_mail.otp.code-key.v1"
+
+
+class Reason(StrEnum):
+    OK = "ok"
+    INVALID = "invalid"
+    EXPIRED = "expired"
+    LOCKED = "locked"
+    NO_CODE = "no_code"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """``ok`` and why. Show users one message for every failure reason (docs/otp.md)."""
+
+    ok: bool
+    reason: Reason
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class SecretCode(str):
+    """A code that keeps out of ``repr()`` (tracebacks with locals, debuggers, logs)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SecretCode('******')"
+
+
+@dataclass(frozen=True)
+class IssuedCode:
+    """What :meth:`OTPService.issue` did. ``code`` is set only when ``send=False``."""
+
+    identifier: str
+    purpose: str
+    expires_at: datetime
+    key: str
+    sent: bool
+    code: SecretCode | None = field(default=None, repr=False)
+
+
+def normalize_identifier(identifier: Any) -> str:
+    """An email address or any user with an email field → the lower-cased address/text.
+
+    Raises ``ValueError`` for empty or over-long identifiers.
+    """
+    if hasattr(identifier, "get_email_field_name"):
+        identifier = getattr(identifier, identifier.get_email_field_name(), "") or ""
+    if not isinstance(identifier, str):
+        raise ValueError("an identifier is an email address (str) or a user")
+    value = identifier.strip().lower()
+    if not value or len(value) > MAX_IDENTIFIER:
+        raise ValueError("an identifier must be 1 to 254 characters")
+    return value
+
+
+def check_purpose(purpose: str) -> str:
+    """Purposes are lower-case slugs (``login``, ``password_reset``, a project's own)."""
+    if not isinstance(purpose, str) or not PURPOSE.match(purpose):
+        raise ValueError("a purpose is a lower-case slug of 1 to 64 characters, e.g. 'login'")
+    return purpose
+
+
+def code_keys(config: OTPConfig) -> list[bytes]:
+    """The HMAC keys: SECRET, or keys derived from SECRET_KEY and its fallbacks.
+
+    The first key hashes new codes; all of them verify, so rotating SECRET_KEY (with the
+    old one in SECRET_KEY_FALLBACKS) does not break codes already sent.
+    """
+    if config.secret:
+        return [config.secret.encode()]
+    secrets_ = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+    return [hmac.new(str(s).encode(), _KEY_SALT, hashlib.sha256).digest() for s in secrets_]
+
+
+def _digest(key: bytes, identifier: str, purpose: str, code: str) -> str:
+    data = "\x00".join(("robust_mail.otp", purpose, identifier, code)).encode()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def mask(identifier: str) -> str:
+    """``alice@example.com`` → ``a***@example.com`` for log lines."""
+    local, at, domain = identifier.partition("@")
+    return f"{local[:1]}***{at}{domain}"
+
+
+def _default_store(config: Any) -> OTPStore:
+    # ROBUST_MAIL["OTP"]["STORE"] (a dotted path) once conf.py reads it.
+    dotted = getattr(config.otp, "store", None) or "robust_mail.otp_store.DatabaseOTPStore"
+    cls = import_string(dotted)
+    if isinstance(cls, type) and issubclass(cls, CacheOTPStore):
+        return cls(config.cache)
+    store: OTPStore = cls()
+    return store
+
+
+class OTPService:
+    """Issue and verify codes. Stateless apart from the store: one per request is fine.
+
+    ``config`` defaults to ``get_config().otp``; ``store`` to the configured store
+    (:class:`DatabaseOTPStore`); ``clock`` returns an aware datetime, for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: OTPConfig | None = None,
+        store: OTPStore | None = None,
+        clock: Callable[[], datetime] = timezone.now,
+        cache_alias: str | None = None,
+    ) -> None:
+        full = get_config()
+        self.config = config or full.otp
+        self.store = store or _default_store(full)
+        self.clock = clock
+        self.cache_alias = cache_alias or full.cache
+
+    # -- codes ----------------------------------------------------------------------------
+
+    @property
+    def alphabet(self) -> str:
+        return ALPHANUMERIC if self.config.alphabet == "alphanumeric" else DIGITS
+
+    def generate(self) -> SecretCode:
+        return SecretCode("".join(secrets.choice(self.alphabet) for _ in range(self.config.length)))
+
+    def hash_code(self, identifier: str, purpose: str, code: str) -> str:
+        """The stored form of ``code``: hex HMAC-SHA256 under the current key."""
+        return _digest(code_keys(self.config)[0], identifier, purpose, code)
+
+    def _matches(self, identifier: str, purpose: str, code: str, stored: str) -> bool:
+        # Every key is tried, no early exit, each comparison in constant time.
+        results = [
+            hmac.compare_digest(_digest(key, identifier, purpose, code), stored)
+            for key in code_keys(self.config)
+        ]
+        return any(results)
+
+    def normalize_code(self, raw: object) -> str | None:
+        """User input → a code in the alphabet, or None. Never raises."""
+        if not isinstance(raw, str) or len(raw) > MAX_CODE_INPUT:
+            return None
+        value = "".join(raw.split()).replace("-", "")
+        if self.config.alphabet == "alphanumeric":
+            value = value.upper()
+        if (
+            not value.isascii()
+            or len(value) != self.config.length
+            or any(c not in self.alphabet for c in value)
+        ):
+            return None
+        return value
+
+    # -- issue ----------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> IssueLimits:
+        c = self.config
+        return IssueLimits(
+            cooldown=int(c.cooldown),
+            per_hour=c.max_per_hour,
+            per_day=c.max_per_day,
+            per_ip_per_hour=c.max_per_ip_per_hour,
+        )
+
+    def issue(
+        self,
+        identifier: Any,
+        purpose: str = "login",
+        *,
+        ip_address: str | None = None,
+        user_agent: str = "",
+        send: bool = True,
+        background: bool = False,
+    ) -> IssuedCode:
+        """Create a code for ``identifier`` and (``send=True``) email it.
+
+        Raises :class:`RateLimited` (with ``retry_after``) over a limit, ``ValueError`` for
+        a bad identifier or purpose, and the delivery error when the email could not be
+        sent — in which case the code is withdrawn and counts toward no limit.
+        With ``send=False`` the caller delivers ``IssuedCode.code`` itself.
+        """
+        ident = normalize_identifier(identifier)
+        check_purpose(purpose)
+        if send:
+            try:
+                validate_email(ident)
+            except ValidationError:
+                raise ValueError("send=True needs an email address as identifier") from None
+        now = self.clock()
+        code = self.generate()
+        expires_at = now + timedelta(seconds=self.config.ttl)
+        key = self.store.add(
+            NewCode(
+                identifier=ident,
+                purpose=purpose,
+                code_hash=self.hash_code(ident, purpose, code),
+                created_at=now,
+                expires_at=expires_at,
+                ip_address=ip_address or None,
+                user_agent=(user_agent or "")[:255],
+            ),
+            self.limits,
+        )
+        if send:
+            try:
+                self.send(ident, code, purpose, expires_at, background=background)
+            except BaseException:
+                # Not sent: as if never issued, so the user may ask again at once.
+                self.store.withdraw(key)
+                logger.warning("could not send a %s code to %s; withdrawn", purpose, mask(ident))
+                raise
+        self.store.activate(key)
+        logger.info("issued a %s code for %s, key %s", purpose, mask(ident), key)
+        return IssuedCode(
+            identifier=ident,
+            purpose=purpose,
+            expires_at=expires_at,
+            key=key,
+            sent=send,
+            code=None if send else code,
+        )
+
+    def render(
+        self, identifier: str, code: str, purpose: str, expires_at: datetime
+    ) -> tuple[str, str, str]:
+        """(subject, text, html) from the project-overridable templates.
+
+        Templates: ``robust_mail/otp/<purpose>_{subject.txt,email.txt,email.html}``, else
+        ``robust_mail/otp/{subject.txt,email.txt,email.html}``. The subject is rendered
+        without the code in its context, so no template can put it there.
+        """
+        context: dict[str, Any] = {
+            "identifier": identifier,
+            "purpose": purpose,
+            "expires_at": expires_at,
+            "valid_minutes": max(1, round(self.config.ttl / 60)),
+        }
+        base = "robust_mail/otp/"
+        subject = select_template([f"{base}{purpose}_subject.txt", f"{base}subject.txt"])
+        subject_text = " ".join(subject.render(context).split())
+        context["code"] = code
+        text = render_to_string([f"{base}{purpose}_email.txt", f"{base}email.txt"], context)
+        html = render_to_string([f"{base}{purpose}_email.html", f"{base}email.html"], context)
+        return subject_text, text, html
+
+    def send(
+        self, identifier: str, code: str, purpose: str, expires_at: datetime, *, background: bool
+    ) -> None:
+        from robust_mail.service import EmailService
+
+        subject, text, html = self.render(identifier, code, purpose, expires_at)
+        sent = EmailService.send_email(
+            subject, text, [identifier], html_message=html, background=background
+        )
+        if not sent:
+            raise DeliveryFailed("the code email was not sent")
+
+    # -- verify ---------------------------------------------------------------------------
+
+    def verify(
+        self,
+        identifier: Any,
+        code: object,
+        purpose: str = "login",
+        *,
+        ip_address: str | None = None,
+    ) -> VerifyResult:
+        """Check ``code`` and use it up. Never raises for bad user input.
+
+        Reasons: ``no_code`` (nothing live), ``expired``, ``locked`` (no attempts left, or
+        too many attempts from ``ip_address``), ``invalid`` (wrong, malformed, or already
+        used by a concurrent request), ``ok``. Every call with a live code counts one
+        attempt, the successful one included.
+        """
+        check_purpose(purpose)
+        try:
+            ident = normalize_identifier(identifier)
+        except ValueError:
+            return VerifyResult(False, Reason.NO_CODE)
+        now = self.clock()
+        if ip_address and not self._ip_may_try(ip_address):
+            return VerifyResult(False, Reason.LOCKED)
+        record = self.store.latest(ident, purpose)
+        if record is None:
+            return VerifyResult(False, Reason.NO_CODE)
+        if record.expires_at <= now:
+            return VerifyResult(False, Reason.EXPIRED)
+        if record.attempts >= self.config.max_attempts or not self.store.count_attempt(
+            record.key, self.config.max_attempts
+        ):
+            return VerifyResult(False, Reason.LOCKED)
+        candidate = self.normalize_code(code)
+        if candidate is None or not self._matches(ident, purpose, candidate, record.code_hash):
+            logger.info("wrong %s code for %s, key %s", purpose, mask(ident), record.key)
+            return VerifyResult(False, Reason.INVALID)
+        if not self.store.consume(record.key, now):
+            return VerifyResult(False, Reason.INVALID)
+        logger.info("verified a %s code for %s, key %s", purpose, mask(ident), record.key)
+        return VerifyResult(True, Reason.OK)
+
+    def _ip_may_try(self, ip_address: str) -> bool:
+        # Guessing across many identifiers from one address: bound it too.
+        rate = Rate(self.config.max_per_ip_per_hour * self.config.max_attempts, 3600)
+        limiter = RateLimiter(
+            self.cache_alias,
+            clock=lambda: self.clock().timestamp(),
+            prefix="robust_mail:otp-verify",
+            fail_open=True,
+        )
+        try:
+            limiter.hit(f"ip:{ip_address}", rate)
+        except RateLimited:
+            logger.warning("too many code attempts from one address")
+            return False
+        return True
+
+    def invalidate(self, identifier: Any, purpose: str = "login") -> int:
+        """Invalidate every live code for identifier and purpose; how many."""
+        return self.store.invalidate(normalize_identifier(identifier), check_purpose(purpose))
+
+
+def purge_expired(now: datetime | None = None) -> int:
+    """Delete OTP rows no longer needed (for ``robust_mail_purge``); how many."""
+    return OTPService().store.purge_expired(now or timezone.now())
+
+
+def __getattr__(name: str) -> Any:
+    # PasswordResetService lives in its own module, which imports this one.
+    if name == "PasswordResetService":
+        from robust_mail.password_reset import PasswordResetService
+
+        return PasswordResetService
+    raise AttributeError(f"module 'robust_mail.otp' has no attribute {name!r}")

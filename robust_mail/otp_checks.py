@@ -1,0 +1,155 @@
+"""System checks for one-time passwords and rate limits (ids E020–E029, W020–W029).
+
+Ids are stable and never reused:
+
+- ``robust_mail.E020`` OTP ``SECRET`` is set but shorter than 32 characters.
+- ``robust_mail.E021`` no key for codes: ``SECRET`` is None and ``SECRET_KEY`` is empty.
+- ``robust_mail.E022`` the OTP ``STORE`` (when conf.py has one) cannot be imported.
+- ``robust_mail.W020`` rate limits are on, DEBUG is off, and the cache that counts them is
+  per-process or not atomic (LocMem, database, file, dummy).
+- ``robust_mail.W021`` the cache OTP store is used with such a cache.
+- ``robust_mail.W022`` OTP ``SECRET`` equals ``SECRET_KEY`` (one leak then exposes both).
+- ``robust_mail.W023`` codes shorter than 6 characters.
+
+A configuration that does not even read is reported by ``checks.py`` (E001–E019); these
+checks then stay quiet rather than repeat it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning, register
+from django.utils.module_loading import import_string
+
+from robust_mail.conf import RobustMailConfig, read_config
+
+__all__ = ["check_otp", "check_rate_limit_cache"]
+
+MIN_SECRET_LENGTH = 32
+
+#: Cache backends whose counters are per process (LocMem), lost (dummy) or not atomic.
+WEAK_CACHES = {
+    "django.core.cache.backends.locmem.LocMemCache": "per process",
+    "django.core.cache.backends.db.DatabaseCache": "not atomic",
+    "django.core.cache.backends.filebased.FileBasedCache": "not atomic",
+    "django.core.cache.backends.dummy.DummyCache": "a no-op",
+}
+
+
+def _config() -> RobustMailConfig | None:
+    try:
+        return read_config()[0]
+    except Exception:  # a broken settings module is someone else's error to report
+        return None
+
+
+def _weak_cache(alias: str) -> str | None:
+    backend = str(settings.CACHES.get(alias, {}).get("BACKEND", ""))
+    return WEAK_CACHES.get(backend)
+
+
+def _secret_key() -> str:
+    try:
+        return str(settings.SECRET_KEY or "")
+    except Exception:  # Django raises ImproperlyConfigured for an empty SECRET_KEY
+        return ""
+
+
+@register("robust_mail")
+def check_otp(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    config = _config()
+    if config is None:
+        return []
+    otp = config.otp
+    messages: list[CheckMessage] = []
+    if otp.secret is not None and len(otp.secret) < MIN_SECRET_LENGTH:
+        messages.append(
+            Error(
+                f"ROBUST_MAIL['OTP']['SECRET'] is shorter than {MIN_SECRET_LENGTH} characters.",
+                hint="Use a long random value from the environment, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(48))', "
+                "or None to derive the key from SECRET_KEY.",
+                id="robust_mail.E020",
+            )
+        )
+    if otp.secret is None and not _secret_key():
+        messages.append(
+            Error(
+                "One-time codes have no key: OTP SECRET is None and SECRET_KEY is empty.",
+                hint="Set SECRET_KEY, or ROBUST_MAIL['OTP']['SECRET'].",
+                id="robust_mail.E021",
+            )
+        )
+    if otp.secret is not None and otp.secret == _secret_key():
+        messages.append(
+            Warning(
+                "ROBUST_MAIL['OTP']['SECRET'] is the same as SECRET_KEY.",
+                hint="Leave SECRET as None (a separate key is derived from SECRET_KEY) "
+                "or give it its own value.",
+                id="robust_mail.W022",
+            )
+        )
+    if otp.length < 6:
+        messages.append(
+            Warning(
+                f"One-time codes are only {otp.length} characters long.",
+                hint="Use LENGTH 6 or more: with 3 attempts a 4-digit code is guessed "
+                "once in about 3,300 tries.",
+                id="robust_mail.W023",
+            )
+        )
+    store = getattr(otp, "store", None)
+    if store:
+        try:
+            store_class = import_string(store)
+        except ImportError as exc:
+            messages.append(
+                Error(
+                    f"ROBUST_MAIL['OTP']['STORE'] {store!r} cannot be imported: {exc}",
+                    hint="Use robust_mail.otp_store.DatabaseOTPStore or CacheOTPStore.",
+                    id="robust_mail.E022",
+                )
+            )
+        else:
+            from robust_mail.otp_store import CacheOTPStore
+
+            weak = _weak_cache(config.cache)
+            if (
+                isinstance(store_class, type)
+                and issubclass(store_class, CacheOTPStore)
+                and weak
+                and not settings.DEBUG
+            ):
+                messages.append(
+                    Warning(
+                        f"The cache OTP store uses cache {config.cache!r}, which is {weak}.",
+                        hint="Point ROBUST_MAIL['CACHE'] at Redis or memcached, "
+                        "or use DatabaseOTPStore.",
+                        id="robust_mail.W021",
+                    )
+                )
+    return messages
+
+
+@register("robust_mail")
+def check_rate_limit_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    config = _config()
+    if config is None or settings.DEBUG:
+        return []
+    limits = config.rate_limits
+    if not (limits.global_rate or limits.per_recipient):
+        return []
+    weak = _weak_cache(config.cache)
+    if weak is None:
+        return []
+    return [
+        Warning(
+            f"Rate limits are counted in cache {config.cache!r}, which is {weak}: "
+            "each process (or racing requests) keeps its own count.",
+            hint="Point ROBUST_MAIL['CACHE'] at a shared cache with atomic increments "
+            "(django.core.cache.backends.redis.RedisCache or memcached).",
+            id="robust_mail.W020",
+        )
+    ]

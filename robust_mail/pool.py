@@ -1,0 +1,408 @@
+"""Process-wide pools of open SMTP connections, one pool per provider.
+
+No Django imports. Django builds a new email backend for every ``send_mail`` call, so
+connections kept on a backend instance would be opened (DNS, TCP, TLS handshake, AUTH) for
+every message. The pools here live for the whole process instead, keyed by provider, and
+hand each connection to one thread at a time.
+
+Lifecycle of a connection, all inside :meth:`ConnectionPool.connection`:
+
+- reused most-recently-used first, so spare connections go idle and expire;
+- idle for more than ``check_after`` seconds → NOOP first; a dead one is closed and replaced
+  by a fresh one before the caller sees it (a message is never sent on it, so never lost);
+- idle for more than ``idle_timeout`` seconds → closed (lazily, at the next use of the pool,
+  or by :meth:`ConnectionPool.prune`);
+- ``max_messages`` messages sent → closed after use;
+- the caller's block raised and the connection is not ``reusable`` → closed.
+
+Fork: the child forgets every connection inherited from the parent without any I/O on it
+(no QUIT, no TLS close), so the parent's sessions are untouched; the child opens its own.
+Exit: idle connections are closed (QUIT) by an ``atexit`` hook.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+from robust_mail.exceptions import RobustMailError
+
+__all__ = ["ConnectionPool", "PoolRegistry", "PoolTimeout", "PooledConnection", "pools"]
+
+logger = logging.getLogger("robust_mail.pool")
+
+
+class PooledConnection(Protocol):
+    """What the pool needs of a connection (``robust_mail.transport.SMTPConnection``).
+
+    ``open()`` raises on failure and leaves nothing open. ``noop()`` returns False (and
+    closes) when the session is dead. ``close()`` never raises, also on a dead socket.
+    ``reusable`` is True only while the session is ready for the next message. An optional
+    ``detach()`` closes this process's socket without sending anything (used after fork).
+    """
+
+    @property
+    def is_open(self) -> bool: ...
+
+    reusable: bool
+    messages_sent: int
+
+    def open(self) -> object: ...
+
+    def noop(self) -> bool: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PoolTimeout(RobustMailError, TimeoutError):
+    """Every connection of a pool stayed busy for longer than the pool's ``wait_timeout``."""
+
+    def __init__(self, pool: str, size: int, waited: float) -> None:
+        super().__init__(
+            f"connection pool {pool!r}: all {size} connections stayed busy for {waited:.1f} s"
+        )
+        self.pool = pool
+        self.size = size
+
+
+C = TypeVar("C", bound=PooledConnection)
+
+
+@dataclass
+class _Idle(Generic[C]):
+    conn: C
+    since: float
+
+
+class ConnectionPool(Generic[C]):
+    """At most ``size`` open connections made by ``factory``, each used by one thread at a time.
+
+    ``wait_timeout`` bounds how long :meth:`connection` waits for a busy pool before raising
+    :class:`PoolTimeout`. ``clock`` (monotonic) measures idle times. Thread-safe; the lock is
+    never held during network I/O.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], C],
+        *,
+        size: int = 5,
+        idle_timeout: float = 60.0,
+        max_messages: int | None = None,
+        wait_timeout: float = 10.0,
+        check_after: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self.name = name
+        self.factory = factory
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self.max_messages = max_messages
+        self.wait_timeout = wait_timeout
+        self.check_after = check_after
+        self.clock = clock
+        self._init_state()
+        _all_pools.add(self)
+
+    def _init_state(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._idle: list[_Idle[C]] = []  # most recently used last
+        self._busy = 0  # connections handed out, or being opened for a caller
+        self._generation = 0
+        self._pid = os.getpid()
+        self._stats = dict.fromkeys(("opened", "reused", "replaced", "discarded", "expired"), 0)
+
+    def __repr__(self) -> str:
+        return f"<ConnectionPool {self.name!r} size={self.size} idle={len(self._idle)}>"
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently open or being opened (idle + in use)."""
+        with self._cond:
+            return self._busy + len(self._idle)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts since the pool was made: connections ``opened``, ``reused``, ``replaced``
+        (found dead before reuse), ``discarded`` (after an error), ``expired`` (idle)."""
+        with self._cond:
+            return dict(self._stats)
+
+    def _count(self, name: str) -> None:
+        with self._cond:
+            self._stats[name] += 1
+
+    @property
+    def idle_connections(self) -> int:
+        with self._cond:
+            return len(self._idle)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[C]:
+        """An open connection for the duration of the ``with`` block.
+
+        Blocks while all ``size`` connections are in use, for at most ``wait_timeout``
+        seconds, then raises :class:`PoolTimeout`. Errors opening a fresh connection
+        propagate (``TransportError`` from the transport) and free the slot.
+        """
+        conn, generation = self._checkout()
+        pid = os.getpid()
+        try:
+            yield conn
+        except Exception:
+            self._checkin(conn, generation, pid, failed=True)
+            raise
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, SystemExit) possibly mid-transaction, where
+            # ``reusable`` may not have been updated: never pool it again.
+            conn.reusable = False
+            self._checkin(conn, generation, pid, failed=True)
+            raise
+        self._checkin(conn, generation, pid, failed=False)
+
+    def prune(self) -> int:
+        """Close the connections idle for longer than ``idle_timeout``; return how many."""
+        with self._cond:
+            expired = self._take_expired()
+        _close_all(expired)
+        return len(expired)
+
+    def close(self) -> None:
+        """Close every idle connection. Connections in use are closed when handed back."""
+        with self._cond:
+            idle, self._idle = [item.conn for item in self._idle], []
+            self._generation += 1  # in-use connections are discarded on check-in
+            self._cond.notify_all()
+        _close_all(idle)
+
+    def configure(self, *, size: int, idle_timeout: float, max_messages: int | None = None) -> None:
+        """Change the limits; they apply from the next check-out."""
+        with self._cond:
+            self.size, self.idle_timeout, self.max_messages = size, idle_timeout, max_messages
+            self._cond.notify_all()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _take_expired(self) -> list[C]:
+        # Caller holds the lock.
+        now = self.clock()
+        keep = [item for item in self._idle if now - item.since < self.idle_timeout]
+        expired = [item.conn for item in self._idle if now - item.since >= self.idle_timeout]
+        self._idle = keep
+        self._stats["expired"] += len(expired)
+        return expired
+
+    def _checkout(self) -> tuple[C, int]:
+        # Waiting uses the real monotonic clock: Condition.wait does, whatever self.clock is.
+        deadline = time.monotonic() + self.wait_timeout
+        expired: list[C] = []
+        item: _Idle[C] | None = None
+        granted = False
+        with self._cond:
+            while True:
+                # Expired ones are few and closed below, after the lock is released.
+                expired += self._take_expired()
+                if self._idle:
+                    item, granted = self._idle.pop(), True
+                elif self._busy < self.size:
+                    granted = True  # room to open a new one
+                if granted:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if granted:
+                self._busy += 1
+            generation = self._generation
+        _close_all(expired)
+        if not granted:
+            raise PoolTimeout(self.name, self.size, self.wait_timeout)
+        try:
+            return self._ready(item), generation
+        except BaseException:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify()
+            raise
+
+    def _ready(self, item: _Idle[C] | None) -> C:
+        """The idle connection if it is still alive, else a freshly opened one."""
+        if item is not None:
+            conn = item.conn
+            alive = conn.is_open
+            if alive and self.clock() - item.since > self.check_after:
+                try:
+                    alive = bool(conn.noop())
+                except Exception:
+                    alive = False
+            if alive:
+                self._count("reused")
+                return conn
+            logger.info("pool %s: idle connection was dead; opening a fresh one", self.name)
+            self._count("replaced")
+            _close_all([conn])
+        conn = self.factory()
+        try:
+            conn.open()
+        except BaseException:
+            _close_all([conn])
+            raise
+        self._count("opened")
+        return conn
+
+    def _checkin(self, conn: C, generation: int, pid: int, *, failed: bool) -> None:
+        if pid != os.getpid():
+            # Checked out before a fork, handed back in the child: the parent owns it.
+            _forget(conn)
+            return
+        keep = conn.is_open and conn.reusable
+        if keep and self.max_messages is not None and conn.messages_sent >= self.max_messages:
+            keep = False
+        with self._cond:
+            self._busy -= 1
+            # A close() since check-out means this connection must not be pooled again.
+            if keep and generation == self._generation:
+                self._idle.append(_Idle(conn, self.clock()))
+            else:
+                keep = False
+            self._cond.notify()
+        if not keep:
+            if failed:
+                self._count("discarded")
+            _close_all([conn])
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's connections share sockets (and TLS state) with the parent: drop them
+        # without any I/O. The lock may have been held by a parent thread: make a new one.
+        inherited = [item.conn for item in self._idle]
+        self._init_state()
+        for conn in inherited:
+            _forget(conn)
+
+
+def _close_all(conns: Iterable[PooledConnection]) -> None:
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:  # close() must not raise; never let a bad one stop the others
+            logger.debug("closing a pooled connection raised", exc_info=True)
+
+
+#: Connections inherited across fork that could not be detached: kept referenced so that
+#: garbage collection never closes (or warns about) the parent's sockets from the child.
+_orphans: list[PooledConnection] = []
+
+
+def _forget(conn: PooledConnection) -> None:
+    detach = getattr(conn, "detach", None)
+    if callable(detach):
+        try:
+            detach()
+            return
+        except Exception:
+            logger.debug("detaching an inherited connection raised", exc_info=True)
+    _orphans.append(conn)
+
+
+class PoolRegistry:
+    """The process-wide pools, one per provider key (``pools`` is the instance)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[Hashable, ConnectionPool[Any]] = {}
+
+    def get(
+        self,
+        key: Hashable,
+        factory: Callable[[], C],
+        *,
+        size: int,
+        idle_timeout: float,
+        max_messages: int | None = None,
+        wait_timeout: float | None = None,
+    ) -> ConnectionPool[C]:
+        """The pool for ``key`` (a ``ProviderConfig``), made with ``factory`` on first use.
+
+        Later calls with other limits reconfigure the existing pool; the first factory
+        stays (the key must identify everything the factory depends on).
+        """
+        pool = cast("ConnectionPool[C] | None", self._pools.get(key))
+        if pool is None:
+            with self._lock:
+                pool = cast("ConnectionPool[C] | None", self._pools.get(key))
+                if pool is None:
+                    name = str(getattr(key, "name", key))
+                    pool = ConnectionPool(
+                        name,
+                        factory,
+                        size=size,
+                        idle_timeout=idle_timeout,
+                        max_messages=max_messages,
+                        wait_timeout=10.0 if wait_timeout is None else wait_timeout,
+                    )
+                    self._pools[key] = pool
+                    return pool
+        if (pool.size, pool.idle_timeout, pool.max_messages) != (
+            size,
+            idle_timeout,
+            max_messages,
+        ):
+            pool.configure(size=size, idle_timeout=idle_timeout, max_messages=max_messages)
+        return pool
+
+    def all(self) -> list[ConnectionPool[Any]]:
+        with self._lock:
+            return list(self._pools.values())
+
+    def close_all(self) -> None:
+        """Close every idle connection of every pool (the pools stay usable)."""
+        for pool in self.all():
+            pool.close()
+
+    def clear(self) -> None:
+        """Close and forget every pool (for tests, after their servers stop)."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+
+pools = PoolRegistry()
+
+#: Every pool of this process, registry or not, for the fork and exit hooks.
+_all_pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    pools._after_fork_in_child()
+    for pool in list(_all_pools):
+        pool._after_fork_in_child()
+
+
+def _close_at_exit() -> None:
+    pid = os.getpid()
+    for pool in list(_all_pools):
+        if pool._pid == pid:
+            pool.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)

@@ -1,0 +1,209 @@
+"""Fixed-window rate limits kept in the Django cache.
+
+A rate is ``N/unit`` (``"100/h"``, ``"10/m"``, ``"1000/d"``, ``"5/s"``). Each window is one
+cache key created with ``cache.add`` and counted with ``cache.incr``; on Redis and memcached
+both are atomic, so every process and host that shares the cache shares the count. On a
+per-process or non-atomic cache (LocMem, database, file) the counts are per process or
+racy: :mod:`robust_mail.otp_checks` warns about that outside DEBUG.
+
+Fixed windows let up to ``2 * N`` through around a window boundary; that is the price of
+one atomic counter per window, and it is documented in docs/rate-limits.md.
+
+A refused hit is not counted, and :meth:`RateLimiter.release` gives a counted hit back
+(a message that was then not sent, a code whose email failed), so limits measure what
+actually happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from django.core.cache import caches
+
+from robust_mail.exceptions import RateLimited
+
+__all__ = [
+    "Hit",
+    "Rate",
+    "RateLimiter",
+    "check_message_rates",
+    "parse_rate",
+]
+
+logger = logging.getLogger("robust_mail.ratelimit")
+
+# The same forms conf.py accepts for RATE_LIMITS.
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most ``limit`` events per window of ``seconds``."""
+
+    limit: int
+    seconds: int
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.seconds < 1:
+            raise ValueError("a rate needs a limit and a window of at least 1")
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.seconds}s"
+
+
+def parse_rate(text: str) -> Rate:
+    """Parse ``"N/unit"`` with unit ``s``, ``m``, ``h`` or ``d``: ``parse_rate("100/h")``.
+
+    Raises ``ValueError`` with the accepted forms for anything else, including ``0/h``.
+    """
+    match = _RATE.match(str(text).lower())
+    if match is None or match.group(2) not in _UNITS:
+        raise ValueError(f"invalid rate {text!r}: expected N/s, N/m, N/h or N/d, e.g. '100/h'")
+    limit = int(match.group(1))
+    if limit < 1:
+        raise ValueError(f"invalid rate {text!r}: the limit must be at least 1")
+    return Rate(limit=limit, seconds=_UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One counted hit, for :meth:`RateLimiter.release`."""
+
+    cache_key: str
+    count: int
+    #: When this window ends (clock seconds).
+    resets_at: float
+
+
+class _Counter(Protocol):
+    def add(self, key: str, value: int, timeout: float | None = ...) -> bool: ...
+    def incr(self, key: str, delta: int = ...) -> int: ...
+    def decr(self, key: str, delta: int = ...) -> int: ...
+
+
+class RateLimiter:
+    """Atomic fixed-window counters in the Django cache ``cache_alias``.
+
+    ``fail_open``: when the cache itself fails (Redis down), log and let the hit through
+    instead of raising — right for mail in general (a dead cache must not stop mail),
+    wrong for a security control, which passes ``fail_open=False``.
+    """
+
+    def __init__(
+        self,
+        cache_alias: str = "default",
+        *,
+        clock: Callable[[], float] = time.time,
+        prefix: str = "robust_mail:rl",
+        fail_open: bool = False,
+    ) -> None:
+        self.cache_alias = cache_alias
+        self.clock = clock
+        self.prefix = prefix
+        self.fail_open = fail_open
+
+    @property
+    def cache(self) -> _Counter:
+        return caches[self.cache_alias]
+
+    def cache_key(self, key: str, rate: Rate, now: float) -> tuple[str, float]:
+        """The counter's cache key for the window containing ``now``, and when it ends."""
+        start = math.floor(now / rate.seconds) * rate.seconds
+        # Hashed: keys may hold addresses (privacy) and spaces or be long (memcached).
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        return f"{self.prefix}:{digest}:{rate.seconds}:{start}", float(start + rate.seconds)
+
+    def hit(self, key: str, rate: Rate, *, amount: int = 1) -> Hit | None:
+        """Count ``amount`` events for ``key``; raise :class:`RateLimited` if over ``rate``.
+
+        A refused hit is not counted. Returns the :class:`Hit` to release later, or None
+        when the cache failed and ``fail_open`` let the hit through uncounted.
+        """
+        now = self.clock()
+        cache_key, resets_at = self.cache_key(key, rate, now)
+        try:
+            count = self._incr(cache_key, amount, timeout=resets_at - now + 1)
+        except Exception:
+            if not self.fail_open:
+                raise
+            logger.warning("rate limit cache %r failed; letting the hit through", self.cache_alias)
+            return None
+        if count > rate.limit:
+            self._decr(cache_key, amount)
+            raise RateLimited(f"over the rate limit of {rate}", retry_after=resets_at - now)
+        return Hit(cache_key=cache_key, count=count, resets_at=resets_at)
+
+    def release(self, hit: Hit | None, *, amount: int = 1) -> None:
+        """Give back a counted hit whose event did not happen after all."""
+        if hit is not None:
+            self._decr(hit.cache_key, amount)
+
+    def _incr(self, cache_key: str, amount: int, *, timeout: float) -> int:
+        cache = self.cache
+        for _ in range(3):
+            cache.add(cache_key, 0, timeout=max(1.0, timeout))
+            try:
+                return int(cache.incr(cache_key, amount))
+            except ValueError:
+                # Evicted or expired between add and incr: create it again.
+                continue
+        raise RuntimeError(f"rate limit counter {cache_key!r} keeps disappearing")
+
+    def _decr(self, cache_key: str, amount: int) -> None:
+        try:
+            self.cache.decr(cache_key, amount)
+        except ValueError:
+            pass  # the window has expired meanwhile: nothing to give back
+        except Exception:
+            logger.warning("rate limit cache %r failed on release", self.cache_alias)
+
+
+class _RateLimits(Protocol):
+    @property
+    def global_rate(self) -> str | None: ...
+    @property
+    def per_recipient(self) -> str | None: ...
+
+
+def check_message_rates(
+    recipients: Iterable[str],
+    config: _RateLimits,
+    cache_alias: str,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> list[Hit]:
+    """Count one message against ``GLOBAL`` and each recipient against ``PER_RECIPIENT``.
+
+    Recipients are compared case-insensitively and counted once per message. Raises
+    :class:`RateLimited` (with the ``retry_after`` of the limit that refused) and counts
+    nothing when any limit refuses, so a deferred message does not use up the window it is
+    waiting for. A failing cache lets the message through (logged). Returns the hits, which
+    the caller may :meth:`~RateLimiter.release` if the message is then not sent.
+    """
+    limiter = RateLimiter(cache_alias, clock=clock, fail_open=True)
+    wanted: list[tuple[str, Rate]] = []
+    if config.global_rate:
+        wanted.append(("global", parse_rate(config.global_rate)))
+    if config.per_recipient:
+        rate = parse_rate(config.per_recipient)
+        for address in sorted({r.strip().lower() for r in recipients if r and r.strip()}):
+            wanted.append((f"rcpt:{address}", rate))
+    hits: list[Hit] = []
+    try:
+        for key, rate in wanted:
+            hit = limiter.hit(key, rate)
+            if hit is not None:
+                hits.append(hit)
+    except RateLimited:
+        for hit in hits:
+            limiter.release(hit)
+        raise
+    return hits

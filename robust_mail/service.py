@@ -1,0 +1,111 @@
+"""``EmailService``: the helper views call to send mail and learn what happened."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from django.conf import settings
+from django.core import mail
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.core.mail.backends.base import BaseEmailBackend
+
+from robust_mail.backends import _RobustBackendBase
+from robust_mail.conf import ConfigurationError
+from robust_mail.envelope import build_envelope
+from robust_mail.exceptions import InvalidMessage, RobustMailError
+from robust_mail.fallback import queue_in_outbox
+from robust_mail.results import DeliveryResult, DeliveryStatus
+
+logger = logging.getLogger("robust_mail")
+
+
+def default_backend() -> BaseEmailBackend:
+    """The project's default mail backend, on every supported Django version."""
+    mailers = getattr(mail, "mailers", None)
+    if mailers is not None and hasattr(settings, "MAILERS"):
+        return mailers.default  # type: ignore[no-any-return]
+    return mail.get_connection()
+
+
+class EmailService:
+    """Send mail from views and tasks.
+
+    Works with whatever backend the project configured: with robust_mail's
+    backends it returns the real :class:`DeliveryResult`; with another one
+    (``locmem`` in tests, say) it sends through it and reports what it can.
+    All methods are class methods, so ``EmailService.send_email(...)`` works
+    without an instance.
+    """
+
+    @classmethod
+    def send_email(
+        cls,
+        subject: str,
+        message: str,
+        recipient_list: Sequence[str],
+        from_email: str | None = None,
+        *,
+        html_message: str | None = None,
+        fail_silently: bool = False,
+        background: bool = False,
+        **extra: Any,
+    ) -> bool:
+        """Build and send one message; True when it was sent, queued or printed.
+
+        ``extra`` goes to :class:`~django.core.mail.EmailMultiAlternatives`
+        (``cc``, ``bcc``, ``reply_to``, ``headers``, ``attachments``). Raises
+        :class:`InvalidMessage` for bad input and :class:`DeliveryFailed` when
+        nothing took the message — unless ``fail_silently``. Configuration
+        errors are always raised.
+        """
+        email = EmailMultiAlternatives(
+            subject,
+            message,
+            from_email or settings.DEFAULT_FROM_EMAIL,
+            list(recipient_list),
+            **extra,
+        )
+        if html_message is not None:
+            email.attach_alternative(html_message, "text/html")
+        try:
+            if not email.recipients():
+                raise InvalidMessage("the message has no recipients (to, cc and bcc are all empty)")
+            result = cls.send(email, background=background)
+            if not result.ok:
+                raise result.to_exception()
+        except ConfigurationError:
+            raise
+        except RobustMailError:
+            if fail_silently:
+                logger.exception("send_email failed (fail_silently=True)")
+                return False
+            raise
+        return True
+
+    @classmethod
+    def send(cls, message: EmailMessage, *, background: bool = False) -> DeliveryResult:
+        """Send (or with ``background=True`` queue) ``message``; return what happened.
+
+        Delivery failures are reported in the result, not raised; a message
+        that cannot be built raises :class:`InvalidMessage`.
+        """
+        if background:
+            build_envelope(message)
+            return queue_in_outbox(message)
+        backend = default_backend()
+        if isinstance(backend, _RobustBackendBase):
+            return backend.deliver(message)
+        return _send_through_other(backend, message)
+
+
+def _send_through_other(backend: BaseEmailBackend, message: EmailMessage) -> DeliveryResult:
+    envelope = build_envelope(message)
+    sent = backend.send_messages([message])
+    status = DeliveryStatus.SENT if sent else DeliveryStatus.FAILED
+    result = DeliveryResult(
+        status, envelope.message_id, provider=type(backend).__name__, attempts=1
+    )
+    message.delivery_result = result  # type: ignore[attr-defined]
+    return result

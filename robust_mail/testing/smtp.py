@@ -1,0 +1,354 @@
+"""A real SMTP server on 127.0.0.1 for tests, with faults injected on demand.
+
+The server runs aiosmtpd on its own asyncio loop in a daemon thread, so the
+code under test talks to it over real sockets exactly as it would to a
+provider. Everything public here is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from robust_mail.testing.certs import TestCertificates, default_certificates
+from robust_mail.testing.modes import Mode
+from robust_mail.testing.protocol import FaultySMTP
+from robust_mail.testing.received import ReceivedMessage
+
+TLSMode = Literal["starttls", "implicit"]
+_T = TypeVar("_T")
+
+# Upper bound for any operation the caller's thread waits on the loop for.
+_LOOP_CALL_TIMEOUT = 10.0
+
+
+class SMTPTestServer:
+    """An SMTP server for tests; see docs/testing.md.
+
+    ``port=0`` picks a free port, kept for the server's lifetime (also across
+    ``refuse`` and back). ``tls`` is ``None`` (plain), ``"starttls"`` or
+    ``"implicit"`` (SMTPS). ``auth`` maps user names to passwords; when given,
+    AUTH PLAIN/LOGIN is offered (over plain text too) and required before MAIL.
+    ``refuse_recipients`` are answered ``550 5.1.1`` in every mode.
+    ``on_message`` is called, on the server thread, for each recorded message.
+    """
+
+    def __init__(
+        self,
+        mode: Mode | str = Mode.ACCEPT,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: TLSMode | None = None,
+        certificates: TestCertificates | None = None,
+        auth: Mapping[str, str] | None = None,
+        refuse_recipients: Iterable[str] = (),
+        reply_delay: float = 0.0,
+        name: str = "",
+        require_starttls: bool = False,
+        on_message: Callable[[ReceivedMessage], None] | None = None,
+    ) -> None:
+        if tls not in (None, "starttls", "implicit"):
+            raise ValueError(f"tls must be None, 'starttls' or 'implicit', not {tls!r}")
+        self._mode = Mode(mode)
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.name = name
+        self.hostname = "mail.test"
+        self.auth: Mapping[str, str] | None = dict(auth) if auth is not None else None
+        self.refuse_recipients = refuse_recipients
+        self.reply_delay = reply_delay
+        self.require_starttls = require_starttls
+        self.on_message = on_message
+        self.certificates = certificates
+        if tls is not None and certificates is None:
+            self.certificates = default_certificates()
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._mode_lock = threading.Lock()
+        self._messages: list[ReceivedMessage] = []
+        self._sessions: set[FaultySMTP] = set()
+        self.connections_total = 0
+        self.peak_connections = 0
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._listener: asyncio.Server | None = None
+        self._tls_context: ssl.SSLContext | None = None
+
+    # -- configuration read by the sessions ----------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mode | str) -> None:
+        new = Mode(value)
+        with self._mode_lock:
+            self._mode = new
+            if self._loop is not None:
+                # Returns once the port is (un)bound, so a connect right after sees it.
+                self._call(self._sync_listening())
+
+    @property
+    def refuse_recipients(self) -> frozenset[str]:
+        return self._refuse_recipients
+
+    @refuse_recipients.setter
+    def refuse_recipients(self, addresses: Iterable[str]) -> None:
+        if isinstance(addresses, str):
+            addresses = (addresses,)
+        self._refuse_recipients = frozenset(address.lower() for address in addresses)
+
+    def refuses(self, address: str) -> bool:
+        listed = address.lower() in self._refuse_recipients
+        if self._mode is Mode.RCPT_550:
+            return listed or not self._refuse_recipients
+        return listed
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> SMTPTestServer:
+        """Bind the port and start serving. Returns ``self``."""
+        if self._loop is not None:
+            return self
+        if self.tls is not None:
+            self._tls_context = self._make_tls_context()
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=self._run_loop,
+            args=(loop,),
+            name=f"SMTPTestServer {self.name or self.port}",
+            daemon=True,
+        )
+        self._loop, self._thread = loop, thread
+        thread.start()
+        try:
+            self._call(self._listen())
+            if self._mode is Mode.REFUSE:
+                self._call(self._sync_listening())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop listening, close every connection and the loop. Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            self._call(self._shutdown())
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            self._loop = self._thread = None
+
+    def __enter__(self) -> SMTPTestServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"<SMTPTestServer {self.name or '-'} {self.host}:{self.port} "
+            f"mode={self._mode.value} tls={self.tls}>"
+        )
+
+    # -- messages ----------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        """A copy of the messages recorded so far, oldest first."""
+        with self._lock:
+            return list(self._messages)
+
+    def clear(self) -> None:
+        """Forget the recorded messages (connection counters are kept)."""
+        with self._lock:
+            self._messages.clear()
+
+    def wait_for(self, count: int = 1, timeout: float = 5.0) -> list[ReceivedMessage]:
+        """Block until at least ``count`` messages were recorded; return them all.
+
+        Raises ``TimeoutError`` when they do not arrive within ``timeout`` seconds.
+        """
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self._messages) >= count, timeout):
+                raise TimeoutError(
+                    f"{self!r} received {len(self._messages)} message(s), "
+                    f"expected {count} within {timeout}s"
+                )
+            return list(self._messages)
+
+    def record(self, message: ReceivedMessage) -> None:
+        with self._changed:
+            self._messages.append(message)
+            self._changed.notify_all()
+        if self.on_message is not None:
+            self.on_message(message)
+
+    # -- connections ---------------------------------------------------------------------
+
+    @property
+    def connections_open(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def session_opened(self, session: FaultySMTP) -> None:
+        with self._lock:
+            self._sessions.add(session)
+            self.connections_total += 1
+            self.peak_connections = max(self.peak_connections, len(self._sessions))
+            self._changed.notify_all()
+
+    def session_closed(self, session: FaultySMTP) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+            self._changed.notify_all()
+
+    def wait_for_connections(self, count: int = 0, timeout: float = 5.0) -> None:
+        """Block until exactly ``count`` connections are open (the server notices a
+        client's close a moment after the client returns). Raises ``TimeoutError``.
+        """
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self._sessions) == count, timeout):
+                raise TimeoutError(
+                    f"{self!r} has {len(self._sessions)} open connection(s), "
+                    f"expected {count} within {timeout}s"
+                )
+
+    def drop_connections(self) -> None:
+        """Close every open client connection from the server side, now.
+
+        Returns once the server has released them; the port keeps listening.
+        """
+        if self._loop is not None:
+            self._call(self._close_sessions())
+
+    # -- convenience -----------------------------------------------------------------------
+
+    def provider_settings(self, **overrides: object) -> dict[str, object]:
+        """A ``ROBUST_MAIL["PROVIDERS"]`` entry pointing at this server.
+
+        Upper-case keys; ``overrides`` (e.g. ``TIMEOUT=1``) replace or add keys.
+        """
+        settings: dict[str, object] = {
+            "NAME": self.name or f"test-{self.port}",
+            "HOST": self.host,
+            "PORT": self.port,
+            "USE_TLS": self.tls == "starttls",
+            "USE_SSL": self.tls == "implicit",
+            "TIMEOUT": 5,
+        }
+        if self.certificates is not None:
+            settings["SSL_CAFILE"] = self.certificates.ca_file
+        if self.auth:
+            username, password = next(iter(self.auth.items()))
+            settings["USERNAME"], settings["PASSWORD"] = username, password
+        settings.update(overrides)
+        return settings
+
+    # -- on the loop thread --------------------------------------------------------------
+
+    def _call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result(_LOOP_CALL_TIMEOUT)
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # Anything still pending (e.g. a TLS handshake in progress) is
+            # cancelled so its socket is closed before the loop is.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            for _ in range(3):  # let close callbacks scheduled by the cancellations run
+                loop.run_until_complete(asyncio.sleep(0))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    def _make_tls_context(self) -> ssl.SSLContext:
+        assert self.certificates is not None
+        context = self.certificates.server_context()
+        untrusted = self.certificates.untrusted_server_context()
+
+        def choose_certificate(
+            connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+        ) -> None:
+            # Decided per handshake, so switching to untrusted_cert affects the
+            # next TLS session, STARTTLS or implicit alike.
+            if self._mode is Mode.UNTRUSTED_CERT:
+                connection.context = untrusted
+
+        context.sni_callback = choose_certificate
+        return context
+
+    def _new_session(self) -> FaultySMTP:
+        assert self._loop is not None
+        offer_starttls = self.tls == "starttls" and self._mode is not Mode.NO_STARTTLS
+        return FaultySMTP(
+            self,
+            loop=self._loop,
+            tls_context=self._tls_context if offer_starttls else None,
+            implicit_tls=self.tls == "implicit",
+            require_starttls=offer_starttls and self.require_starttls,
+        )
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            self._new_session,
+            host=self.host,
+            port=self.port,
+            ssl=self._tls_context if self.tls == "implicit" else None,
+            ssl_handshake_timeout=10.0 if self.tls == "implicit" else None,
+            reuse_address=True,
+        )
+        if self.port == 0:
+            self.port = self._listener.sockets[0].getsockname()[1]
+
+    async def _sync_listening(self) -> None:
+        if self._mode is Mode.REFUSE:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+        elif self._listener is None:
+            await self._listen()
+
+    async def _close_sessions(self) -> None:
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.abort()
+        # Wait for connection_lost() so the sockets are really closed on return.
+        for _ in range(200):
+            with self._lock:
+                if not self._sessions.intersection(sessions):
+                    return
+            await asyncio.sleep(0.005)
+
+    async def _shutdown(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        await self._close_sessions()

@@ -1,0 +1,549 @@
+"""One SMTP session with one provider: resolve, connect, TLS, AUTH, and send.
+
+The socket connects to an address from :class:`~robust_mail.resolver.Resolver`
+(only A records when IPv4 is forced) while the *configured host name* is used
+for SNI and certificate verification, so IPv4 forcing needs no patching of
+``socket.getaddrinfo`` and never weakens TLS.
+
+Every failure is raised as :class:`~robust_mail.exceptions.TransportError`
+carrying the :class:`~robust_mail.exceptions.Step` it happened in;
+``exceptions.classify()`` turns that into transient / provider-fatal /
+message-fatal / ambiguous. The DATA phase is driven here rather than by
+``smtplib.sendmail`` so that a failure while the content is being sent
+(``DATA``) is told apart from a failure while waiting for the reply to the
+final dot (``DATA_END``), where the server may already have the message.
+
+Every network step is bounded by ``provider.timeout`` (the socket timeout,
+which also covers TLS handshakes). Logs go to ``robust_mail.transport``:
+provider, step and timing, never a password or a message body.
+
+Imports nothing from Django.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from robust_mail.exceptions import (
+    InvalidMessage,
+    ResolutionError,
+    StartTLSUnavailable,
+    Step,
+    TransportError,
+)
+from robust_mail.tls import clear_tls_contexts, tls_context
+
+if TYPE_CHECKING:
+    from robust_mail.providers import ProviderConfig
+    from robust_mail.resolver import Resolver
+
+__all__ = ["SMTPConnection", "clear_tls_contexts", "tls_context"]
+
+logger = logging.getLogger("robust_mail.transport")
+
+#: The content is written in chunks so that the timeout bounds each chunk (a stalled
+#: peer), not the whole transfer: a 20 MB message on a slow link is not a timeout.
+_CHUNK = 64 * 1024
+
+#: Steps of a mail transaction: a negative reply in one of them leaves the session
+#: usable after RSET. A negative reply while opening ends the session.
+_TRANSACTION = frozenset({Step.MAIL, Step.RCPT, Step.DATA, Step.DATA_END})
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_FORBIDDEN_IN_ADDRESS = ("\r", "\n", "\0", "<", ">")
+
+#: Errors a network step can raise: OSError covers socket, ssl and smtplib errors;
+#: ValueError covers encoding problems and smtplib's refusal of line breaks in commands.
+_STEP_ERRORS = (OSError, ValueError)
+
+
+@functools.cache
+def default_local_hostname() -> str:
+    """The name sent in EHLO when none is given; looked up once per process."""
+    return socket.getfqdn() or "localhost"
+
+
+class _Session(smtplib.SMTP):
+    """smtplib's command/reply machinery on a socket this module connected itself."""
+
+    def attach(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.file = None
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """Wrap the socket after a 220 reply to STARTTLS (handshake bounded by the timeout)."""
+        assert self.sock is not None
+        if self.file is not None:
+            # Drop the plaintext reader first so no buffered plaintext survives the upgrade.
+            self.file.close()
+            self.file = None
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        # RFC 3207: forget everything learnt before TLS; the caller sends EHLO again.
+        self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features = {}
+        self.does_esmtp = False
+
+
+class SMTPConnection:
+    """One SMTP session with one provider, used by one thread at a time.
+
+    Call :meth:`open` (or use the object as a context manager), then :meth:`send` any
+    number of messages, then :meth:`close`. Every failure raises
+    :class:`~robust_mail.exceptions.TransportError`. After a failure, :attr:`reusable`
+    says whether the session is still in a known state (a negative reply was followed
+    by a successful RSET); if it is False the connection has already been closed.
+    """
+
+    def __init__(
+        self,
+        provider: ProviderConfig,
+        *,
+        resolver: Resolver,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.provider = provider
+        self.resolver = resolver
+        self.local_hostname = local_hostname or default_local_hostname()
+        #: Messages accepted by the server on this connection since it was opened.
+        self.messages_sent = 0
+        #: False once a failure left the session in an unknown state (and closed it).
+        self.reusable = False
+        #: ``time.monotonic()`` when the session was opened / last sent a message.
+        self.opened_at: float | None = None
+        self.last_used: float | None = None
+        #: The address the socket connected to, and whether the session is encrypted.
+        self.address: str | None = None
+        self.tls = False
+        self._smtp: _Session | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed"
+        where = f"{self.provider.host}:{self.provider.port}"
+        return f"<SMTPConnection {self.provider.name} {where} {state}>"
+
+    def __enter__(self) -> SMTPConnection:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None and self._smtp.sock is not None
+
+    # --- opening ------------------------------------------------------------------------
+
+    def open(self) -> bool:
+        """Open the session; return False if it was already open.
+
+        resolve → connect (each address in turn) → [implicit TLS] → greeting → EHLO →
+        [STARTTLS → EHLO] → [AUTH]. Raises :class:`TransportError`; nothing is left
+        open on failure.
+        """
+        if self.is_open:
+            return False
+        provider = self.provider
+        started = time.monotonic()
+        context = self._context() if provider.use_ssl or provider.use_tls else None
+        with self._step(Step.RESOLVE):
+            addresses = self.resolver.resolve(provider.host, ipv4_only=provider.force_ipv4)
+            if not addresses:
+                raise ResolutionError(provider.host, "no address to connect to")
+        sock, address = self._connect(addresses)
+        smtp = _Session(local_hostname=self.local_hostname, timeout=provider.timeout)
+        smtp.attach(sock)
+        self._smtp = smtp
+        self.reusable, self.tls, self.address = False, False, address
+        self.messages_sent = 0
+        if provider.use_ssl:
+            assert context is not None
+            with self._step(Step.CONNECT):
+                smtp.attach(context.wrap_socket(sock, server_hostname=provider.host))
+            self.tls = True
+        with self._step(Step.GREETING):
+            code, reply = smtp.getreply()
+            if code != 220:
+                raise smtplib.SMTPConnectError(code, reply)
+        self._ehlo(smtp)
+        if provider.use_tls and not provider.use_ssl:
+            assert context is not None
+            with self._step(Step.STARTTLS):
+                if not smtp.has_extn("starttls"):
+                    raise StartTLSUnavailable(
+                        f"{provider.host} does not offer STARTTLS, which this provider "
+                        "requires; nothing is sent in plain text"
+                    )
+                code, reply = smtp.docmd("STARTTLS")
+                if code != 220:
+                    raise smtplib.SMTPResponseException(code, reply)
+                smtp.start_tls(context, provider.host)
+            self.tls = True
+            self._ehlo(smtp)
+        if provider.username:
+            with self._step(Step.AUTH):
+                self._login(smtp)
+        self.reusable = True
+        self.opened_at = self.last_used = time.monotonic()
+        logger.info(
+            "%s: connected to %s:%s (%s, tls=%s) in %.1f ms",
+            provider.name,
+            address,
+            provider.port,
+            provider.host,
+            self.tls,
+            (self.opened_at - started) * 1000,
+        )
+        return True
+
+    def _context(self) -> ssl.SSLContext:
+        step = Step.CONNECT if self.provider.use_ssl else Step.STARTTLS
+        try:
+            return tls_context(self.provider)
+        except ssl.SSLError as exc:
+            raise TransportError(step, exc, provider=self.provider.name) from exc
+        except (OSError, ValueError) as exc:
+            # A missing or unreadable certificate file is this provider's configuration,
+            # not a network hiccup: report it as a TLS failure (provider-fatal).
+            error = ssl.SSLError(f"cannot load the TLS certificates: {exc}")
+            raise TransportError(step, error, provider=self.provider.name) from exc
+
+    def _connect(self, addresses: Sequence[str]) -> tuple[socket.socket, str]:
+        provider = self.provider
+        failures: list[tuple[str, OSError]] = []
+        for address in addresses:
+            started = time.monotonic()
+            try:
+                sock = socket.create_connection((address, provider.port), provider.timeout)
+            except OSError as exc:
+                failures.append((address, exc))
+                logger.debug(
+                    "%s: connect to %s:%s failed after %.1f ms: %s",
+                    provider.name,
+                    address,
+                    provider.port,
+                    (time.monotonic() - started) * 1000,
+                    exc or type(exc).__name__,
+                )
+                continue
+            logger.debug(
+                "%s: connect to %s:%s ok in %.1f ms",
+                provider.name,
+                address,
+                provider.port,
+                (time.monotonic() - started) * 1000,
+            )
+            return sock, address
+        if len(failures) == 1:
+            cause = failures[0][1]
+        else:
+            detail = "; ".join(f"{a}: {e or type(e).__name__}" for a, e in failures)
+            cause = OSError(f"no address of {provider.host} accepted a connection ({detail})")
+            cause.__cause__ = failures[-1][1]
+        logger.info("%s: connect failed: %s", provider.name, cause or type(cause).__name__)
+        raise TransportError(Step.CONNECT, cause, provider=provider.name) from cause
+
+    def _ehlo(self, smtp: _Session) -> None:
+        with self._step(Step.EHLO):
+            code, reply = smtp.ehlo(self.local_hostname)
+            if code != 250 and code != 421:
+                # A pre-ESMTP server: fall back to HELO (no STARTTLS, AUTH or SIZE then).
+                code, reply = smtp.helo(self.local_hostname)
+            if code != 250:
+                raise smtplib.SMTPHeloError(code, reply)
+
+    def _login(self, smtp: _Session) -> None:
+        provider = self.provider
+        if not smtp.has_extn("auth"):
+            raise smtplib.SMTPNotSupportedError(
+                f"{provider.host} does not offer AUTH, but a username is configured"
+            )
+        try:
+            smtp.login(provider.username, provider.password)
+        except UnicodeError:
+            # smtplib sends credentials as ASCII; the message must not echo them.
+            raise smtplib.SMTPNotSupportedError(
+                "the username or password is not ASCII, which SMTP AUTH cannot send"
+            ) from None
+        except (smtplib.SMTPResponseException, smtplib.SMTPServerDisconnected):
+            raise
+        except smtplib.SMTPException as exc:
+            # "No suitable authentication method": the server and we share no mechanism.
+            raise smtplib.SMTPNotSupportedError(str(exc)) from exc
+
+    # --- sending ------------------------------------------------------------------------
+
+    def send(
+        self, from_addr: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, tuple[int, str]]:
+        """Send one message; return the refused recipients as ``{address: (code, reply)}``.
+
+        ``data`` is the message as bytes; line endings are normalised to CRLF and lines
+        starting with a dot are escaped here. An empty result means every recipient was
+        accepted. Raises :class:`TransportError` when no recipient was accepted
+        (``step=RCPT``, ``refused`` filled in) or any step failed. Addresses that cannot
+        be sent (line breaks, non-ASCII without SMTPUTF8) fail before any traffic.
+        """
+        smtp = self._smtp
+        if smtp is None or smtp.sock is None:
+            raise TransportError(
+                Step.MAIL,
+                smtplib.SMTPServerDisconnected("the connection is not open"),
+                provider=self.provider.name,
+            )
+        recipients = list(recipients)
+        options = self._mail_options(smtp, from_addr, recipients, data)
+        wire = _wire_data(data)
+        started = time.monotonic()
+
+        with self._step(Step.MAIL):
+            code, reply = smtp.mail(from_addr, options)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, reply, from_addr)
+
+        refused: dict[str, tuple[int, str]] = {}
+        with self._step(Step.RCPT):
+            for recipient in recipients:
+                code, reply = smtp.rcpt(recipient)
+                if code == 421:
+                    # The server is closing the session: no point asking about the rest.
+                    raise smtplib.SMTPResponseException(code, reply)
+                if code not in (250, 251):
+                    refused[recipient] = (code, _text(reply))
+        if len(refused) == len(recipients):
+            self._recover(Step.RCPT)
+            logger.info("%s: every recipient refused", self.provider.name)
+            cause = smtplib.SMTPRecipientsRefused(dict(refused))  # type: ignore[arg-type]
+            raise TransportError(Step.RCPT, cause, provider=self.provider.name, refused=refused)
+
+        with self._step(Step.DATA):
+            smtp.putcmd("data")
+            code, reply = smtp.getreply()
+            if code != 354:
+                raise smtplib.SMTPDataError(code, reply)
+            sock = smtp.sock
+            assert sock is not None
+            view = memoryview(wire)
+            try:
+                for offset in range(0, len(view), _CHUNK):
+                    sock.sendall(view[offset : offset + _CHUNK])
+            except ssl.SSLError as exc:
+                # A TLS error after the handshake is a broken connection, not a TLS policy
+                # failure: report it as the disconnect it is.
+                raise smtplib.SMTPServerDisconnected(f"connection broken: {exc}") from exc
+
+        with self._step(Step.DATA_END):
+            code, reply = smtp.getreply()
+            if code != 250:
+                raise smtplib.SMTPDataError(code, reply)
+
+        smtp.command_encoding = "ascii"  # SMTPUTF8 lasts one transaction
+        self.messages_sent += 1
+        self.last_used = time.monotonic()
+        logger.debug(
+            "%s: message of %d bytes accepted for %d of %d recipients in %.1f ms",
+            self.provider.name,
+            len(data),
+            len(recipients) - len(refused),
+            len(recipients),
+            (self.last_used - started) * 1000,
+        )
+        return refused
+
+    def _mail_options(
+        self, smtp: _Session, from_addr: str, recipients: list[str], data: bytes
+    ) -> list[str]:
+        """Check the envelope before any traffic and return the MAIL FROM parameters."""
+        if not isinstance(data, bytes | bytearray):
+            raise TransportError(
+                Step.DATA,
+                InvalidMessage(f"message data must be bytes, not {type(data).__name__}"),
+                provider=self.provider.name,
+            )
+        if not recipients:
+            raise TransportError(
+                Step.RCPT, InvalidMessage("no recipients"), provider=self.provider.name
+            )
+        _check_address(from_addr, Step.MAIL, self.provider.name, allow_empty=True)
+        for recipient in recipients:
+            _check_address(recipient, Step.RCPT, self.provider.name)
+        options: list[str] = []
+        if smtp.has_extn("size"):
+            options.append(f"SIZE={len(data)}")
+        if smtp.has_extn("8bitmime") and not data.isascii():
+            options.append("BODY=8BITMIME")
+        if not all(a.isascii() for a in (from_addr, *recipients)):
+            if not smtp.has_extn("smtputf8"):
+                raise TransportError(
+                    Step.MAIL,
+                    InvalidMessage(
+                        f"{self.provider.host} does not support SMTPUTF8, "
+                        "needed for a non-ASCII address"
+                    ),
+                    provider=self.provider.name,
+                )
+            options.append("SMTPUTF8")
+        return options
+
+    # --- session upkeep -----------------------------------------------------------------
+
+    def noop(self) -> bool:
+        """True when the server answers NOOP with 250; otherwise close quietly and return False."""
+        smtp = self._smtp
+        if smtp is None or smtp.sock is None:
+            return False
+        try:
+            code, _ = smtp.noop()
+        except _STEP_ERRORS as exc:
+            logger.debug("%s: NOOP failed: %s", self.provider.name, exc)
+            code = -1
+        if code == 250:
+            return True
+        self._abort()
+        return False
+
+    def reset(self) -> None:
+        """Abort the current mail transaction with RSET.
+
+        Raises :class:`TransportError` (``step=RSET``) and closes the connection when the
+        server does not answer 250.
+        """
+        smtp = self._smtp
+        if smtp is None or smtp.sock is None:
+            raise TransportError(
+                Step.RSET,
+                smtplib.SMTPServerDisconnected("the connection is not open"),
+                provider=self.provider.name,
+            )
+        with self._step(Step.RSET):
+            code, reply = smtp.rset()
+            if code != 250:
+                raise smtplib.SMTPResponseException(code, reply)
+
+    def close(self) -> None:
+        """Send QUIT if the session is healthy, then close the socket. Never raises."""
+        smtp, self._smtp = self._smtp, None
+        reusable, self.reusable = self.reusable, False
+        if smtp is None:
+            return
+        try:
+            if reusable and smtp.sock is not None:
+                with contextlib.suppress(Exception):
+                    smtp.quit()
+        finally:
+            with contextlib.suppress(Exception):
+                smtp.close()
+
+    def _abort(self) -> None:
+        """Drop the connection without QUIT: its state is unknown."""
+        self.reusable = False
+        self.close()
+
+    def _recover(self, step: Step) -> None:
+        """After a negative reply in a transaction: RSET so the session can be reused."""
+        smtp = self._smtp
+        if smtp is None or smtp.sock is None:
+            self._abort()
+            return
+        try:
+            code, _ = smtp.rset()
+        except _STEP_ERRORS:
+            code = -1
+        if code == 250:
+            self.reusable = True
+        else:
+            logger.debug("%s: RSET after %s failed; closing", self.provider.name, step)
+            self._abort()
+
+    @contextlib.contextmanager
+    def _step(self, step: Step) -> Iterator[None]:
+        """Time one step; turn any failure into a TransportError and settle the session."""
+        started = time.monotonic()
+        try:
+            yield
+        except TransportError:
+            raise
+        except _STEP_ERRORS as exc:
+            elapsed = (time.monotonic() - started) * 1000
+            self._settle(step, exc)
+            logger.info(
+                "%s: %s failed after %.1f ms: %s",
+                self.provider.name,
+                step,
+                elapsed,
+                exc or type(exc).__name__,
+            )
+            raise TransportError(step, exc, provider=self.provider.name) from exc
+        logger.debug(
+            "%s: %s ok in %.1f ms", self.provider.name, step, (time.monotonic() - started) * 1000
+        )
+
+    def _settle(self, step: Step, exc: BaseException) -> None:
+        """Leave the session reusable after a clean negative reply, closed otherwise."""
+        smtp = self._smtp
+        intact = (
+            smtp is not None
+            and smtp.sock is not None
+            and (
+                isinstance(exc, smtplib.SMTPNotSupportedError)
+                or (
+                    isinstance(exc, smtplib.SMTPResponseException)
+                    and exc.smtp_code not in (421, -1)
+                )
+            )
+        )
+        if not intact:
+            self._abort()
+        elif step in _TRANSACTION:
+            self._recover(step)
+        else:
+            # A failure while opening: the session is fine but useless. Say goodbye.
+            self.reusable = True
+            self.close()
+
+
+def _check_address(address: str, step: Step, provider: str, *, allow_empty: bool = False) -> None:
+    if not isinstance(address, str) or (not address and not allow_empty):
+        raise TransportError(
+            step, InvalidMessage(f"invalid address {address!r}"), provider=provider
+        )
+    if any(c in address for c in _FORBIDDEN_IN_ADDRESS):
+        raise TransportError(
+            step,
+            InvalidMessage(f"invalid address {address!r}: line breaks and <> are not allowed"),
+            provider=provider,
+        )
+
+
+def _wire_data(data: bytes) -> bytes:
+    """The message as sent after DATA: CRLF line endings, dot-stuffed, ending in CRLF.CRLF."""
+    body = bytes(data)
+    crlf = body.count(b"\r\n")
+    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
+        body = _LINE_END.sub(b"\r\n", body)
+    # RFC 5321 4.5.2: a line starting with "." gets another one, so no line is a lone ".".
+    if body.startswith(b"."):
+        body = b"." + body
+    body = body.replace(b"\r\n.", b"\r\n..")
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return body + b".\r\n"
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply

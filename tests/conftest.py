@@ -1,0 +1,94 @@
+"""Shared fixtures: real SMTP servers on 127.0.0.1, certificates, and isolation between tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.core.cache import caches
+
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a service is missing, except in CI where a missing service is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a missing service fails the run instead of skipping)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def certs() -> Iterator[Any]:
+    from robust_mail.testing import TestCertificates
+
+    with TestCertificates() as certificates:
+        yield certificates
+
+
+@pytest.fixture
+def smtp_server(certs: Any) -> Iterator[Callable[..., Any]]:
+    """Start SMTPTestServer instances on 127.0.0.1; all are stopped after the test."""
+    from robust_mail.testing import SMTPTestServer
+
+    started: list[Any] = []
+
+    def start(mode: str = "accept", **kwargs: Any) -> Any:
+        if kwargs.get("tls"):
+            kwargs.setdefault("certificates", certs)
+        server = SMTPTestServer(mode, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def provider(server: Any, name: str, **extra: Any) -> dict[str, Any]:
+    """A ROBUST_MAIL provider dict pointing at a test server."""
+    entry: dict[str, Any] = {"NAME": name, "HOST": "127.0.0.1", "PORT": server.port, "TIMEOUT": 2}
+    entry.update(extra)
+    return entry
+
+
+@pytest.fixture
+def robust(settings: Any) -> Callable[..., dict[str, Any]]:
+    """Configure ROBUST_MAIL for one test: ``robust(providers=[...], RETRY=..., ...)``."""
+
+    def configure(providers: list[Any], **sections: Any) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "PROVIDERS": providers,
+            # Fast, deterministic retries unless a test asks for more.
+            "RETRY": {"ATTEMPTS": 2, "BACKOFF": 0.0, "MAX_BACKOFF": 0.0, "DEADLINE": 20.0},
+        }
+        config.update(sections)
+        settings.ROBUST_MAIL = config
+        settings.EMAIL_BACKEND = "robust_mail.backends.RobustEmailBackend"
+        return config
+
+    return configure
+
+
+@pytest.fixture(autouse=True)
+def _isolate() -> Iterator[None]:
+    """Each test starts with no pooled connections, breaker state, metrics or cached DNS."""
+    yield
+    from robust_mail import metrics, state
+    from robust_mail.dispatch import resolver_for
+    from robust_mail.pool import pools
+
+    pools.close_all()
+    state.reset()
+    metrics.reset()
+    resolver_for.cache_clear()
+    for alias in caches:
+        try:
+            caches[alias].clear()
+        except Exception:  # noqa: S112 - a test may have stopped the cache server on purpose
+            continue

@@ -1,0 +1,94 @@
+"""Bad input gets a clear error before any traffic, and nothing is half-sent."""
+
+from __future__ import annotations
+
+import pytest
+from django.core import mail
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage
+
+from robust_mail import EmailService
+from robust_mail.exceptions import InvalidMessage
+from tests.conftest import provider
+
+
+@pytest.fixture
+def server(smtp_server, robust):
+    server = smtp_server()
+    robust([provider(server, "only")])
+    return server
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "not an address",
+        "two@example.com, addresses@example.com",
+        "victim@example.com\r\nBcc: everyone@example.com",
+    ],
+)
+def test_invalid_recipient_raises_before_anything_is_sent(server, address):
+    message = EmailMessage("Hi", "Body", "from@example.com", ["ok@example.com", address])
+
+    with pytest.raises(InvalidMessage, match="invalid address"):
+        message.send()
+
+    assert server.connections_total == 0
+
+
+def test_invalid_address_raises_even_with_fail_silently(server):
+    message = EmailMessage("Hi", "Body", "from@example.com", ["bad address"])
+
+    with pytest.raises(InvalidMessage):
+        message.send(fail_silently=True)
+
+
+def test_header_injection_in_subject_is_refused(server):
+    message = EmailMessage("Hi\nBcc: spam@example.com", "Body", "from@example.com", ["a@example.com"])
+
+    with pytest.raises(InvalidMessage):
+        message.send()
+
+    assert server.connections_total == 0
+
+
+def test_empty_recipient_list_sends_nothing_like_django(server):
+    assert EmailMessage("Hi", "Body", "from@example.com", []).send() == 0
+    assert server.connections_total == 0
+
+
+def test_empty_recipient_list_is_a_clear_error_from_email_service(server):
+    with pytest.raises(InvalidMessage, match="no recipients"):
+        EmailService.send_email("Hi", "Body", [])
+
+
+def test_idn_domain_is_idna_encoded_in_the_envelope(server):
+    EmailMessage("Hi", "Body", "from@example.com", ["user@bücher.example"]).send()
+
+    assert server.messages[0].rcpt_tos == ["user@xn--bcher-kva.example"]
+
+
+def test_non_ascii_local_part_is_sent_with_smtputf8(server):
+    EmailMessage("Hi", "Body", "from@example.com", ["jürgen@example.com"]).send()
+
+    assert server.messages[0].rcpt_tos == ["jürgen@example.com"]
+
+
+def test_twenty_megabyte_attachment_goes_through(server):
+    message = EmailMessage("Big", "See attachment", "from@example.com", ["a@example.com"])
+    payload = bytes(range(256)) * (20 * 1024 * 4)  # 20 MiB
+    message.attach("big.bin", payload, "application/octet-stream")
+
+    assert message.send() == 1
+
+    (received,) = server.messages
+    (attachment,) = list(received.message.iter_attachments())
+    assert attachment.get_content() == payload
+
+
+def test_configuration_error_is_never_swallowed_by_fail_silently(settings):
+    settings.EMAIL_BACKEND = "robust_mail.backends.RobustEmailBackend"
+    settings.ROBUST_MAIL = {"PROVIDERS": ["ftp://nowhere"]}
+
+    with pytest.raises(ImproperlyConfigured):
+        mail.send_mail("Hi", "Body", "a@example.com", ["b@example.com"], fail_silently=True)

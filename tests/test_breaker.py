@@ -1,0 +1,307 @@
+"""CircuitBreaker transitions with a fake clock, and the MemoryStore contract."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from robust_mail.breaker import BreakerState, BreakerStore, CircuitBreaker, MemoryStore
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Harness:
+    def __init__(self, **kwargs: object) -> None:
+        self.clock = FakeClock()
+        self.store = MemoryStore(clock=self.clock)
+        self.changes: list[tuple[str, BreakerState, BreakerState]] = []
+        self.kwargs: dict[str, object] = {"failure_threshold": 3, "reset_timeout": 60.0}
+        self.kwargs.update(kwargs)
+        self.breaker = self.new()
+
+    def new(self) -> CircuitBreaker:
+        """Another breaker for the same provider and store, as in another process."""
+        return CircuitBreaker(
+            "primary",
+            store=self.store,
+            clock=self.clock,
+            on_change=lambda *args: self.changes.append(args),
+            **self.kwargs,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def open_breaker(h: Harness) -> None:
+    for _ in range(3):
+        h.breaker.record_failure()
+    assert h.breaker.state is OPEN
+
+
+def test_new_breaker_is_closed_and_allows(h: Harness) -> None:
+    assert h.breaker.state is CLOSED
+    assert h.breaker.allow()
+    assert h.breaker.retry_at is None
+
+
+def test_opens_after_threshold_consecutive_failures(h: Harness) -> None:
+    h.breaker.record_failure()
+    h.breaker.record_failure()
+    assert h.breaker.state is CLOSED
+    assert h.breaker.allow()
+
+    h.breaker.record_failure()
+
+    assert h.breaker.state is OPEN
+    assert not h.breaker.allow()
+    assert h.breaker.retry_at == h.clock.now + 60.0
+    assert h.changes == [("primary", CLOSED, OPEN)]
+
+
+def test_success_resets_the_consecutive_failure_count(h: Harness) -> None:
+    h.breaker.record_failure()
+    h.breaker.record_failure()
+    h.breaker.record_success()
+    h.breaker.record_failure()
+    h.breaker.record_failure()
+
+    assert h.breaker.state is CLOSED
+    assert h.breaker.failures == 2
+
+
+def test_fatal_failure_opens_at_once(h: Harness) -> None:
+    h.breaker.record_failure(fatal=True)
+
+    assert h.breaker.state is OPEN
+    assert not h.breaker.allow()
+    assert h.changes == [("primary", CLOSED, OPEN)]
+
+
+def test_open_breaker_half_opens_once_reset_timeout_passed(h: Harness) -> None:
+    open_breaker(h)
+
+    h.clock.advance(59.9)
+    assert h.breaker.state is OPEN
+    assert not h.breaker.allow()
+
+    h.clock.advance(0.1)
+    assert h.breaker.state is HALF_OPEN
+
+
+def test_half_open_admits_exactly_one_trial(h: Harness) -> None:
+    open_breaker(h)
+    h.clock.advance(60)
+    other_process = h.new()
+
+    assert h.breaker.allow()
+    assert not h.breaker.allow()
+    assert not other_process.allow()
+    assert h.changes[-1] == ("primary", OPEN, HALF_OPEN)
+
+
+def test_trial_success_closes_the_breaker(h: Harness) -> None:
+    open_breaker(h)
+    h.clock.advance(60)
+    assert h.breaker.allow()
+
+    h.breaker.record_success()
+
+    assert h.breaker.state is CLOSED
+    assert h.breaker.allow()
+    assert h.breaker.allow()
+    assert h.breaker.failures == 0
+    assert h.changes == [
+        ("primary", CLOSED, OPEN),
+        ("primary", OPEN, HALF_OPEN),
+        ("primary", HALF_OPEN, CLOSED),
+    ]
+
+
+def test_trial_failure_reopens_with_a_fresh_timeout(h: Harness) -> None:
+    open_breaker(h)
+    h.clock.advance(60)
+    assert h.breaker.allow()
+    h.clock.advance(5)
+
+    h.breaker.record_failure()
+
+    assert h.breaker.state is OPEN
+    assert h.breaker.retry_at == h.clock.now + 60.0
+    assert not h.breaker.allow()
+    assert h.changes[-1] == ("primary", HALF_OPEN, OPEN)
+
+    h.clock.advance(60)
+    assert h.breaker.allow()  # a new trial after the fresh timeout
+
+
+def test_failures_while_open_do_not_extend_the_timeout(h: Harness) -> None:
+    open_breaker(h)
+    retry_at = h.breaker.retry_at
+    h.clock.advance(30)
+
+    h.breaker.record_failure()  # a send that started before the breaker opened
+
+    assert h.breaker.retry_at == retry_at
+    assert h.changes == [("primary", CLOSED, OPEN)]
+
+
+def test_crashed_trial_holder_frees_the_trial_after_trial_timeout() -> None:
+    h = Harness(trial_timeout=10.0)
+    open_breaker(h)
+    h.clock.advance(60)
+    assert h.breaker.allow()  # ... and this caller never reports back
+
+    h.clock.advance(9)
+    assert not h.breaker.allow()
+    h.clock.advance(1)
+    assert h.breaker.allow()
+
+
+def test_state_is_shared_through_the_store(h: Harness) -> None:
+    other_process = h.new()
+
+    open_breaker(h)
+
+    assert other_process.state is OPEN
+    assert not other_process.allow()
+
+
+def test_failures_from_several_processes_add_up(h: Harness) -> None:
+    a, b, c = h.new(), h.new(), h.new()
+
+    a.record_failure()
+    b.record_failure()
+    c.record_failure()
+
+    assert h.breaker.state is OPEN
+    assert h.changes == [("primary", CLOSED, OPEN)]  # only one of them made the transition
+
+
+def test_concurrent_threads_elect_one_trial(h: Harness) -> None:
+    open_breaker(h)
+    h.clock.advance(60)
+    barrier = threading.Barrier(16)
+    results: list[bool] = []
+
+    def contender() -> None:
+        barrier.wait()
+        results.append(h.breaker.allow())
+
+    threads = [threading.Thread(target=contender) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(results) == [False] * 15 + [True]
+
+
+def test_reset_closes_and_forgets_failures(h: Harness) -> None:
+    open_breaker(h)
+
+    h.breaker.reset()
+
+    assert h.breaker.state is CLOSED
+    assert h.breaker.failures == 0
+    assert h.changes[-1] == ("primary", OPEN, CLOSED)
+
+
+def test_breakers_of_different_providers_are_independent(h: Harness) -> None:
+    other = CircuitBreaker("backup provider", store=h.store, clock=h.clock, failure_threshold=1)
+    open_breaker(h)
+
+    assert other.state is CLOSED
+    other.record_failure()
+    assert other.state is OPEN
+    h.breaker.reset()
+    assert other.state is OPEN
+
+
+def test_zero_reset_timeout_half_opens_immediately() -> None:
+    h = Harness(reset_timeout=0.0)
+    open_breaker_now = h.breaker
+    for _ in range(3):
+        open_breaker_now.record_failure()
+
+    assert h.breaker.state is HALF_OPEN
+    assert h.breaker.allow()
+    assert not h.breaker.allow()
+
+
+def test_rejects_nonsense_settings() -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker("x", store=MemoryStore(), failure_threshold=0)
+    with pytest.raises(ValueError):
+        CircuitBreaker("x", store=MemoryStore(), reset_timeout=-1)
+
+
+# -- MemoryStore: the BreakerStore contract --------------------------------------------------
+
+
+class TestMemoryStore:
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        return FakeClock(0.0)
+
+    @pytest.fixture
+    def store(self, clock: FakeClock) -> MemoryStore:
+        return MemoryStore(clock=clock)
+
+    def test_is_a_breaker_store(self, store: MemoryStore) -> None:
+        assert isinstance(store, BreakerStore)
+
+    def test_get_set_delete(self, store: MemoryStore) -> None:
+        assert store.get("k") is None
+        store.set("k", {"a": 1}, None)
+        assert store.get("k") == {"a": 1}
+        store.delete("k")
+        store.delete("k")
+        assert store.get("k") is None
+
+    def test_add_only_when_absent(self, store: MemoryStore) -> None:
+        assert store.add("k", 1, None)
+        assert not store.add("k", 2, None)
+        assert store.get("k") == 1
+
+    def test_values_expire_after_timeout(self, store: MemoryStore, clock: FakeClock) -> None:
+        store.set("k", "v", 10)
+        assert store.add("t", "v", 5)
+        clock.advance(5)
+        assert store.add("t", "again", 5)
+        assert store.get("k") == "v"
+        clock.advance(5)
+        assert store.get("k") is None
+
+    def test_incr_creates_and_counts(self, store: MemoryStore, clock: FakeClock) -> None:
+        assert store.incr("n", 1, 10) == 1
+        assert store.incr("n", 2, 10) == 3
+        clock.advance(10)
+        assert store.incr("n", 1, None) == 1
+
+    def test_incr_is_atomic_across_threads(self, store: MemoryStore) -> None:
+        def bump() -> None:
+            for _ in range(1000):
+                store.incr("n", 1, None)
+
+        threads = [threading.Thread(target=bump) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert store.get("n") == 8000

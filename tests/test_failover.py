@@ -1,0 +1,319 @@
+"""Failover through RobustEmailBackend against real SMTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from django.core import mail
+from django.core.mail import EmailMessage, send_mail
+
+from robust_mail.exceptions import Classification, DeliveryFailed
+from robust_mail.results import DeliveryStatus
+from tests.conftest import provider
+
+
+def _send(subject: str = "Hello", to: tuple[str, ...] = ("rcpt@example.com",)) -> EmailMessage:
+    message = EmailMessage(subject, "Body text", "sender@example.com", list(to))
+    assert mail.get_connection().send_messages([message]) == 1
+    return message
+
+
+def test_connection_refused_fails_over_to_next_provider(smtp_server, robust):
+    primary = smtp_server("refuse")
+    backup = smtp_server()
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+
+    message = _send()
+
+    result = message.delivery_result
+    assert result.status is DeliveryStatus.SENT
+    assert result.provider == "backup"
+    assert [m.message_id for m in backup.messages] == [result.message_id]
+    (error,) = result.errors
+    assert (error.provider, error.classification, error.step) == (
+        "primary",
+        Classification.TRANSIENT,
+        "connect",
+    )
+    assert error.attempts == 2  # retried (ATTEMPTS=2 in the fixture) before failing over
+
+
+def test_send_mail_works_unchanged(smtp_server, robust):
+    backup = smtp_server()
+    robust([provider(backup, "only")])
+
+    assert send_mail("Subject", "Body", "from@example.com", ["to@example.com"]) == 1
+
+    (received,) = backup.messages
+    assert received.message["Subject"] == "Subject"
+    assert received.rcpt_tos == ["to@example.com"]
+
+
+def test_black_hole_is_bounded_by_the_timeout_then_fails_over(smtp_server, robust):
+    primary = smtp_server("blackhole")
+    backup = smtp_server()
+    robust(
+        [provider(primary, "primary", TIMEOUT=0.3), provider(backup, "backup")],
+        RETRY={"ATTEMPTS": 1, "BACKOFF": 0, "MAX_BACKOFF": 0, "DEADLINE": 10},
+    )
+
+    message = _send()
+
+    assert message.delivery_result.provider == "backup"
+    (error,) = message.delivery_result.errors
+    assert error.classification is Classification.TRANSIENT
+    assert error.step == "greeting"
+
+
+def test_421_at_greeting_is_retried_then_fails_over(smtp_server, robust):
+    primary = smtp_server("greeting_421")
+    backup = smtp_server()
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+
+    message = _send()
+
+    assert message.delivery_result.provider == "backup"
+    assert message.delivery_result.attempts == 3
+    assert primary.connections_total == 2
+    assert message.delivery_result.errors[0].code == 421
+
+
+def test_451_at_data_reaches_next_provider_with_the_same_message_id(smtp_server, robust):
+    primary = smtp_server("data_451")
+    backup = smtp_server()
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+
+    message = _send()
+
+    (received,) = backup.messages
+    assert received.message_id == message.delivery_result.message_id
+    assert message.extra_headers["Message-ID"] == received.message_id
+    assert primary.messages == []
+
+
+def test_auth_failure_is_not_retried_and_opens_the_breaker(smtp_server, robust):
+    primary = smtp_server("auth_535", auth={"user": "right"})
+    backup = smtp_server()
+    robust(
+        [
+            provider(primary, "primary", USERNAME="user", PASSWORD="wrong-password"),
+            provider(backup, "backup"),
+        ]
+    )
+
+    first = _send()
+    second = _send()
+
+    assert first.delivery_result.errors[0].classification is Classification.PROVIDER_FATAL
+    assert first.delivery_result.errors[0].attempts == 1
+    assert primary.connections_total == 1  # the open breaker skips it for the second message
+    assert second.delivery_result.errors[0].step == "skipped"
+    assert len(backup.messages) == 2
+
+
+def test_550_for_the_recipient_fails_without_failover(smtp_server, robust):
+    primary = smtp_server("rcpt_550")
+    backup = smtp_server()
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+    message = EmailMessage("Hi", "Body", "from@example.com", ["nobody@example.com"])
+
+    with pytest.raises(DeliveryFailed) as caught:
+        message.send()
+
+    assert caught.value.classification is Classification.MESSAGE_FATAL
+    assert "5.1.1" in str(caught.value)
+    assert backup.messages == []
+    assert message.delivery_result.status is DeliveryStatus.FAILED
+
+
+def test_fail_silently_returns_zero_and_keeps_the_result(smtp_server, robust):
+    primary = smtp_server("rcpt_550")
+    robust([provider(primary, "primary")])
+    message = EmailMessage("Hi", "Body", "from@example.com", ["nobody@example.com"])
+
+    assert message.send(fail_silently=True) == 0
+    assert message.delivery_result.status is DeliveryStatus.FAILED
+
+
+def test_missing_starttls_is_a_provider_failure_and_nothing_goes_in_plain_text(
+    smtp_server, robust, certs
+):
+    primary = smtp_server("no_starttls", tls="starttls")
+    backup = smtp_server()
+    robust(
+        [
+            provider(primary, "primary", USE_TLS=True, SSL_CAFILE=certs.ca_file, HOST="localhost"),
+            provider(backup, "backup"),
+        ]
+    )
+
+    message = _send()
+
+    assert primary.messages == []
+    error = message.delivery_result.errors[0]
+    assert (error.classification, error.step) == (Classification.PROVIDER_FATAL, "starttls")
+    assert message.delivery_result.provider == "backup"
+
+
+def test_untrusted_certificate_fails_over(smtp_server, robust, certs):
+    primary = smtp_server("untrusted_cert", tls="starttls")
+    backup = smtp_server()
+    robust(
+        [
+            provider(primary, "primary", USE_TLS=True, SSL_CAFILE=certs.ca_file, HOST="localhost"),
+            provider(backup, "backup"),
+        ]
+    )
+
+    message = _send()
+
+    assert primary.messages == []
+    assert message.delivery_result.errors[0].classification is Classification.PROVIDER_FATAL
+    assert message.delivery_result.provider == "backup"
+
+
+def test_starttls_and_implicit_tls_deliver_over_verified_tls(smtp_server, robust, certs):
+    starttls = smtp_server(tls="starttls", auth={"user": "secret"})
+    implicit = smtp_server(tls="implicit")
+    common = {"SSL_CAFILE": certs.ca_file, "HOST": "localhost"}
+    robust(
+        [
+            provider(
+                starttls, "tls", USE_TLS=True, USERNAME="user", PASSWORD="secret", **common
+            )
+        ]
+    )
+    _send()
+    robust([provider(implicit, "ssl", USE_SSL=True, **common)])
+    _send()
+
+    assert [m.tls for m in starttls.messages] == [True]
+    assert starttls.messages[0].auth_user == "user"
+    assert [m.tls for m in implicit.messages] == [True]
+
+
+def test_partial_refusal_delivers_to_the_others_and_reports_the_refused(smtp_server, robust):
+    primary = smtp_server(refuse_recipients=["gone@example.com"])
+    robust([provider(primary, "primary")])
+
+    message = _send(to=("ok@example.com", "gone@example.com"))
+
+    result = message.delivery_result
+    assert result.status is DeliveryStatus.PARTIAL
+    assert list(result.refused) == ["gone@example.com"]
+    assert result.refused["gone@example.com"][0] == 550
+    assert primary.messages[0].rcpt_tos == ["ok@example.com"]
+
+
+def test_every_provider_down_raises_with_each_providers_error(smtp_server, robust):
+    first = smtp_server("refuse")
+    second = smtp_server("mail_421")
+    robust([provider(first, "first"), provider(second, "second")])
+
+    with pytest.raises(DeliveryFailed) as caught:
+        _send()
+
+    assert [e.provider for e in caught.value.errors] == ["first", "second"]
+    assert "first: transient at connect" in str(caught.value)
+    assert caught.value.result.status is DeliveryStatus.DEFERRED
+
+
+def test_console_fallback_prints_a_readable_message(smtp_server, robust, settings, capsys):
+    down = smtp_server("refuse")
+    robust([provider(down, "down")], FALLBACK="console")
+    settings.DEBUG = True
+    link = "https://example.com/reset/" + "x" * 120
+    message = EmailMessage("Réinitialiser", f"Cliquez ici : {link}", "a@example.com", ["b@example.com"])
+
+    assert message.send() == 1
+
+    out = capsys.readouterr().out
+    assert message.delivery_result.status is DeliveryStatus.CONSOLE
+    assert "Subject: Réinitialiser" in out
+    assert f"Cliquez ici : {link}" in out  # decoded, and the long link on one line
+
+
+def test_console_fallback_withholds_bodies_outside_debug(smtp_server, robust, capsys):
+    down = smtp_server("refuse")
+    robust([provider(down, "down")], FALLBACK="console")
+
+    EmailMessage("Code", "Your code is 123456", "a@example.com", ["b@example.com"]).send()
+
+    out = capsys.readouterr().out
+    assert "123456" not in out
+    assert "bodies withheld" in out
+
+
+def test_drop_in_with_django_email_settings_only(smtp_server, settings):
+    server = smtp_server()
+    settings.EMAIL_BACKEND = "robust_mail.backends.RobustEmailBackend"
+    settings.ROBUST_MAIL = {}
+    settings.EMAIL_HOST = "127.0.0.1"
+    settings.EMAIL_PORT = server.port
+    settings.EMAIL_TIMEOUT = None  # Django's default: robust_mail still bounds every step
+
+    assert send_mail("Hi", "Body", "from@example.com", ["to@example.com"]) == 1
+    assert len(server.messages) == 1
+
+
+def test_logs_name_each_attempt_but_never_the_password_or_body(smtp_server, robust, caplog):
+    primary = smtp_server("auth_535", auth={"user": "right"})
+    backup = smtp_server()
+    robust(
+        [
+            provider(primary, "primary", USERNAME="user", PASSWORD="hunter2-secret"),
+            provider(backup, "backup"),
+        ]
+    )
+    caplog.set_level(logging.DEBUG)
+
+    EmailMessage("Hi", "confidential body text", "a@example.com", ["b@example.com"]).send()
+
+    # Only our own loggers: the test server (aiosmtpd) logs what it receives.
+    text = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("robust_mail") and not r.name.startswith("robust_mail.testing")
+    )
+    assert "primary" in text and "auth" in text and "provider_fatal" in text
+    assert "hunter2-secret" not in text
+    assert "confidential body text" not in text
+
+
+def test_signals_report_provider_failure_and_sending(smtp_server, robust):
+    from robust_mail import signals
+
+    primary = smtp_server("refuse")
+    backup = smtp_server()
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+    seen: list[tuple[str, Any]] = []
+
+    def on_failed(sender: Any, provider: str, **kwargs: Any) -> None:
+        seen.append(("provider_failed", provider))
+
+    def on_sent(sender: Any, result: Any, **kwargs: Any) -> None:
+        seen.append(("message_sent", result.provider))
+
+    signals.provider_failed.connect(on_failed)
+    signals.message_sent.connect(on_sent)
+    try:
+        _send()
+    finally:
+        signals.provider_failed.disconnect(on_failed)
+        signals.message_sent.disconnect(on_sent)
+
+    assert seen == [("provider_failed", "primary"), ("message_sent", "backup")]
+
+
+def test_backend_is_a_context_manager_and_close_is_safe(smtp_server, robust):
+    server = smtp_server()
+    robust([provider(server, "only")])
+
+    with mail.get_connection() as connection:
+        assert connection.open() is False  # already opened by __enter__
+        connection.send_messages([EmailMessage("a", "b", "c@example.com", ["d@example.com"])])
+    connection.close()
+
+    assert len(server.messages) == 1
