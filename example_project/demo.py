@@ -63,7 +63,9 @@ def _run(primary: object, backup: object) -> None:
     from robust_mail.exceptions import DeliveryFailed
 
     def send(subject: str) -> None:
-        message = EmailMessage(subject, "Hello from robust_mail.", "demo@example.com", ["you@example.com"])
+        message = EmailMessage(
+            subject, "Hello from robust_mail.", "demo@example.com", ["you@example.com"]
+        )
         try:
             message.send()
         except DeliveryFailed as exc:
@@ -76,14 +78,22 @@ def _run(primary: object, backup: object) -> None:
 
     scenarios: list[tuple[str, Callable[[], None]]] = [
         ("Both providers up: the primary delivers", lambda: None),
-        ("Primary refuses connections: retried, then the backup delivers",
-         lambda: setattr(primary, "mode", "refuse")),
-        ("Primary answers 421 (try later): transient, retried, fails over",
-         lambda: setattr(primary, "mode", "greeting_421")),
-        ("Primary rejects our password (535): provider-fatal, its breaker opens at once",
-         lambda: setattr(primary, "mode", "auth_535")),
-        ("Next message: the open breaker skips the primary without a connection attempt",
-         lambda: None),
+        (
+            "Primary refuses connections: retried, then the backup delivers",
+            lambda: setattr(primary, "mode", "refuse"),
+        ),
+        (
+            "Primary answers 421 (try later): transient, retried, fails over",
+            lambda: setattr(primary, "mode", "greeting_421"),
+        ),
+        (
+            "Primary rejects our password (535): provider-fatal, its breaker opens at once",
+            lambda: setattr(primary, "mode", "auth_535"),
+        ),
+        (
+            "Next message: the open breaker skips the primary without a connection attempt",
+            lambda: None,
+        ),
     ]
     for index, (title, arrange) in enumerate(scenarios, 1):
         _title(f"{index}. {title}")
@@ -101,9 +111,7 @@ def _run(primary: object, backup: object) -> None:
         print(f"  {server.name}: {len(received)} message(s)")  # type: ignore[attr-defined]
         for item in received:
             print(f"    {item.message['Subject']}  {DIM}{item.message_id}{RESET}")
-    print(
-        "\nThe web demo (issue 6) will let you click through this; for now see docs/ for more."
-    )
+    print("\nThe web demo (issue 6) will let you click through this; for now see docs/ for more.")
     time.sleep(0.1)
 
 

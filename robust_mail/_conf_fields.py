@@ -22,7 +22,6 @@ Labeler = Callable[[str], str]
 SECRET_KEYS = frozenset({"PASSWORD", "SECRET"})
 
 _RATE = re.compile(r"^\s*([1-9][0-9]*)\s*/\s*([smhd])\s*$")
-_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,8 @@ class Reader:
             shown = (
                 f"a value of type {type(value).__name__}" if key in SECRET_KEYS else _show(value)
             )
-            self.report(exc.code, f"{label} {exc.expected}, got {shown}.", exc.hint)
+            hint = exc.hint or "Correct the value, or remove the key to use its default."
+            self.report(exc.code, f"{label} {exc.expected}, got {shown}.", hint)
 
 
 def _show(value: object) -> str:
@@ -123,14 +123,6 @@ def _show(value: object) -> str:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def parse_rate(text: str) -> tuple[int, float]:
-    """``"100/h"`` -> ``(100, 3600.0)``: how many events per how many seconds."""
-    match = _RATE.match(text)
-    if match is None:
-        raise ValueError(f"not a rate like '100/h': {text!r}")
-    return int(match.group(1)), _PERIODS[match.group(2)]
 
 
 # --- converters -----------------------------------------------------------------------

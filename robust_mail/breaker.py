@@ -128,8 +128,9 @@ class CircuitBreaker:
 
     ``clock`` is wall-clock time by default because ``retry_at`` is shared between machines
     (their clocks must agree to within a small fraction of ``reset_timeout``).
-    ``trial_timeout`` (default ``reset_timeout``, at least 30 s) is how long a half-open trial is reserved:
-    if its holder dies without reporting, another caller gets a trial after that long.
+    ``trial_timeout`` (default ``reset_timeout``, at least 30 s) is how long a half-open
+    trial is reserved: if its holder dies without reporting, another caller gets a trial
+    after that long.
     ``on_change(name, old, new)`` fires in the process that made a transition, once per
     transition.
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from django.conf import settings
+from django.conf import global_settings, settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
@@ -48,13 +48,11 @@ __all__ = [
     "RobustMailConfig",
     "clear_cache",
     "get_config",
-    "parse_rate",
     "read_config",
     "setting_label",
     "validate",
 ]
 
-parse_rate = f.parse_rate
 Problem = f.Problem
 
 
@@ -97,7 +95,7 @@ class OutboxConfig:
 
 @dataclass(frozen=True)
 class RateLimitConfig:
-    global_rate: str | None = None  # "N/s|m|h|d"; parse with parse_rate()
+    global_rate: str | None = None  # "N/s|m|h|d"; see ratelimit.parse_rate()
     per_recipient: str | None = None
 
 
@@ -112,6 +110,7 @@ class OTPConfig:
     secret: str | None = field(default=None, repr=False)  # None: derived from SECRET_KEY
     alphabet: str = "digits"  # or "alphanumeric"
     max_per_ip_per_hour: int = 20
+    store: str | None = None  # dotted path of the OTP store; None: the database store
 
 
 @dataclass(frozen=True)
@@ -216,6 +215,7 @@ _SECTIONS: dict[str, tuple[str, type[Any], tuple[tuple[str, str, f.Converter], .
             ("SECRET", "secret", f.optional(f.text)),
             ("ALPHABET", "alphabet", f.choice("digits", "alphanumeric")),
             ("MAX_PER_IP_PER_HOUR", "max_per_ip_per_hour", f.integer(1)),
+            ("STORE", "store", f.optional(f.text)),
         ),
     ),
 }
@@ -252,8 +252,10 @@ def read_config(
     """Read and validate one configuration; never raises for bad settings.
 
     ``options=None`` reads ``settings.ROBUST_MAIL`` (and ``EMAIL_*`` when it has no
-    providers); a mapping is a MAILERS ``OPTIONS`` dict (``alias`` only names it in
-    messages). Returns the config, or None when there is any problem, and the problems.
+    providers, unless Django 6.1 ``MAILERS`` is defined: then ``providers`` may be empty,
+    since the backends take theirs from their ``OPTIONS``); a mapping is a MAILERS
+    ``OPTIONS`` dict (``alias`` only names it in messages). Returns the config, or None
+    when there is any problem, and the problems.
     """
     if options is None:
         raw: object = getattr(settings, "ROBUST_MAIL", None)
@@ -398,18 +400,14 @@ def _no_providers(r: f.Reader) -> tuple[ProviderConfig, ...]:
 
 def _email_settings_provider(r: f.Reader, force_ipv4: bool) -> tuple[ProviderConfig, ...]:
     if hasattr(settings, "MAILERS"):
-        # Django 6.1: EMAIL_* do not exist once MAILERS is defined; never invent localhost:25.
-        r.report(
-            "E001",
-            "ROBUST_MAIL['PROVIDERS'] is empty and settings.EMAIL_* are unavailable "
-            "because MAILERS is defined.",
-            "Set ROBUST_MAIL['PROVIDERS'], or configure providers in the OPTIONS of the "
-            "robust_mail alias in MAILERS.",
-        )
+        # Django 6.1 with MAILERS: EMAIL_* do not exist, and every robust_mail backend takes
+        # its providers from its own OPTIONS. ROBUST_MAIL then only carries the settings
+        # that are not per mailer (OTP, outbox, cache...), so no providers is not an error;
+        # and a localhost:25 provider is never invented.
         return ()
     given: dict[str, object] = {"NAME": "default"}
     for key, setting in _EMAIL_SETTINGS.items():
-        value = getattr(settings, setting, None)
+        value = _django_setting(setting)
         if key in ("USERNAME", "PASSWORD") and value is None:
             value = ""
         if key.startswith("SSL_") and value == "":
@@ -427,3 +425,14 @@ def _email_settings_provider(r: f.Reader, force_ipv4: bool) -> tuple[ProviderCon
         r, given, lambda k: f"settings.{_EMAIL_SETTINGS.get(k, k)}", force_ipv4
     )
     return () if provider is None else (provider,)
+
+
+def _django_setting(name: str) -> Any:
+    """A Django setting, read only when the project sets it.
+
+    Django 6.1 warns on every read of a deprecated EMAIL_* setting; a project that never
+    set one should not see warnings caused by us, and gets Django's default instead.
+    """
+    if cast(Any, settings).is_overridden(name):
+        return getattr(settings, name, None)
+    return getattr(global_settings, name, None)

@@ -169,9 +169,8 @@ class RateLimited(RobustMailError):
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
-_BEFORE_DATA = frozenset(
-    {Step.RESOLVE, Step.CONNECT, Step.GREETING, Step.EHLO, Step.MAIL, Step.RCPT, Step.DATA}
-)
+#: Steps in which a TLS handshake happens (implicit TLS during CONNECT); None: unknown.
+_HANDSHAKE = frozenset({None, Step.CONNECT, Step.GREETING, Step.STARTTLS})
 
 
 def enhanced_status(reply: str) -> tuple[int, int, int] | None:
@@ -238,8 +237,20 @@ def _classify_step(
 ) -> Classification:
     if isinstance(cause, InvalidMessage):
         return MessageFatal
-    if isinstance(cause, ssl.SSLError | ssl.CertificateError | StartTLSUnavailable):
-        # A bad certificate or a missing STARTTLS never falls back to plain text.
+    if isinstance(cause, StartTLSUnavailable):
+        # A missing STARTTLS never falls back to plain text.
+        return ProviderFatal
+    if isinstance(cause, ssl.SSLError | ssl.CertificateError) and step in _HANDSHAKE:
+        # A bad certificate or a failed handshake is this provider's problem. After the
+        # handshake, a TLS error is just a broken connection (handled as OSError below).
+        return ProviderFatal
+    if (
+        step is Step.AUTH
+        and code is None
+        and isinstance(cause, smtplib.SMTPException)
+        and not isinstance(cause, smtplib.SMTPServerDisconnected)
+    ):
+        # No common AUTH mechanism, or AUTH not offered: this provider's configuration.
         return ProviderFatal
     if isinstance(cause, smtplib.SMTPRecipientsRefused) or (step is Step.RCPT and refused):
         codes = [c for c, _ in (refused or _refused_of(cause)).values()]

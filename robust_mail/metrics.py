@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
@@ -41,7 +42,8 @@ BUCKETS: tuple[float, ...] = (
 
 _PREFIX = "robust_mail:metrics:"
 _PROVIDERS_KEY = _PREFIX + "providers"
-_known: set[tuple[str, str]] = set()  # (alias, provider) already in the providers index
+_RECHECK = 60.0  # seconds between checks that a provider is still in the index
+_known: dict[tuple[str, str], float] = {}  # (alias, provider) -> when to check again
 _known_lock = threading.Lock()
 
 
@@ -70,17 +72,22 @@ def _store() -> CacheStore:
 
 
 def _register(store: CacheStore, provider: str) -> None:
-    """Add ``provider`` to the index ``snapshot`` reads, once per process and cache."""
+    """Make sure ``provider`` is in the index ``snapshot`` reads.
+
+    Checked at most once a minute per process (the cache may have been flushed or
+    restarted meanwhile), and on every call while the cache is down, so the per-process
+    index is complete too.
+    """
     marker = (store.alias, provider)
-    if marker in _known:
+    now = time.monotonic()
+    if _known.get(marker, 0.0) > now and not store.guard.degraded:
         return
     providers = store.get(_PROVIDERS_KEY)
     names = set(providers) if isinstance(providers, list | set | tuple) else set()
     if provider not in names:
         store.set(_PROVIDERS_KEY, sorted(names | {provider}), None)
-    if not store.guard.degraded:  # else register again once the cache is back
-        with _known_lock:
-            _known.add(marker)
+    with _known_lock:
+        _known[marker] = now + _RECHECK
 
 
 def incr(provider: str, name: str, amount: int = 1) -> None:

@@ -58,7 +58,7 @@ logger = logging.getLogger("robust_mail.otp")
 DIGITS = "0123456789"
 #: Upper-case letters and digits without the look-alikes 0/O, 1/I/L.
 ALPHANUMERIC = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
-PURPOSE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+PURPOSE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 MAX_IDENTIFIER = 254
 #: Longer input is not even normalised: nobody types 64 characters for a 6-digit code.
 MAX_CODE_INPUT = 64
@@ -122,7 +122,7 @@ def normalize_identifier(identifier: Any) -> str:
 
 def check_purpose(purpose: str) -> str:
     """Purposes are lower-case slugs (``login``, ``password_reset``, a project's own)."""
-    if not isinstance(purpose, str) or not PURPOSE.match(purpose):
+    if not isinstance(purpose, str) or not PURPOSE.fullmatch(purpose):
         raise ValueError("a purpose is a lower-case slug of 1 to 64 characters, e.g. 'login'")
     return purpose
 
@@ -238,13 +238,16 @@ class OTPService:
         user_agent: str = "",
         send: bool = True,
         background: bool = False,
+        discard: bool = False,
     ) -> IssuedCode:
         """Create a code for ``identifier`` and (``send=True``) email it.
 
         Raises :class:`RateLimited` (with ``retry_after``) over a limit, ``ValueError`` for
         a bad identifier or purpose, and the delivery error when the email could not be
         sent — in which case the code is withdrawn and counts toward no limit.
-        With ``send=False`` the caller delivers ``IssuedCode.code`` itself.
+        With ``send=False`` the caller delivers ``IssuedCode.code`` itself. ``discard=True``
+        does all the work of sending but drops the rendered email at the end: the same
+        work for an address without an account as for one with (enumeration).
         """
         ident = normalize_identifier(identifier)
         check_purpose(purpose)
@@ -270,7 +273,7 @@ class OTPService:
         )
         if send:
             try:
-                self.send(ident, code, purpose, expires_at, background=background)
+                self.send(ident, code, purpose, expires_at, background=background, discard=discard)
             except BaseException:
                 # Not sent: as if never issued, so the user may ask again at once.
                 self.store.withdraw(key)
@@ -283,7 +286,7 @@ class OTPService:
             purpose=purpose,
             expires_at=expires_at,
             key=key,
-            sent=send,
+            sent=send and not discard,
             code=None if send else code,
         )
 
@@ -311,11 +314,20 @@ class OTPService:
         return subject_text, text, html
 
     def send(
-        self, identifier: str, code: str, purpose: str, expires_at: datetime, *, background: bool
+        self,
+        identifier: str,
+        code: str,
+        purpose: str,
+        expires_at: datetime,
+        *,
+        background: bool,
+        discard: bool = False,
     ) -> None:
         from robust_mail.service import EmailService
 
         subject, text, html = self.render(identifier, code, purpose, expires_at)
+        if discard:
+            return
         sent = EmailService.send_email(
             subject, text, [identifier], html_message=html, background=background
         )

@@ -1,4 +1,4 @@
-"""System checks for one-time passwords and rate limits (ids E020–E029, W020–W029).
+"""System checks for one-time passwords and rate limits (ids E020-E029, W020-W029).
 
 Ids are stable and never reused:
 
@@ -11,7 +11,7 @@ Ids are stable and never reused:
 - ``robust_mail.W022`` OTP ``SECRET`` equals ``SECRET_KEY`` (one leak then exposes both).
 - ``robust_mail.W023`` codes shorter than 6 characters.
 
-A configuration that does not even read is reported by ``checks.py`` (E001–E019); these
+A configuration that does not even read is reported by ``checks.py`` (E001-E019); these
 checks then stay quiet rather than repeat it.
 """
 

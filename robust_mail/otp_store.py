@@ -94,7 +94,10 @@ class OTPStore(Protocol):
         """The newest code neither consumed nor invalidated (it may have expired)."""
 
     def count_attempt(self, key: str, max_attempts: int) -> bool:
-        """Atomically count one attempt if fewer than ``max_attempts`` were made."""
+        """Atomically count one attempt if fewer than ``max_attempts`` were made.
+
+        Counts on used codes too, so a verification that lost a race to ``consume`` is
+        told "invalid" by ``consume``, not "locked" by this."""
 
     def consume(self, key: str, now: datetime) -> bool:
         """Atomically mark the code used; True for exactly one caller, and only while live."""
@@ -217,12 +220,7 @@ class DatabaseOTPStore:
         # One UPDATE: the database serialises concurrent attempts, none is lost.
         updated = (
             self._rows()
-            .filter(
-                pk=int(key),
-                attempts__lt=max_attempts,
-                consumed_at__isnull=True,
-                invalidated=False,
-            )
+            .filter(pk=int(key), attempts__lt=max_attempts)
             .update(attempts=models.F("attempts") + 1)
         )
         return updated == 1
@@ -380,7 +378,7 @@ class CacheOTPStore:
         return None
 
     def count_attempt(self, key: str, max_attempts: int) -> bool:
-        if self._record(key) is None or self.cache.get(self._k("consumed", key)) is not None:
+        if self._record(key) is None:
             return False
         try:
             count = int(self.cache.incr(self._k("attempts", key)))

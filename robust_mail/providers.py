@@ -113,12 +113,11 @@ def mask_password(url: str) -> str:
     Deliberately cruder than ``urlsplit``: an unencoded ``/``, ``?`` or ``#`` inside a
     password confuses a real URL parser, and a leaked fragment is still a leak. Everything
     between the first ``:`` after ``//`` and the *last* ``@`` is masked, which can hide
-    more than the password but never less.
+    more than the password but never less. Without ``//`` the masking starts at the first
+    ``:``, so a scheme-less ``user:pw@host`` is covered as well.
     """
     start = url.find("//")
-    if start < 0:
-        return url
-    start += 2
+    start = 0 if start < 0 else start + 2  # "user:pw@host" without a scheme is masked too
     at = url.rfind("@")
     if at < start:
         return url

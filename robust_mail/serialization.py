@@ -25,7 +25,6 @@ import base64
 import binascii
 import email
 import email.message
-import email.parser
 import email.policy
 from collections.abc import Iterable
 from email.mime.base import MIMEBase
@@ -141,15 +140,14 @@ def _unpack_attachment(data: Any) -> Any:
     if not isinstance(data, dict):
         raise InvalidMessage(f"stored attachment {data!r} is not an object")
     if "mimebase" in data:
-        parser = email.parser.BytesParser(_class=_RestoredMIMEBase)
-        return parser.parsebytes(_b64(data["mimebase"]))
+        return email.message_from_bytes(_b64(data["mimebase"]), _class=_RestoredMIMEBase)
     if "mimepart" in data:
-        parser = email.parser.BytesParser(policy=email.policy.default)
-        return parser.parsebytes(_b64(data["mimepart"]))
-    filename = data.get("filename")
+        return email.message_from_bytes(_b64(data["mimepart"]), policy=email.policy.default)
+    filename: Any = data.get("filename")
     if isinstance(filename, list):
         filename = tuple(filename)
-    return EmailAttachment(filename, _unpack(data.get("content")), data.get("mimetype"))
+    mimetype: Any = data.get("mimetype")
+    return EmailAttachment(filename, _unpack(data.get("content")), mimetype)
 
 
 # --- messages ---------------------------------------------------------------------------

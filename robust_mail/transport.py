@@ -30,7 +30,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,9 @@ __all__ = ["SMTPConnection", "clear_tls_contexts", "tls_context"]
 
 logger = logging.getLogger("robust_mail.transport")
 
+#: ``on_step(step, seconds, error_or_None)``.
+StepObserver = Callable[[Step, float, BaseException | None], None]
+
 #: The content is written in chunks so that the timeout bounds each chunk (a stalled
 #: peer), not the whole transfer: a 20 MB message on a slow link is not a timeout.
 _CHUNK = 64 * 1024
@@ -70,7 +73,13 @@ _STEP_ERRORS = (OSError, ValueError)
 @functools.cache
 def default_local_hostname() -> str:
     """The name sent in EHLO when none is given; looked up once per process."""
-    return socket.getfqdn() or "localhost"
+    name = socket.getfqdn()
+    try:
+        # EHLO takes an ASCII domain: a non-ASCII host name goes out as IDNA.
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "localhost"
+    return name if name and " " not in name else "localhost"
 
 
 class _Session(smtplib.SMTP):
@@ -110,9 +119,12 @@ class SMTPConnection:
         *,
         resolver: Resolver,
         local_hostname: str | None = None,
+        on_step: StepObserver | None = None,
     ) -> None:
         self.provider = provider
         self.resolver = resolver
+        #: Called after every step with (step, seconds, exception or None); for health checks.
+        self.on_step = on_step
         self.local_hostname = local_hostname or default_local_hostname()
         #: Messages accepted by the server on this connection since it was opened.
         self.messages_sent = 0
@@ -171,10 +183,34 @@ class SMTPConnection:
         self._smtp = smtp
         self.reusable, self.tls, self.address = False, False, address
         self.messages_sent = 0
+        try:
+            self._start_session(smtp, context)
+        except BaseException:
+            # Failed steps have settled the session already; anything else (a bug, a
+            # KeyboardInterrupt) must not leave a half-open socket behind either.
+            self.detach()
+            raise
+        self.reusable = True
+        self.opened_at = self.last_used = time.monotonic()
+        logger.info(
+            "%s: connected to %s:%s (%s, tls=%s) in %.1f ms",
+            provider.name,
+            address,
+            provider.port,
+            provider.host,
+            self.tls,
+            (self.opened_at - started) * 1000,
+        )
+        return True
+
+    def _start_session(self, smtp: _Session, context: ssl.SSLContext | None) -> None:
+        """[implicit TLS] → greeting → EHLO → [STARTTLS → EHLO] → [AUTH]."""
+        provider = self.provider
         if provider.use_ssl:
             assert context is not None
             with self._step(Step.CONNECT):
-                smtp.attach(context.wrap_socket(sock, server_hostname=provider.host))
+                assert smtp.sock is not None
+                smtp.attach(context.wrap_socket(smtp.sock, server_hostname=provider.host))
             self.tls = True
         with self._step(Step.GREETING):
             code, reply = smtp.getreply()
@@ -198,18 +234,6 @@ class SMTPConnection:
         if provider.username:
             with self._step(Step.AUTH):
                 self._login(smtp)
-        self.reusable = True
-        self.opened_at = self.last_used = time.monotonic()
-        logger.info(
-            "%s: connected to %s:%s (%s, tls=%s) in %.1f ms",
-            provider.name,
-            address,
-            provider.port,
-            provider.host,
-            self.tls,
-            (self.opened_at - started) * 1000,
-        )
-        return True
 
     def _context(self) -> ssl.SSLContext:
         step = Step.CONNECT if self.provider.use_ssl else Step.STARTTLS
@@ -226,6 +250,7 @@ class SMTPConnection:
     def _connect(self, addresses: Sequence[str]) -> tuple[socket.socket, str]:
         provider = self.provider
         failures: list[tuple[str, OSError]] = []
+        first = time.monotonic()
         for address in addresses:
             started = time.monotonic()
             try:
@@ -248,6 +273,8 @@ class SMTPConnection:
                 provider.port,
                 (time.monotonic() - started) * 1000,
             )
+            if self.on_step is not None:
+                self.on_step(Step.CONNECT, time.monotonic() - first, None)
             return sock, address
         if len(failures) == 1:
             cause = failures[0][1]
@@ -256,6 +283,8 @@ class SMTPConnection:
             cause = OSError(f"no address of {provider.host} accepted a connection ({detail})")
             cause.__cause__ = failures[-1][1]
         logger.info("%s: connect failed: %s", provider.name, cause or type(cause).__name__)
+        if self.on_step is not None:
+            self.on_step(Step.CONNECT, time.monotonic() - first, cause)
         raise TransportError(Step.CONNECT, cause, provider=provider.name) from cause
 
     def _ehlo(self, smtp: _Session) -> None:
@@ -449,10 +478,18 @@ class SMTPConnection:
             with contextlib.suppress(Exception):
                 smtp.close()
 
-    def _abort(self) -> None:
-        """Drop the connection without QUIT: its state is unknown."""
+    def detach(self) -> None:
+        """Close this process's socket without sending anything (not even QUIT).
+
+        For a connection inherited across ``fork()``: the parent still owns the session, so
+        the child must neither talk on it nor shut it down. Never raises.
+        """
         self.reusable = False
         self.close()
+
+    def _abort(self) -> None:
+        """Drop the connection without QUIT: its state is unknown."""
+        self.detach()
 
     def _recover(self, step: Step) -> None:
         """After a negative reply in a transaction: RSET so the session can be reused."""
@@ -481,6 +518,8 @@ class SMTPConnection:
         except _STEP_ERRORS as exc:
             elapsed = (time.monotonic() - started) * 1000
             self._settle(step, exc)
+            if self.on_step is not None:
+                self.on_step(step, elapsed / 1000, exc)
             logger.info(
                 "%s: %s failed after %.1f ms: %s",
                 self.provider.name,
@@ -489,9 +528,10 @@ class SMTPConnection:
                 exc or type(exc).__name__,
             )
             raise TransportError(step, exc, provider=self.provider.name) from exc
-        logger.debug(
-            "%s: %s ok in %.1f ms", self.provider.name, step, (time.monotonic() - started) * 1000
-        )
+        elapsed = time.monotonic() - started
+        if self.on_step is not None:
+            self.on_step(step, elapsed, None)
+        logger.debug("%s: %s ok in %.1f ms", self.provider.name, step, elapsed * 1000)
 
     def _settle(self, step: Step, exc: BaseException) -> None:
         """Leave the session reusable after a clean negative reply, closed otherwise."""

@@ -94,7 +94,7 @@ class RedisServer:
             "--protected-mode", "yes",
             "--loglevel", "warning",
         ]  # fmt: skip
-        self.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+        self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-SECRET_KEY = "tests-only-not-a-secret"  # noqa: S105
+SECRET_KEY = "tests-only-not-a-secret"
 DEBUG = False
 USE_TZ = True
 INSTALLED_APPS = [

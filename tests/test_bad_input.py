@@ -44,7 +44,9 @@ def test_invalid_address_raises_even_with_fail_silently(server):
 
 
 def test_header_injection_in_subject_is_refused(server):
-    message = EmailMessage("Hi\nBcc: spam@example.com", "Body", "from@example.com", ["a@example.com"])
+    message = EmailMessage(
+        "Hi\nBcc: spam@example.com", "Body", "from@example.com", ["a@example.com"]
+    )
 
     with pytest.raises(InvalidMessage):
         message.send()

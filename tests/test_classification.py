@@ -103,6 +103,16 @@ ROWS: list[tuple[str, BaseException, Classification]] = [
     ("disconnect at RCPT", at(Step.RCPT, smtplib.SMTPServerDisconnected("closed")), TRANSIENT),
     ("451 at the DATA command", at(Step.DATA, smtplib.SMTPDataError(451, b"4.3.0")), TRANSIENT),
     ("timeout at DATA", at(Step.DATA, TimeoutError("timed out")), TRANSIENT),
+    (
+        "TLS EOF while sending DATA",
+        at(Step.DATA, ssl.SSLEOFError(8, "EOF occurred in violation of protocol")),
+        TRANSIENT,
+    ),
+    (
+        "TLS connection closed at MAIL",
+        at(Step.MAIL, ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed")),
+        TRANSIENT,
+    ),
     ("drop mid-DATA", at(Step.DATA, BrokenPipeError(32, "Broken pipe")), TRANSIENT),
     ("reset mid-DATA", at(Step.DATA, ConnectionResetError(104, "reset by peer")), TRANSIENT),
     (
@@ -130,6 +140,11 @@ ROWS: list[tuple[str, BaseException, Classification]] = [
     (
         "534 at AUTH",
         at(Step.AUTH, smtplib.SMTPAuthenticationError(534, b"5.7.9 weak mechanism")),
+        PROVIDER_FATAL,
+    ),
+    (
+        "no common AUTH mechanism",
+        at(Step.AUTH, smtplib.SMTPException("No suitable authentication method found.")),
         PROVIDER_FATAL,
     ),
     (
@@ -256,60 +271,16 @@ ROWS: list[tuple[str, BaseException, Classification]] = [
     ),
     ("timeout at DATA_END", at(Step.DATA_END, TimeoutError("timed out")), AMBIGUOUS),
     ("reset at DATA_END", at(Step.DATA_END, ConnectionResetError(104, "reset")), AMBIGUOUS),
+    (
+        "TLS EOF at DATA_END",
+        at(Step.DATA_END, ssl.SSLEOFError(8, "EOF occurred in violation of protocol")),
+        AMBIGUOUS,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("failure", "expected"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_classify_follows_the_error_table(failure: BaseException, expected: Classification) -> None:
-    assert classify(failure) is expected
-
-
-# Rows where classify() disagrees with DESIGN.md today. Each is a strict xfail so the suite
-# stays green until the proposed fix lands in exceptions.py; then the marker must go.
-_FIX_SSL_AFTER_HANDSHAKE = (
-    "classify() treats every ssl.SSLError as provider-fatal; after the handshake a TLS error "
-    "is a broken connection (transient, ambiguous at DATA_END). Fix: only ssl errors at "
-    "CONNECT/STARTTLS (or with no step) are provider-fatal."
-)
-_FIX_AUTH_NO_MECHANISM = (
-    "classify() falls through to transient for an SMTPException at AUTH without a reply "
-    "code ('No suitable authentication method found'); it is this provider's configuration."
-)
-
-PROPOSED: list[tuple[str, BaseException, Classification, str]] = [
-    (
-        "TLS EOF while sending DATA",
-        at(Step.DATA, ssl.SSLEOFError(8, "EOF occurred in violation of protocol")),
-        TRANSIENT,
-        _FIX_SSL_AFTER_HANDSHAKE,
-    ),
-    (
-        "TLS EOF at DATA_END",
-        at(Step.DATA_END, ssl.SSLEOFError(8, "EOF occurred in violation of protocol")),
-        AMBIGUOUS,
-        _FIX_SSL_AFTER_HANDSHAKE,
-    ),
-    (
-        "TLS error at MAIL",
-        at(Step.MAIL, ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed")),
-        TRANSIENT,
-        _FIX_SSL_AFTER_HANDSHAKE,
-    ),
-    (
-        "no common AUTH mechanism",
-        at(Step.AUTH, smtplib.SMTPException("No suitable authentication method found.")),
-        PROVIDER_FATAL,
-        _FIX_AUTH_NO_MECHANISM,
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("failure", "expected"),
-    [pytest.param(*r[1:3], marks=pytest.mark.xfail(strict=True, reason=r[3])) for r in PROPOSED],
-    ids=[r[0] for r in PROPOSED],
-)
-def test_classify_rows_awaiting_a_fix(failure: BaseException, expected: Classification) -> None:
     assert classify(failure) is expected
 
 

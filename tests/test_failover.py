@@ -178,13 +178,7 @@ def test_starttls_and_implicit_tls_deliver_over_verified_tls(smtp_server, robust
     starttls = smtp_server(tls="starttls", auth={"user": "secret"})
     implicit = smtp_server(tls="implicit")
     common = {"SSL_CAFILE": certs.ca_file, "HOST": "localhost"}
-    robust(
-        [
-            provider(
-                starttls, "tls", USE_TLS=True, USERNAME="user", PASSWORD="secret", **common
-            )
-        ]
-    )
+    robust([provider(starttls, "tls", USE_TLS=True, USERNAME="user", PASSWORD="secret", **common)])
     _send()
     robust([provider(implicit, "ssl", USE_SSL=True, **common)])
     _send()
@@ -225,7 +219,9 @@ def test_console_fallback_prints_a_readable_message(smtp_server, robust, setting
     robust([provider(down, "down")], FALLBACK="console")
     settings.DEBUG = True
     link = "https://example.com/reset/" + "x" * 120
-    message = EmailMessage("Réinitialiser", f"Cliquez ici : {link}", "a@example.com", ["b@example.com"])
+    message = EmailMessage(
+        "Réinitialiser", f"Cliquez ici : {link}", "a@example.com", ["b@example.com"]
+    )
 
     assert message.send() == 1
 

@@ -16,7 +16,11 @@ def test_send_email_returns_true_and_sends_text_and_html(smtp_server, robust):
     robust([provider(server, "only")])
 
     assert EmailService.send_email(
-        "Welcome", "plain body", ["a@example.com"], html_message="<p>html body</p>", cc=["c@example.com"]
+        "Welcome",
+        "plain body",
+        ["a@example.com"],
+        html_message="<p>html body</p>",
+        cc=["c@example.com"],
     )
 
     (received,) = server.messages

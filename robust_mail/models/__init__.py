@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from robust_mail.models.otp import OneTimePassword  # noqa: F401
+from robust_mail.models.otp import OneTimePassword
 from robust_mail.models.outbox import OutboxMessage  # noqa: F401
 
 __all__ = ["OneTimePassword", "OutboxMessage"]

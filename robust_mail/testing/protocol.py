@@ -9,14 +9,17 @@ it affects sessions already open.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Mapping
 from typing import Any, AnyStr, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from robust_mail.testing.modes import Mode
 from robust_mail.testing.received import ReceivedMessage
+
+log = logging.getLogger("robust_mail.testing")
 
 # Room for a 20 MB attachment after base64 (x4/3) and MIME overhead.
 DATA_SIZE_LIMIT = 40 * 1024 * 1024
@@ -84,6 +87,15 @@ class _Hooks:
     async def handle_DATA(self, server: FaultySMTP, session: Session, envelope: Envelope) -> str:
         return await server.data_reply(envelope)
 
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client rejecting our certificate is a scenario under test, not a
+            # server fault; aiosmtpd closes the connection after this reply.
+            log.debug("TLS handshake failed: %r", error.__cause__)
+            return "454 4.7.0 TLS handshake failed"
+        log.exception("test SMTP server session failed")
+        return f"451 4.3.0 Test server error: {type(error).__name__}"
+
 
 class FaultySMTP(SMTP):
     """aiosmtpd's ``SMTP`` that consults ``state.mode`` at every step."""
@@ -113,7 +125,8 @@ class FaultySMTP(SMTP):
             authenticator=self._check_credentials,
         )
         # Set after __init__: passing auth_required=True with auth_require_tls=False
-        # makes aiosmtpd emit a security warning, which the suite turns into an error.
+        # makes aiosmtpd emit a security warning on every connection; loopback tests
+        # authenticating in clear is intended here.
         self._auth_required = state.auth is not None
 
     def _create_session(self) -> Session:

@@ -14,7 +14,8 @@ class ReceivedMessage:
     """One message as the server received it.
 
     ``data`` is the content exactly as transmitted (dot-unstuffed, CRLF line
-    ends); ``message`` is the same bytes parsed with ``email.policy.default``.
+    ends); ``message`` is the same bytes parsed with ``email.policy.default``
+    after turning CRLF into LF, so ``get_content()`` reads like Python text.
     """
 
     mail_from: str
@@ -28,7 +29,9 @@ class ReceivedMessage:
     message: EmailMessage = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        parsed = BytesParser(policy=email.policy.default).parsebytes(self.data)
+        parsed = BytesParser(policy=email.policy.default).parsebytes(
+            self.data.replace(b"\r\n", b"\n")
+        )
         assert isinstance(parsed, EmailMessage)
         # Frozen: the parsed form is derived once, here.
         object.__setattr__(self, "message", parsed)

@@ -10,20 +10,17 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 from robust_mail.testing.certs import TestCertificates, default_certificates
+from robust_mail.testing.loop import LoopThread
 from robust_mail.testing.modes import Mode
 from robust_mail.testing.protocol import FaultySMTP
 from robust_mail.testing.received import ReceivedMessage
 
 TLSMode = Literal["starttls", "implicit"]
-_T = TypeVar("_T")
-
-# Upper bound for any operation the caller's thread waits on the loop for.
-_LOOP_CALL_TIMEOUT = 10.0
 
 
 class SMTPTestServer:
@@ -77,8 +74,7 @@ class SMTPTestServer:
         self.connections_total = 0
         self.peak_connections = 0
 
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: LoopThread | None = None
         self._listener: asyncio.Server | None = None
         self._tls_context: ssl.SSLContext | None = None
 
@@ -93,9 +89,9 @@ class SMTPTestServer:
         new = Mode(value)
         with self._mode_lock:
             self._mode = new
-            if self._loop is not None:
+            if self._runner is not None:
                 # Returns once the port is (un)bound, so a connect right after sees it.
-                self._call(self._sync_listening())
+                self._runner.call(self._sync_listening())
 
     @property
     def refuse_recipients(self) -> frozenset[str]:
@@ -117,23 +113,15 @@ class SMTPTestServer:
 
     def start(self) -> SMTPTestServer:
         """Bind the port and start serving. Returns ``self``."""
-        if self._loop is not None:
+        if self._runner is not None:
             return self
         if self.tls is not None:
             self._tls_context = self._make_tls_context()
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(
-            target=self._run_loop,
-            args=(loop,),
-            name=f"SMTPTestServer {self.name or self.port}",
-            daemon=True,
-        )
-        self._loop, self._thread = loop, thread
-        thread.start()
+        self._runner = LoopThread(f"SMTPTestServer {self.name or self.port}")
         try:
-            self._call(self._listen())
+            self._runner.call(self._listen())
             if self._mode is Mode.REFUSE:
-                self._call(self._sync_listening())
+                self._runner.call(self._sync_listening())
         except BaseException:
             self.stop()
             raise
@@ -141,15 +129,13 @@ class SMTPTestServer:
 
     def stop(self) -> None:
         """Stop listening, close every connection and the loop. Idempotent."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        runner, self._runner = self._runner, None
+        if runner is None:
             return
         try:
-            self._call(self._shutdown())
+            runner.call(self._shutdown())
         finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            self._loop = self._thread = None
+            runner.close()
 
     def __enter__(self) -> SMTPTestServer:
         return self.start()
@@ -236,8 +222,8 @@ class SMTPTestServer:
 
         Returns once the server has released them; the port keeps listening.
         """
-        if self._loop is not None:
-            self._call(self._close_sessions())
+        if self._runner is not None:
+            self._runner.call(self._close_sessions())
 
     # -- convenience -----------------------------------------------------------------------
 
@@ -264,29 +250,6 @@ class SMTPTestServer:
 
     # -- on the loop thread --------------------------------------------------------------
 
-    def _call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result(_LOOP_CALL_TIMEOUT)
-
-    @staticmethod
-    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            # Anything still pending (e.g. a TLS handshake in progress) is
-            # cancelled so its socket is closed before the loop is.
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            for _ in range(3):  # let close callbacks scheduled by the cancellations run
-                loop.run_until_complete(asyncio.sleep(0))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            asyncio.set_event_loop(None)
-            loop.close()
-
     def _make_tls_context(self) -> ssl.SSLContext:
         assert self.certificates is not None
         context = self.certificates.server_context()
@@ -304,11 +267,11 @@ class SMTPTestServer:
         return context
 
     def _new_session(self) -> FaultySMTP:
-        assert self._loop is not None
+        assert self._runner is not None
         offer_starttls = self.tls == "starttls" and self._mode is not Mode.NO_STARTTLS
         return FaultySMTP(
             self,
-            loop=self._loop,
+            loop=self._runner.loop,
             tls_context=self._tls_context if offer_starttls else None,
             implicit_tls=self.tls == "implicit",
             require_starttls=offer_starttls and self.require_starttls,
@@ -332,6 +295,8 @@ class SMTPTestServer:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            # A server that is down does not keep serving old connections either.
+            await self._close_sessions()
         elif self._listener is None:
             await self._listen()
 

@@ -1,0 +1,131 @@
+"""Admin for the outbox: list, filter, search, a decoded preview, "retry now" and "cancel".
+
+Importing this module registers :class:`OutboxMessageAdmin` with the default admin site.
+Rows are read-only here: the message itself is never edited, only its state.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from robust_mail.envelope import build_envelope
+from robust_mail.exceptions import InvalidMessage
+from robust_mail.models.outbox import OutboxMessage, OutboxStatus
+
+#: States an admin may send back to the queue. Never "sent" (that would send a duplicate)
+#: nor "sending" (a worker holds it).
+RETRYABLE = (OutboxStatus.QUEUED, OutboxStatus.FAILED, OutboxStatus.DEAD)
+CANCELLED = "cancelled"
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin[OutboxMessage]):
+    list_display = (
+        "created_at",
+        "status",
+        "subject",
+        "recipients",
+        "attempts",
+        "next_attempt_at",
+        "provider",
+        "last_classification",
+    )
+    list_filter = ("status", "provider", "last_classification", "ambiguous")
+    search_fields = ("recipients", "subject", "message_id", "=idempotency_key")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at", "-pk")
+    actions = ("retry_now", "cancel")
+    fieldsets = (
+        (None, {"fields": ("message_id", "status", "subject", "from_email", "recipients")}),
+        (
+            "Delivery",
+            {
+                "fields": (
+                    "priority",
+                    "attempts",
+                    "next_attempt_at",
+                    "lease_until",
+                    "provider",
+                    "sent_at",
+                    "refused",
+                    "ambiguous",
+                    "last_classification",
+                    "last_error",
+                    "created_at",
+                    "idempotency_key",
+                )
+            },
+        ),
+        ("Message", {"fields": ("preview",)}),
+    )
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: OutboxMessage | None = None
+    ) -> list[str]:
+        return [f.name for f in OutboxMessage._meta.fields] + ["preview"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.display(description="decoded message")
+    def preview(self, obj: OutboxMessage) -> str:
+        """Headers and the text parts of the stored message, as it will be sent."""
+        try:
+            message = obj.rebuild()
+            data = build_envelope(message).data
+        except InvalidMessage as exc:
+            return format_html("<p><strong>Cannot rebuild this message:</strong> {}</p>", exc)
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        headers = format_html_join(
+            "\n", "<div><strong>{}:</strong> {}</div>", ((k, str(v)) for k, v in parsed.items())
+        )
+        parts = format_html_join("\n", "{}", ((_render_part(p),) for p in parsed.walk()))
+        return format_html("{}\n{}", headers, parts)
+
+    @admin.action(description="Retry now (failed, dead or waiting messages)")
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        count = queryset.filter(status__in=RETRYABLE).update(
+            status=OutboxStatus.QUEUED,
+            next_attempt_at=timezone.now(),
+            lease_until=None,
+            lease_token="",
+        )
+        self.message_user(request, f"{count} message(s) queued for delivery now.", messages.SUCCESS)
+
+    @admin.action(description="Cancel (waiting messages)")
+    def cancel(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        who = getattr(request.user, "get_username", lambda: "?")()
+        count = queryset.filter(status=OutboxStatus.QUEUED).update(
+            status=OutboxStatus.FAILED,
+            last_classification=CANCELLED,
+            last_error=f"cancelled in the admin by {who}",
+        )
+        self.message_user(request, f"{count} message(s) cancelled.", messages.SUCCESS)
+
+
+def _render_part(part: Any) -> str:
+    if part.is_multipart():
+        return format_html("<div><em>{}</em></div>", part.get_content_type())
+    ctype = part.get_content_type()
+    filename = part.get_filename()
+    if filename or not ctype.startswith("text/"):
+        size = len(part.get_payload(decode=True) or b"")
+        return format_html(
+            "<div>attachment <strong>{}</strong> ({}, {} bytes)</div>",
+            filename or "(unnamed)",
+            ctype,
+            size,
+        )
+    return format_html(
+        '<div><em>{}</em><pre style="white-space: pre-wrap">{}</pre></div>',
+        ctype,
+        str(part.get_content()),
+    )

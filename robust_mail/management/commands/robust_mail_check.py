@@ -1,0 +1,69 @@
+"""``manage.py robust_mail_check``: can each provider be reached? Sends nothing.
+
+For every configured SMTP provider: resolve, connect, greeting, EHLO, STARTTLS,
+AUTH — each step timed — then QUIT. Exits with status 1 when any provider
+fails, so it can gate a deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from robust_mail.conf import get_config
+from robust_mail.dispatch import resolver_for
+from robust_mail.exceptions import RobustMailError, Step, TransportError, classify
+from robust_mail.providers import ProviderConfig
+from robust_mail.transport import SMTPConnection
+
+
+class Command(BaseCommand):
+    help = "Resolve, connect, EHLO, STARTTLS and AUTH against every provider; send nothing."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--provider", action="append", default=[], help="Check only this provider (repeatable)."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        config = get_config()
+        wanted = set(options["provider"])
+        unknown = wanted - {p.name for p in config.providers}
+        if unknown:
+            raise CommandError(f"no such provider: {', '.join(sorted(unknown))}")
+        failed = [
+            provider.name
+            for provider in config.providers
+            if (not wanted or provider.name in wanted) and not self._check(provider, config)
+        ]
+        if failed:
+            raise CommandError(f"{len(failed)} provider(s) failed: {', '.join(failed)}")
+        self.stdout.write(self.style.SUCCESS("every provider checked is reachable"))
+
+    def _check(self, provider: ProviderConfig, config: Any) -> bool:
+        security = "SMTPS" if provider.use_ssl else "STARTTLS" if provider.use_tls else "plain"
+        user = f"  user={provider.username}" if provider.username else ""
+        self.stdout.write(f"{provider.name}  {provider.host}:{provider.port}  {security}{user}")
+        if provider.mailer:
+            self.stdout.write(f"  delegates to mailer {provider.mailer!r}: not checked over SMTP")
+            return True
+
+        def report(step: Step, seconds: float, error: BaseException | None) -> None:
+            status = self.style.SUCCESS("ok") if error is None else self.style.ERROR("FAILED")
+            detail = "" if error is None else f"  {error}"
+            self.stdout.write(f"  {step.value:<9}{seconds * 1000:8.1f} ms  {status}{detail}")
+
+        connection = SMTPConnection(provider, resolver=resolver_for(config.dns), on_step=report)
+        try:
+            connection.open()
+        except TransportError as exc:
+            self.stdout.write(f"  -> {classify(exc).value}: {exc}")
+            return False
+        except RobustMailError as exc:  # pragma: no cover - open() wraps everything it raises
+            self.stdout.write(f"  -> {exc}")
+            return False
+        tls = " over verified TLS" if connection.tls else ""
+        self.stdout.write(f"  connected to {connection.address}{tls}")
+        connection.close()
+        return True

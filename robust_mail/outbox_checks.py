@@ -1,0 +1,94 @@
+"""System checks for the outbox and its delivery task (ids E030 to E039, W030 to W039).
+
+Registered when imported (``apps.py`` imports this module in ``ready()``).
+
+=====  ==================================================================
+E030   OUTBOX LEASE is not longer than RETRY DEADLINE
+W030   OUTBOX LEASE is shorter than one worst-case delivery
+W031   TASKS is set but no tasks framework is installed
+W032   the delivery task could not be defined for the TASKS backend
+=====  ==================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning, register
+
+from robust_mail.conf import ConfigurationError, get_config
+
+#: SMTP steps of one last attempt, each bounded by the provider's TIMEOUT (connect,
+#: greeting, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA, final dot).
+STEPS_PER_ATTEMPT = 10
+
+
+@register("mail", "robust_mail")
+def check_outbox(app_configs: object = None, **kwargs: Any) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    messages += _check_lease()
+    messages += _check_tasks()
+    return messages
+
+
+def _check_lease() -> list[CheckMessage]:
+    try:
+        config = get_config()
+    except ConfigurationError:
+        return []  # reported by robust_mail.checks
+    lease, deadline = config.outbox.lease, config.retry.deadline
+    if lease <= deadline:
+        return [
+            Error(
+                f"ROBUST_MAIL OUTBOX LEASE ({lease:g}s) is not longer than RETRY DEADLINE "
+                f"({deadline:g}s).",
+                hint=(
+                    "A worker may still be sending a message when its lease expires, and "
+                    "another worker would send it again. Make LEASE several times DEADLINE."
+                ),
+                id="robust_mail.E030",
+            )
+        ]
+    timeout = max((p.timeout for p in config.providers), default=0.0)
+    worst = deadline + STEPS_PER_ATTEMPT * timeout
+    if lease < worst:
+        return [
+            Warning(
+                f"ROBUST_MAIL OUTBOX LEASE ({lease:g}s) is shorter than one worst-case "
+                f"delivery ({worst:g}s: RETRY DEADLINE plus {STEPS_PER_ATTEMPT} provider "
+                "TIMEOUTs for a last attempt).",
+                hint="Raise LEASE so that a slow send is not taken over by another worker.",
+                id="robust_mail.W030",
+            )
+        ]
+    return []
+
+
+def _check_tasks() -> list[CheckMessage]:
+    from robust_mail import tasks
+
+    if not tasks.tasks_configured():
+        return []
+    if tasks.task_framework is None:
+        return [
+            Warning(
+                "TASKS is set, but neither django.tasks (Django 6.0+) nor the django-tasks "
+                "backport is installed: outbox messages are delivered only by "
+                "robust_mail_worker.",
+                hint="pip install 'robust-mail[tasks]', or run manage.py robust_mail_worker.",
+                id="robust_mail.W031",
+            )
+        ]
+    error = tasks.probe()
+    if error is not None:
+        return [
+            Warning(
+                f"The outbox delivery task cannot run on the TASKS backend: {error}",
+                hint=(
+                    "Give TASKS a 'default' backend that accepts module-level tasks; until "
+                    "then robust_mail_worker delivers the outbox."
+                ),
+                id="robust_mail.W032",
+            )
+        ]
+    return []

@@ -1,0 +1,145 @@
+"""Prometheus collector for robust_mail's shared metrics (the ``[prometheus]`` extra).
+
+Register it once, e.g. in your ``AppConfig.ready()``::
+
+    from robust_mail.prometheus import register
+    register()
+
+Each scrape reads :func:`robust_mail.metrics.snapshot` (the counters of the whole
+deployment, from the shared cache) and, for the configured providers, the breakers' state.
+Exported families, all labelled ``provider``:
+
+=========================================  =========  =================================
+``robust_mail_messages_sent_total``        counter    accepted by the provider
+``robust_mail_send_failures_total``        counter    attempts that failed there
+``robust_mail_retries_total``              counter    retries after transient failures
+``robust_mail_failovers_total``            counter    messages handed to the next one
+``robust_mail_fallbacks_total``            counter    handled by the fallback
+``robust_mail_breaker_opened_total``       counter    times the breaker opened
+``robust_mail_refused_recipients_total``   counter    recipients refused
+``robust_mail_ambiguous_deliveries_total`` counter    no reply after DATA
+``robust_mail_send_duration_seconds``      histogram  time to deliver one message
+``robust_mail_breaker_state``              gauge      0 closed, 1 open, 2 half-open
+=========================================  =========  =================================
+
+Because the counters are deployment-wide, scrape one process only (or aggregate with
+``max`` rather than ``sum``), otherwise every message is counted once per scraped process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from robust_mail import metrics
+from robust_mail.breaker import BreakerState
+
+__all__ = ["RobustMailCollector", "register"]
+
+logger = logging.getLogger("robust_mail.prometheus")
+
+#: metrics counter name -> (family name without ``_total``, help)
+COUNTER_FAMILIES: dict[str, tuple[str, str]] = {
+    "sent": ("robust_mail_messages_sent", "Messages accepted by the provider."),
+    "failed": ("robust_mail_send_failures", "Delivery attempts that failed at the provider."),
+    "retried": ("robust_mail_retries", "Retries after a transient failure."),
+    "failed_over": ("robust_mail_failovers", "Messages handed on to the next provider."),
+    "fallback": ("robust_mail_fallbacks", "Messages handled by the fallback."),
+    "breaker_opened": ("robust_mail_breaker_opened", "Times the circuit breaker opened."),
+    "refused_recipients": (
+        "robust_mail_refused_recipients",
+        "Recipients refused while the message was accepted for others.",
+    ),
+    "ambiguous": (
+        "robust_mail_ambiguous_deliveries",
+        "Attempts without a reply after DATA (the provider may have the message).",
+    ),
+}
+
+STATE_VALUES = {BreakerState.CLOSED: 0.0, BreakerState.OPEN: 1.0, BreakerState.HALF_OPEN: 2.0}
+
+
+class RobustMailCollector(Collector):
+    """Reads the shared metrics at scrape time; never raises into the scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            snapshot = metrics.snapshot(_provider_names())
+        except Exception:
+            logger.exception("robust_mail metrics could not be read")
+            return
+        counters = {
+            name: CounterMetricFamily(family, help_text, labels=["provider"])
+            for name, (family, help_text) in COUNTER_FAMILIES.items()
+        }
+        latency = HistogramMetricFamily(
+            "robust_mail_send_duration_seconds",
+            "Time to deliver one message through the provider.",
+            labels=["provider"],
+        )
+        for provider, values in snapshot.items():
+            for name, family in counters.items():
+                family.add_metric([provider], values[name])
+            histogram = values["latency"]
+            latency.add_metric(
+                [provider],
+                buckets=list(histogram["buckets"].items()),
+                sum_value=histogram["sum"],
+            )
+        yield from counters.values()
+        yield latency
+        states = _breaker_states()
+        if states:
+            gauge = GaugeMetricFamily(
+                "robust_mail_breaker_state",
+                "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+                labels=["provider"],
+            )
+            for provider, breaker_state in states:
+                gauge.add_metric([provider], STATE_VALUES[breaker_state])
+            yield gauge
+
+    def describe(self) -> Iterable[Metric]:
+        # No description: collect() talks to the cache, which register() must not do.
+        return []
+
+
+def _configured() -> Any:
+    from robust_mail.conf import get_config
+
+    return get_config()
+
+
+def _provider_names() -> list[str]:
+    try:
+        return [provider.name for provider in _configured().providers]
+    except Exception:
+        return []
+
+
+def _breaker_states() -> list[tuple[str, BreakerState]]:
+    from robust_mail.state import get_breaker
+
+    try:
+        config = _configured()
+        return [(p.name, get_breaker(p.name, config).state) for p in config.providers]
+    except Exception:
+        logger.debug("breaker states unavailable", exc_info=True)
+        return []
+
+
+def register(registry: CollectorRegistry = REGISTRY) -> RobustMailCollector:
+    """Register a :class:`RobustMailCollector` with ``registry`` and return it."""
+    collector = RobustMailCollector()
+    registry.register(collector)
+    return collector

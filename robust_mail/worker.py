@@ -1,0 +1,286 @@
+"""The outbox worker loop behind ``manage.py robust_mail_worker``.
+
+One loop claims a batch of due messages, hands them to ``concurrency`` threads
+(each with its own database connection and, through the pool, its own SMTP
+connection), waits for the batch, reports one line, and claims the next. Any
+number of workers, on any number of machines, may run at once: claims are
+exclusive (see :mod:`robust_mail.outbox`).
+
+Stopping (:meth:`Worker.stop`, wired to SIGTERM/SIGINT by the command): messages
+being sent are finished and recorded; claimed messages not yet started are
+released at once, so another worker need not wait for their lease.
+
+A lost database connection is survived: claiming is retried with a growing
+pause, and an outcome that cannot be written is retried until the lease runs
+out (after which another worker owns the row and the write is fenced off).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import DatabaseError, connections, router
+from django.utils import timezone
+
+from robust_mail import outbox
+from robust_mail.conf import RobustMailConfig, get_config
+from robust_mail.dispatch import Dispatcher
+from robust_mail.models.outbox import OutboxMessage, OutboxStatus
+
+__all__ = ["Worker", "WorkerStats"]
+
+logger = logging.getLogger("robust_mail.worker")
+
+#: Pause after a database error, doubled each time up to the maximum (seconds).
+DB_RETRY_FIRST = 1.0
+DB_RETRY_MAX = 30.0
+
+
+@dataclass
+class WorkerStats:
+    """Counts since the worker started: outcomes by kind, and batches claimed."""
+
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    dead: int = 0
+    released: int = 0
+    lost: int = 0
+    batches: int = 0
+    message_ids: list[str] = field(default_factory=list)
+
+    def add(self, counts: Counter[str]) -> None:
+        for name in ("sent", "retried", "failed", "dead", "released", "lost"):
+            setattr(self, name, getattr(self, name) + counts[name])
+
+
+class Worker:
+    """Claims and delivers outbox messages until stopped (or, with ``once``, until none is due)."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = 1,
+        batch: int | None = None,
+        sleep: float = 5.0,
+        once: bool = False,
+        using: str | None = None,
+        config: RobustMailConfig | None = None,
+        dispatcher: Dispatcher | None = None,
+        clock: Callable[[], datetime] = timezone.now,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config or get_config()
+        self.concurrency = max(1, concurrency)
+        self.batch = batch or self.config.outbox.batch
+        self.sleep = sleep
+        self.once = once
+        self.using = using
+        self.dispatcher = dispatcher or Dispatcher(self.config)
+        self.clock = clock
+        self.report = report or (lambda line: logger.info("%s", line))
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- control ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish in-flight messages, release the rest and return."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> WorkerStats:
+        """Run until :meth:`stop` (or until nothing is due, with ``once``)."""
+        threads = _Threads(self.concurrency, self._handle) if self.concurrency > 1 else None
+        pause = DB_RETRY_FIRST
+        try:
+            while not self._stop.is_set():
+                _refresh_connections()
+                try:
+                    held = outbox.claim(
+                        limit=self.batch,
+                        lease=self.config.outbox.lease,
+                        using=self.using,
+                        now=self.clock(),
+                    )
+                except DatabaseError as exc:
+                    logger.warning("cannot claim messages (%s); retrying in %.0fs", exc, pause)
+                    _drop_connections()
+                    self._stop.wait(pause)
+                    pause = min(pause * 2, DB_RETRY_MAX)
+                    continue
+                pause = DB_RETRY_FIRST
+                if not held.rows:
+                    if self.once:
+                        break
+                    self._stop.wait(self.sleep)
+                    continue
+                counts: Counter[str] = Counter()
+                jobs = [(held, row, counts) for row in held.rows]
+                if threads is not None:
+                    threads.run(jobs)
+                else:
+                    for job in jobs:
+                        _guarded(self._handle, job)
+                self.stats.add(counts)
+                self.stats.batches += 1
+                self.report(self._line(len(held.rows), counts))
+        finally:
+            if threads is not None:
+                threads.close()
+        return self.stats
+
+    # -- one message --------------------------------------------------------------------------
+
+    def _handle(self, job: Any) -> None:
+        held, row, counts = job
+        if self._stop.is_set():
+            self._release(held, row, counts)
+            return
+        outcome = outbox.attempt(
+            row, dispatcher=self.dispatcher, config=self.config.outbox, clock=self.clock
+        )
+        recorded = self._record(held, row, outcome)
+        kind = {
+            OutboxStatus.SENT: "sent",
+            OutboxStatus.QUEUED: "retried",
+            OutboxStatus.FAILED: "failed",
+            OutboxStatus.DEAD: "dead",
+        }[outcome.status]
+        with self._lock:
+            counts[kind if recorded else "lost"] += 1
+            if outcome.status is OutboxStatus.SENT:
+                self.stats.message_ids.append(row.message_id)
+
+    def _record(self, held: outbox.Claim, row: OutboxMessage, outcome: outbox.Outcome) -> bool:
+        """Write the outcome, retrying through database outages while the lease lasts."""
+        pause = DB_RETRY_FIRST
+        while True:
+            try:
+                return outbox.record(row, held, outcome)
+            except DatabaseError as exc:
+                lease_until = row.lease_until
+                if lease_until is None or self.clock() >= lease_until:
+                    logger.error(
+                        "outbox message %s: outcome %s not recorded, lease over: %s",
+                        row.pk,
+                        outcome.status,
+                        exc,
+                    )
+                    return False
+                logger.warning(
+                    "outbox message %s: cannot record outcome (%s); retrying in %.0fs",
+                    row.pk,
+                    exc,
+                    pause,
+                )
+                _drop_connections()
+                # Not interrupted by stop(): finishing an in-flight message includes this.
+                threading.Event().wait(pause)
+                pause = min(pause * 2, DB_RETRY_MAX)
+
+    def _release(self, held: outbox.Claim, row: OutboxMessage, counts: Counter[str]) -> None:
+        try:
+            released = outbox.release(held, [row])
+        except DatabaseError as exc:
+            logger.warning("cannot release outbox message %s (%s): its lease expires", row.pk, exc)
+            released = 0
+        with self._lock:
+            counts["released"] += released
+
+    def _line(self, claimed: int, counts: Counter[str]) -> str:
+        try:
+            alias = self.using or router.db_for_read(OutboxMessage)
+            left = (
+                OutboxMessage.objects.using(alias)
+                .filter(status__in=(OutboxStatus.QUEUED, OutboxStatus.SENDING))
+                .count()
+            )
+            left_text = str(left)
+        except DatabaseError:
+            left_text = "?"
+        line = (
+            f"batch of {claimed}: sent {counts['sent']}, retried {counts['retried']}, "
+            f"failed {counts['failed'] + counts['dead']}; queue left {left_text}"
+        )
+        if counts["released"] or counts["lost"]:
+            line += f" (released {counts['released']}, lease lost {counts['lost']})"
+        return line
+
+
+def _guarded(handle: Callable[[Any], None], job: Any) -> None:
+    # One message's unexpected error must never stop the worker or stall the queue: its
+    # lease expires and it is tried again.
+    try:
+        handle(job)
+    except Exception:
+        logger.exception("worker failed on a message")
+
+
+def _refresh_connections() -> None:
+    """Close connections past CONN_MAX_AGE or broken, as Django does between requests.
+
+    Never one inside an atomic block: closing it would break the caller's transaction
+    (in tests, the test's own).
+    """
+    for conn in connections.all(initialized_only=True):
+        if not conn.in_atomic_block:
+            conn.close_if_unusable_or_obsolete()
+
+
+def _drop_connections() -> None:
+    """Close this thread's connections so the next query reconnects."""
+    for conn in connections.all(initialized_only=True):
+        try:
+            conn.close()
+        except DatabaseError:
+            continue
+
+
+class _Threads:
+    """A fixed set of threads working through one batch at a time."""
+
+    def __init__(self, size: int, handle: Callable[[Any], None]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._handle = handle
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"robust_mail_worker-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, jobs: list[Any]) -> None:
+        for job in jobs:
+            self._queue.put(job)
+        self._queue.join()
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                job = self._queue.get()
+                try:
+                    if job is None:
+                        return
+                    _guarded(self._handle, job)
+                finally:
+                    self._queue.task_done()
+        finally:
+            connections.close_all()

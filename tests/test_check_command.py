@@ -1,0 +1,66 @@
+"""manage.py robust_mail_check: reachability of every provider, nothing sent."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from tests.conftest import provider
+
+
+def _check(*args: str) -> tuple[str, CommandError | None]:
+    out = StringIO()
+    try:
+        call_command("robust_mail_check", *args, stdout=out)
+    except CommandError as exc:
+        return out.getvalue(), exc
+    return out.getvalue(), None
+
+
+def test_healthy_starttls_provider_passes_every_step_and_sends_nothing(smtp_server, robust, certs):
+    server = smtp_server(tls="starttls", auth={"user": "s3cret-pw-xyz"})
+    robust(
+        [
+            provider(
+                server,
+                "primary",
+                HOST="localhost",
+                USE_TLS=True,
+                SSL_CAFILE=certs.ca_file,
+                USERNAME="user",
+                PASSWORD="s3cret-pw-xyz",
+            )
+        ]
+    )
+
+    out, error = _check()
+
+    assert error is None
+    for step in ("resolve", "connect", "greeting", "ehlo", "starttls", "auth"):
+        assert any(
+            line.split()[:1] == [step] and line.rstrip().endswith("ok") for line in out.splitlines()
+        ), step
+    assert "over verified TLS" in out
+    assert server.messages == []
+    assert "s3cret-pw-xyz" not in out
+
+
+def test_failing_provider_exits_non_zero_and_names_the_step(smtp_server, robust):
+    good = smtp_server()
+    bad = smtp_server("auth_535", auth={"user": "right"})
+    robust([provider(good, "good"), provider(bad, "bad", USERNAME="user", PASSWORD="wrong")])
+
+    out, error = _check()
+
+    assert error is not None and "bad" in str(error)
+    assert "auth" in out and "FAILED" in out
+    assert "provider_fatal" in out
+
+
+def test_unknown_provider_name_is_an_error(smtp_server, robust):
+    robust([provider(smtp_server(), "only")])
+
+    with pytest.raises(CommandError, match="no such provider"):
+        call_command("robust_mail_check", "--provider", "nope", stdout=StringIO())

@@ -1,0 +1,258 @@
+"""System checks: every robust_mail.E0xx / W0xx id of the configuration, with its hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.checks import CheckMessage, run_checks
+
+from robust_mail.checks import check_settings
+
+ROBUST = "robust_mail.backends.RobustEmailBackend"
+OUTBOX = "robust_mail.backends.OutboxEmailBackend"
+SECRET = "s3cr3t-Pa55"
+
+
+def messages() -> list[CheckMessage]:
+    """The configuration messages, through Django's registry (proves registration)."""
+    return [
+        m
+        for m in run_checks(tags=["robust_mail"])
+        if m.id and m.id.startswith("robust_mail.") and int(m.id[-3:]) < 20
+    ]
+
+
+def ids() -> list[str]:
+    return [m.id for m in messages() if m.id]
+
+
+def only(check_id: str) -> CheckMessage:
+    found = [m for m in messages() if m.id == check_id]
+    assert len(found) == 1, [(m.id, m.msg) for m in messages()]
+    return found[0]
+
+
+def test_the_test_settings_pass_every_check() -> None:
+    assert messages() == []
+
+
+def test_check_function_is_registered_with_django() -> None:
+    from django.core.checks import registry
+
+    assert check_settings in registry.registry.get_checks()
+
+
+# --- E001 -----------------------------------------------------------------------------
+
+
+def test_e001_mailers_alias_without_providers(settings: Any) -> None:
+    settings.MAILERS = {"default": {"BACKEND": ROBUST, "OPTIONS": {}}}
+    message = only("robust_mail.E001")
+    assert "MAILERS['default']['OPTIONS']['providers']" in message.msg
+    assert "Add at least one provider" in (message.hint or "")
+
+
+def test_e001_classic_form_without_providers_and_without_email_host(settings: Any) -> None:
+    settings.EMAIL_HOST = ""
+    assert "EMAIL_HOST" in (only("robust_mail.E001").hint or "")
+
+
+# --- E002 .. E008 (shared with get_config) --------------------------------------------
+
+
+def test_e002_use_tls_and_use_ssl_both_true(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": "h", "USE_TLS": True, "USE_SSL": True}]}
+    message = only("robust_mail.E002")
+    assert "['USE_TLS']" in message.msg
+    assert "set only one" in (message.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("robust_mail", "key", "valid"),
+    [
+        ({"RETRIES": {}}, "'RETRIES'", "PROVIDERS, FORCE_IPV4"),
+        ({"POOL": {"MAX_SIZE": 3}}, "'MAX_SIZE'", "SIZE, IDLE_TIMEOUT, MAX_MESSAGES"),
+        ({"PROVIDERS": [{"HOST": "h", "SSL": True}]}, "'SSL'", "USE_SSL"),
+    ],
+)
+def test_e003_unknown_key_is_named_and_valid_keys_listed(
+    settings: Any, robust_mail: dict[str, Any], key: str, valid: str
+) -> None:
+    settings.ROBUST_MAIL = robust_mail
+    message = only("robust_mail.E003")
+    assert f"unknown key {key}" in message.msg
+    assert valid in (message.hint or "")
+
+
+def test_e003_in_mailers_options_uses_lower_case_keys(settings: Any) -> None:
+    settings.MAILERS = {
+        "default": {"BACKEND": OUTBOX, "OPTIONS": {"providers": ["smtp://h"], "Retry": {}}}
+    }
+    message = only("robust_mail.E003")
+    assert "MAILERS['default']['OPTIONS']" in message.msg
+    assert "Did you mean 'retry'?" in (message.hint or "")
+
+
+def test_e004_unparsable_provider_url_never_shows_the_password(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": [f"smtp+ssl://user:{SECRET}@mail.example.com"]}
+    message = only("robust_mail.E004")
+    assert "['PROVIDERS'][0]" in message.msg
+    assert "user:***@mail.example.com" in message.msg
+    assert SECRET not in message.msg
+    assert "smtp+tls://" in (message.hint or "")
+
+
+@pytest.mark.parametrize("timeout", [None, 0, -5])
+def test_e005_provider_timeout_none_or_not_positive(settings: Any, timeout: Any) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": "h", "TIMEOUT": timeout}]}
+    message = only("robust_mail.E005")
+    assert "['TIMEOUT']" in message.msg
+    assert "never wait forever" in (message.hint or "")
+
+
+def test_e005_email_timeout_not_positive(settings: Any) -> None:
+    settings.EMAIL_TIMEOUT = 0
+    assert "settings.EMAIL_TIMEOUT" in only("robust_mail.E005").msg
+
+
+def test_email_timeout_none_is_bounded_not_an_error(settings: Any) -> None:
+    settings.EMAIL_TIMEOUT = None
+    assert ids() == []
+
+
+def test_e006_unknown_fallback(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"FALLBACK": "email"}
+    message = only("robust_mail.E006")
+    assert "['FALLBACK']" in message.msg
+    assert "'console', 'outbox'" in (message.hint or "")
+
+
+def test_e007_duplicate_provider_names(settings: Any) -> None:
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [{"NAME": "a", "HOST": "h1"}, "smtp://h2?name=a"],
+    }
+    message = only("robust_mail.E007")
+    assert "'a'" in message.msg
+    assert "distinct NAME" in (message.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("robust_mail", "text"),
+    [
+        ({"RETRY": {"ATTEMPTS": 0}}, "['RETRY']['ATTEMPTS'] must be an integer ≥ 1"),
+        ({"RATE_LIMITS": {"GLOBAL": "lots"}}, "['RATE_LIMITS']['GLOBAL'] must be a rate"),
+        ({"PROVIDERS": [{"HOST": "h", "PORT": "587"}]}, "['PORT'] must be an integer"),
+    ],
+)
+def test_e008_bad_value(settings: Any, robust_mail: dict[str, Any], text: str) -> None:
+    settings.ROBUST_MAIL = robust_mail
+    message = only("robust_mail.E008")
+    assert text in message.msg
+    assert message.hint
+
+
+# --- E009 .. E011: the rest of the project --------------------------------------------
+
+
+def test_e009_cache_alias_not_in_caches(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"CACHE": "shared"}
+    message = only("robust_mail.E009")
+    assert "'shared'" in message.msg
+    assert "'default'" in (message.hint or "")
+
+
+def test_e010_mailer_provider_needs_mailers(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"MAILER": "ses"}]}
+    assert "MAILERS" in (only("robust_mail.E010").hint or "")
+
+
+def test_e010_mailer_provider_names_a_missing_alias(settings: Any) -> None:
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h", {"mailer": "ses"}]}},
+        "console": {"BACKEND": "django.core.mail.backends.console.EmailBackend"},
+    }
+    message = only("robust_mail.E010")
+    assert "'ses', which is not in MAILERS" in message.msg
+    assert "'console'" in (message.hint or "")
+
+
+def test_e010_mailer_provider_delegating_to_itself(settings: Any) -> None:
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": [{"mailer": "default"}]}}
+    }
+    assert "its own mailer" in only("robust_mail.E010").msg
+
+
+def test_mailer_provider_naming_another_alias_passes(settings: Any) -> None:
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h", {"mailer": "ses"}]}},
+        "ses": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"},
+    }
+    assert ids() == []
+
+
+def test_e011_ssl_file_missing(settings: Any, tmp_path: Path) -> None:
+    present = tmp_path / "ca.pem"
+    present.write_text("not checked for content")
+    missing = tmp_path / "client.pem"
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [{"HOST": "h", "SSL_CAFILE": str(present), "SSL_CERTFILE": str(missing)}]
+    }
+    message = only("robust_mail.E011")
+    assert "SSL_CERTFILE" in message.msg
+    assert str(missing) in message.msg
+    assert "PEM file" in (message.hint or "")
+
+
+# --- warnings -------------------------------------------------------------------------
+
+
+def test_w001_console_fallback_without_debug(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"FALLBACK": "console"}
+    settings.DEBUG = False
+    message = only("robust_mail.W001")
+    assert "printed to the console, not sent" in message.msg
+    assert "'outbox'" in (message.hint or "")
+
+
+def test_console_fallback_with_debug_is_fine(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"FALLBACK": "console"}
+    settings.DEBUG = True
+    assert ids() == []
+
+
+def test_w002_password_over_plain_text_to_a_remote_host(settings: Any) -> None:
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [
+            f"smtp://user:{SECRET}@smtp.example.com",
+            f"smtp://user:{SECRET}@127.0.0.1:2525",  # local: fine
+            f"smtp+tls://user:{SECRET}@smtp2.example.com",  # TLS: fine
+        ]
+    }
+    message = only("robust_mail.W002")
+    assert "'smtp.example.com'" in message.msg
+    assert SECRET not in message.msg
+    assert "USE_TLS" in (message.hint or "")
+
+
+# --- which configurations are checked -------------------------------------------------
+
+
+def test_mailers_aliases_with_other_backends_are_not_checked(settings: Any) -> None:
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h"]}},
+        "other": {"BACKEND": "some.Backend", "OPTIONS": {"retry": "anything"}},
+    }
+    assert ids() == []
+
+
+def test_every_robust_mailers_alias_is_checked(settings: Any) -> None:
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h"], "fallback": "x"}},
+        "bulk": {"BACKEND": OUTBOX, "OPTIONS": {"providers": ["smtp://h"], "pool": {"size": 0}}},
+    }
+    found = {m.id: m.msg for m in messages()}
+    assert "MAILERS['default']" in found["robust_mail.E006"]
+    assert "MAILERS['bulk']" in found["robust_mail.E008"]

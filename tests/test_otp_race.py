@@ -1,0 +1,118 @@
+"""Single use under concurrency: of 50 threads verifying one right code, exactly one wins.
+
+In-memory SQLite is not shared between threads' connections the way a server database
+is, so these tests run on a SQLite *file* database added as an extra alias. They are not
+``django_db`` tests (whose isolation forbids new aliases in threads): the fixture unblocks
+database access itself and the file is thrown away afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connections
+
+from robust_mail.conf import get_config
+from robust_mail.models import OneTimePassword
+from robust_mail.otp import OTPService, Reason
+from robust_mail.otp_store import DatabaseOTPStore
+from tests.test_otp_support import Clock
+
+THREADS = 50
+USER = "alice@example.com"
+
+
+@pytest.fixture
+def file_db(tmp_path: Path, django_db_blocker: Any) -> Iterator[str]:
+    """A database alias on a SQLite file with the OneTimePassword table."""
+    alias = "otp_race"
+    base = connections.settings["default"]
+    connections.settings[alias] = {
+        **base,
+        "NAME": str(tmp_path / "race.sqlite3"),
+        "OPTIONS": {"timeout": 30},
+        "TEST": {**base.get("TEST", {}), "NAME": str(tmp_path / "race.sqlite3")},
+    }
+    with django_db_blocker.unblock():
+        try:
+            with connections[alias].schema_editor() as editor:
+                editor.create_model(OneTimePassword)
+            yield alias
+        finally:
+            connections[alias].close()
+            del connections[alias]
+            del connections.settings[alias]
+
+
+def run_together(count: int, fn: Callable[[], Any]) -> tuple[list[Any], list[BaseException]]:
+    """Start ``count`` threads that call ``fn`` at the same moment; results and errors."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            value = fn()
+            with lock:
+                results.append(value)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+        finally:
+            connections.close_all()  # this thread's connections
+
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results, errors
+
+
+def test_fifty_threads_verify_one_code_and_exactly_one_succeeds(file_db, settings):
+    settings.ROBUST_MAIL = {"OTP": {"MAX_ATTEMPTS": 1000}}  # let every thread reach consume
+    otp = OTPService(store=DatabaseOTPStore(using=file_db), clock=Clock())
+    code = str(otp.issue(USER, send=False).code)
+
+    results, errors = run_together(THREADS, lambda: otp.verify(USER, code))
+
+    assert errors == []
+    assert len(results) == THREADS
+    assert sum(r.ok for r in results) == 1
+    assert {r.reason for r in results if not r.ok} <= {Reason.INVALID, Reason.NO_CODE}
+    row = OneTimePassword.objects.using(file_db).get()
+    assert row.consumed_at is not None
+
+
+def test_concurrent_wrong_guesses_never_exceed_max_attempts(file_db):
+    config = replace(get_config().otp, max_attempts=3)
+    otp = OTPService(store=DatabaseOTPStore(using=file_db), config=config, clock=Clock())
+    code = str(otp.issue(USER, send=False).code)
+    wrong = "000000" if code != "000000" else "111111"
+
+    results, errors = run_together(THREADS, lambda: otp.verify(USER, wrong))
+
+    assert errors == []
+    assert sum(r.reason is Reason.INVALID for r in results) == 3
+    assert sum(r.reason is Reason.LOCKED for r in results) == THREADS - 3
+    assert OneTimePassword.objects.using(file_db).get().attempts == 3
+    assert otp.verify(USER, code).reason is Reason.LOCKED
+
+
+def test_store_consume_is_won_by_exactly_one_thread(file_db):
+    store = DatabaseOTPStore(using=file_db)
+    otp = OTPService(store=store, clock=Clock())
+    issued = otp.issue(USER, send=False)
+    now = Clock()()
+
+    results, errors = run_together(THREADS, lambda: store.consume(issued.key, now))
+
+    assert errors == []
+    assert results.count(True) == 1 and results.count(False) == THREADS - 1

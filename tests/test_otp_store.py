@@ -1,0 +1,201 @@
+"""One contract, every OTP store: the database, the cache on LocMem, the cache on real Redis."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from django.core.cache import caches
+
+from robust_mail.exceptions import RateLimited
+from robust_mail.otp import OTPService, Reason
+from robust_mail.otp_store import (
+    CacheOTPStore,
+    DatabaseOTPStore,
+    IssueLimits,
+    NewCode,
+    OTPStore,
+)
+from tests.test_otp_support import Clock
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+NO_LIMITS = IssueLimits(cooldown=0, per_hour=1000, per_day=1000, per_ip_per_hour=1000)
+
+
+def new(
+    identifier: str = "a@example.com",
+    purpose: str = "login",
+    *,
+    at: datetime = T0,
+    ttl: int = 600,
+    code_hash: str = "h" * 64,
+    ip: str | None = None,
+) -> NewCode:
+    return NewCode(
+        identifier=identifier,
+        purpose=purpose,
+        code_hash=code_hash,
+        created_at=at,
+        expires_at=at + timedelta(seconds=ttl),
+        ip_address=ip,
+    )
+
+
+@pytest.fixture(params=["database", "cache-locmem", "cache-redis"])
+def store(request: pytest.FixtureRequest, settings: Any) -> Iterator[OTPStore]:
+    if request.param == "database":
+        request.getfixturevalue("db")
+        yield DatabaseOTPStore()
+        return
+    if request.param == "cache-locmem":
+        yield CacheOTPStore("default")
+        return
+    redis = request.getfixturevalue("redis_server")
+    settings.CACHES = {
+        **settings.CACHES,
+        "otp": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": redis.url},
+    }
+    try:
+        yield CacheOTPStore("otp")
+    finally:
+        caches["otp"].clear()
+        caches["otp"].close()
+
+
+pytestmark = pytest.mark.redis
+
+
+class TestStoreContract:
+    def test_added_code_is_the_latest(self, store):
+        key = store.add(new(), NO_LIMITS)
+
+        latest = store.latest("a@example.com", "login")
+
+        assert latest is not None
+        assert (latest.key, latest.code_hash, latest.attempts) == (key, "h" * 64, 0)
+        assert latest.expires_at == T0 + timedelta(seconds=600)
+        assert store.latest("a@example.com", "password_reset") is None
+        assert store.latest("b@example.com", "login") is None
+
+    def test_newer_code_is_the_latest_and_activation_retires_older(self, store):
+        old = store.add(new(code_hash="1" * 64), NO_LIMITS)
+        store.activate(old)
+        newer = store.add(new(at=T0 + timedelta(seconds=1), code_hash="2" * 64), NO_LIMITS)
+
+        assert store.latest("a@example.com", "login").key == newer
+        store.activate(newer)
+        store.withdraw(newer)
+
+        # The older one was retired by activating the newer: nothing is live.
+        assert store.latest("a@example.com", "login") is None
+        assert not store.consume(old, T0)
+
+    def test_withdrawing_before_activation_brings_the_older_code_back(self, store):
+        old = store.add(new(code_hash="1" * 64), NO_LIMITS)
+        store.activate(old)
+        newer = store.add(new(at=T0 + timedelta(seconds=1), code_hash="2" * 64), NO_LIMITS)
+
+        store.withdraw(newer)
+
+        assert store.latest("a@example.com", "login").key == old
+
+    def test_attempts_are_counted_up_to_the_maximum(self, store):
+        key = store.add(new(), NO_LIMITS)
+
+        counted = [store.count_attempt(key, 3) for _ in range(5)]
+
+        assert counted == [True, True, True, False, False]
+        assert store.latest("a@example.com", "login").attempts >= 3
+
+    def test_consume_succeeds_once(self, store):
+        key = store.add(new(), NO_LIMITS)
+
+        assert store.consume(key, T0)
+        assert not store.consume(key, T0)
+        assert store.latest("a@example.com", "login") is None
+
+    def test_expired_code_cannot_be_consumed(self, store):
+        key = store.add(new(ttl=60), NO_LIMITS)
+
+        assert not store.consume(key, T0 + timedelta(seconds=60))
+
+    def test_invalidate_retires_every_live_code(self, store):
+        key = store.add(new(), NO_LIMITS)
+
+        assert store.invalidate("a@example.com", "login") == 1
+        assert store.latest("a@example.com", "login") is None
+        assert not store.consume(key, T0)
+
+    def test_cooldown_refuses_and_keeps_nothing(self, store):
+        limits = IssueLimits(cooldown=60, per_hour=10, per_day=10, per_ip_per_hour=10)
+        first = store.add(new(), limits)
+
+        with pytest.raises(RateLimited) as refused:
+            store.add(new(at=T0 + timedelta(seconds=10), code_hash="2" * 64), limits)
+
+        assert 0 < refused.value.retry_after <= 60
+        assert store.latest("a@example.com", "login").key == first
+
+    def test_withdrawn_code_uses_up_no_limit(self, store):
+        limits = IssueLimits(cooldown=60, per_hour=1, per_day=1, per_ip_per_hour=1)
+        key = store.add(new(ip="192.0.2.1"), limits)
+
+        store.withdraw(key)
+
+        store.add(new(ip="192.0.2.1"), limits)
+
+    def test_hourly_limit_per_identifier(self, store):
+        limits = IssueLimits(cooldown=0, per_hour=2, per_day=10, per_ip_per_hour=10)
+        store.add(new(purpose="login"), limits)
+        store.add(new(purpose="password_reset"), limits)
+
+        with pytest.raises(RateLimited):
+            store.add(new(purpose="other"), limits)
+        store.add(new("b@example.com"), limits)
+
+    def test_ip_limit_spans_identifiers(self, store):
+        limits = IssueLimits(cooldown=0, per_hour=10, per_day=10, per_ip_per_hour=2)
+        store.add(new("a@example.com", ip="192.0.2.1"), limits)
+        store.add(new("b@example.com", ip="192.0.2.1"), limits)
+
+        with pytest.raises(RateLimited):
+            store.add(new("c@example.com", ip="192.0.2.1"), limits)
+        store.add(new("c@example.com", ip="192.0.2.2"), limits)
+
+    def test_service_works_end_to_end_on_the_store(self, store):
+        otp = OTPService(store=store, clock=Clock(T0))
+        issued = otp.issue("a@example.com", send=False)
+
+        assert otp.verify("a@example.com", "000000").reason in (Reason.INVALID, Reason.OK)
+        assert otp.verify("a@example.com", str(issued.code)).ok or str(issued.code) == "000000"
+        assert not otp.verify("a@example.com", str(issued.code)).ok
+
+
+def test_cache_store_consume_is_won_by_one_of_fifty_threads_on_redis(redis_server, settings):
+    settings.CACHES = {
+        **settings.CACHES,
+        "otp": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_server.url,
+        },
+    }
+    store = CacheOTPStore("otp")
+    key = store.add(new(), NO_LIMITS)
+    barrier = threading.Barrier(50)
+    results: list[bool] = []
+
+    def work() -> None:
+        barrier.wait()
+        results.append(store.consume(key, T0))
+
+    threads = [threading.Thread(target=work) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    caches["otp"].close()
+
+    assert results.count(True) == 1 and len(results) == 50

@@ -1,0 +1,54 @@
+"""Helpers for the OTP, rate-limit and password-reset tests (no tests in here)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import provider
+
+CODE_IN_TEXT = re.compile(r"Your code is: (\S+)")
+
+
+class Clock:
+    """A frozen, hand-advanced clock returning aware datetimes."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def text_body(received: Any) -> str:
+    return str(received.message.get_body(("plain",)).get_content())
+
+
+def html_body(received: Any) -> str:
+    return str(received.message.get_body(("html",)).get_content())
+
+
+def code_from(received: Any) -> str:
+    """The code as the user reads it in the email they got."""
+    match = CODE_IN_TEXT.search(text_body(received))
+    assert match is not None, text_body(received)
+    return match.group(1)
+
+
+@pytest.fixture
+def mail_server(smtp_server: Callable[..., Any], robust: Callable[..., Any]) -> Callable[..., Any]:
+    """``mail_server(**sections)``: one accepting SMTP server, ROBUST_MAIL pointing at it."""
+
+    def start(**sections: Any) -> Any:
+        server = smtp_server()
+        robust([provider(server, "only")], **sections)
+        return server
+
+    return start

@@ -1,0 +1,234 @@
+"""Enqueueing into the outbox, transactions, and exclusive claims with leases."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.db import transaction
+from django.utils import timezone
+
+from robust_mail import tasks
+from robust_mail.exceptions import InvalidMessage
+from robust_mail.models import OutboxMessage
+from robust_mail.outbox import claim, enqueue, release
+from robust_mail.signals import message_queued
+from robust_mail.worker import Worker
+from tests.conftest import provider
+
+pytestmark = pytest.mark.django_db
+
+
+def rich_message() -> EmailMultiAlternatives:
+    message = EmailMultiAlternatives(
+        "Bestätigung Ihrer Bestellung №42",
+        "Vielen Dank für Ihre Bestellung!\n",
+        "Shop Ünïcode <shop@example.com>",
+        ["Zoë Çelik <zoe@example.com>"],
+        cc=["cc@example.com"],
+        bcc=["audit@example.com"],
+        headers={"X-Order": "42"},
+    )
+    message.attach_alternative("<p>Vielen Dank für Ihre <b>Bestellung</b>!</p>", "text/html")
+    message.attach("rechnung.pdf", b"%PDF-1.4\x00\xff binary", "application/pdf")
+    message.attach("notiz.txt", "Grüße\n", "text/plain")
+    return message
+
+
+def generated(message: EmailMessage) -> bytes:
+    random.seed(99)  # the MIME boundary is the only random part
+    return bytes(message.message().as_bytes())
+
+
+def immediate_tasks() -> dict[str, Any]:
+    assert tasks.task_framework is not None
+    backend = f"{tasks.task_framework.__name__}.backends.immediate.ImmediateBackend"
+    return {"default": {"BACKEND": backend}}
+
+
+# --- enqueue -----------------------------------------------------------------------------
+
+
+def test_enqueue_stores_the_message_that_the_caller_built_byte_for_byte() -> None:
+    message = rich_message()
+    row = enqueue(message)
+    assert row.message_id == message.extra_headers["Message-ID"]
+    assert "Date" in message.extra_headers
+    stored = OutboxMessage.objects.get(pk=row.pk)
+    assert stored.status == "queued" and stored.attempts == 0
+    assert stored.recipients == "Zoë Çelik <zoe@example.com>, cc@example.com, audit@example.com"
+    assert generated(stored.rebuild()) == generated(message)
+
+
+def test_enqueue_refuses_a_message_without_recipients_and_stores_nothing() -> None:
+    with pytest.raises(InvalidMessage, match="no recipients"):
+        enqueue(EmailMessage("s", "b", "f@example.com", []))
+    assert not OutboxMessage.objects.exists()
+
+
+def test_enqueue_refuses_an_unserialisable_attachment_and_stores_nothing() -> None:
+    message = EmailMessage("s", "b", "f@example.com", ["t@example.com"])
+    message.attachments.append(("x.bin", object(), "application/octet-stream"))
+    with pytest.raises(InvalidMessage, match="cannot be stored in the outbox"):
+        enqueue(message)
+    assert not OutboxMessage.objects.exists()
+
+
+def test_same_idempotency_key_is_queued_only_once() -> None:
+    first = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
+    again = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
+    assert again.pk == first.pk
+    assert OutboxMessage.objects.count() == 1
+
+
+def test_not_before_and_priority_are_stored() -> None:
+    later = timezone.now() + timedelta(hours=1)
+    row = enqueue(
+        EmailMessage("s", "b", "f@example.com", ["t@example.com"]), priority=5, not_before=later
+    )
+    assert row.priority == 5 and row.next_attempt_at == later
+
+
+def test_message_queued_is_sent_only_when_the_transaction_commits(
+    django_capture_on_commit_callbacks: Callable[..., Any],
+) -> None:
+    seen: list[int] = []
+
+    def receiver(sender: object, outbox_id: int, **kwargs: object) -> None:
+        seen.append(outbox_id)
+
+    message_queued.connect(receiver)
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            row = enqueue(EmailMessage("s", "b", "f@example.com", ["t@example.com"]))
+            assert seen == []
+        assert seen == [row.pk]
+    finally:
+        message_queued.disconnect(receiver)
+
+
+# --- transactions, end to end --------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_message_queued_in_a_rolled_back_transaction_is_never_sent(
+    smtp_server: Any, robust: Any, settings: Any
+) -> None:
+    server = smtp_server()
+    robust([provider(server, "only")])
+    settings.TASKS = immediate_tasks()
+
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort), transaction.atomic():
+        enqueue(EmailMessage("s", "b", "f@example.com", ["t@example.com"]))
+        raise Abort
+
+    assert not OutboxMessage.objects.exists()
+    Worker(once=True, report=lambda line: None).run()
+    assert server.messages == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_committed_message_is_delivered_by_the_task_after_the_commit(
+    smtp_server: Any, robust: Any, settings: Any
+) -> None:
+    server = smtp_server()
+    robust([provider(server, "only")])
+    settings.TASKS = immediate_tasks()
+
+    with transaction.atomic():
+        row = enqueue(rich_message())
+        assert server.messages == []  # nothing leaves before the commit
+
+    received = server.wait_for(1)
+    assert [m.message_id for m in received] == [row.message_id]
+    stored = OutboxMessage.objects.get(pk=row.pk)
+    assert stored.status == "sent" and stored.provider == "only" and stored.attempts == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_tasks_configured_the_message_waits_for_the_worker(
+    smtp_server: Any, robust: Any
+) -> None:
+    server = smtp_server()
+    robust([provider(server, "only")])
+    row = enqueue(EmailMessage("s", "b", "f@example.com", ["t@example.com"]))
+    assert OutboxMessage.objects.get(pk=row.pk).status == "queued"
+    assert server.messages == []
+
+    stats = Worker(once=True, report=lambda line: None).run()
+
+    assert stats.sent == 1
+    assert [m.message_id for m in server.messages] == [row.message_id]
+
+
+# --- claims ------------------------------------------------------------------------------
+
+
+def queue(count: int, **kwargs: Any) -> list[OutboxMessage]:
+    return [
+        enqueue(EmailMessage(f"m{i}", "b", "f@example.com", ["t@example.com"]), **kwargs)
+        for i in range(count)
+    ]
+
+
+def test_a_claimed_message_cannot_be_claimed_again_while_its_lease_lasts() -> None:
+    queue(3)
+    now = timezone.now()
+    first = claim(limit=10, lease=60, now=now)
+    second = claim(limit=10, lease=60, now=now + timedelta(seconds=59))
+    assert len(first.rows) == 3
+    assert second.rows == []
+    assert {r.status for r in first.rows} == {"sending"}
+    assert {r.attempts for r in first.rows} == {1}
+
+
+def test_an_expired_lease_is_claimed_again_and_flagged_ambiguous() -> None:
+    from robust_mail.outbox import Outcome, record
+
+    (row,) = queue(1)
+    now = timezone.now()
+    crashed = claim(limit=1, lease=60, now=now)
+    taken_over = claim(limit=1, lease=60, now=now + timedelta(seconds=61))
+
+    assert [r.pk for r in taken_over.rows] == [row.pk]
+    again = taken_over.rows[0]
+    assert again.attempts == 2 and again.ambiguous
+    assert "lease expired" in again.last_error
+    # The first worker, back from the dead, can no longer write its outcome.
+    assert not record(crashed.rows[0], crashed, Outcome(OutboxMessage.Status.SENT, {}))
+    assert record(again, taken_over, Outcome(OutboxMessage.Status.SENT, {}))
+    assert OutboxMessage.objects.get(pk=row.pk).status == "sent"
+
+
+def test_claims_respect_the_limit_priority_and_due_time() -> None:
+    low = queue(2)
+    high = queue(1, priority=9)
+    later = queue(1, not_before=timezone.now() + timedelta(minutes=5))
+    held = claim(limit=2, lease=60)
+    assert [r.pk for r in held.rows] == [high[0].pk, low[0].pk]
+    rest = claim(limit=10, lease=60)
+    assert [r.pk for r in rest.rows] == [low[1].pk]
+    assert later[0].pk not in {r.pk for r in held.rows + rest.rows}
+
+
+def test_released_messages_are_queued_again_without_counting_an_attempt() -> None:
+    queue(2)
+    held = claim(limit=2, lease=60)
+    assert release(held, held.rows) == 2
+    rows = list(OutboxMessage.objects.all())
+    assert {(r.status, r.attempts, r.lease_token) for r in rows} == {("queued", 0, "")}
+    assert len(claim(limit=10, lease=60).rows) == 2
+
+
+def test_claim_of_one_message_by_primary_key() -> None:
+    first, second = queue(2)
+    held = claim(limit=1, lease=60, pk=second.pk)
+    assert [r.pk for r in held.rows] == [second.pk]
+    assert OutboxMessage.objects.get(pk=first.pk).status == "queued"

@@ -1,0 +1,216 @@
+"""The connection pool against real SMTP servers (robust_mail.testing) and real SMTPConnections."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from robust_mail.exceptions import Classification, TransportError, classify
+from robust_mail.pool import ConnectionPool
+from robust_mail.providers import ProviderConfig
+from robust_mail.resolver import Resolver
+from robust_mail.retry import RetryPolicy
+from robust_mail.transport import SMTPConnection
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def message(n: int | str) -> bytes:
+    return (
+        f"From: robust@example.com\r\nTo: rcpt@example.com\r\n"
+        f"Message-ID: <pool-{n}@robust.test>\r\nSubject: pool {n}\r\n\r\nbody {n}\r\n"
+    ).encode()
+
+
+@pytest.fixture
+def pool_for(smtp_server: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    made: list[ConnectionPool[SMTPConnection]] = []
+
+    def make(server: Any, **kwargs: Any) -> ConnectionPool[SMTPConnection]:
+        provider = ProviderConfig(name="primary", host="127.0.0.1", port=server.port, timeout=5)
+        resolver = Resolver()
+        options: dict[str, Any] = {"size": 3, "idle_timeout": 60.0}
+        options.update(kwargs)
+        pool = ConnectionPool(
+            "primary", lambda: SMTPConnection(provider, resolver=resolver), **options
+        )
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+def send(pool: ConnectionPool[SMTPConnection], n: int | str) -> None:
+    with pool.connection() as conn:
+        conn.send("robust@example.com", ["rcpt@example.com"], message(n))
+
+
+def message_ids(server: Any) -> Counter[str | None]:
+    return Counter(received.message_id for received in server.messages)
+
+
+def test_eight_threads_share_three_connections_and_deliver_each_message_once(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    server = smtp_server()
+    pool = pool_for(server, size=3)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(200):
+                send(pool, f"{t}-{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    ids = message_ids(server)
+    assert len(ids) == 1600
+    assert set(ids.values()) == {1}
+    assert server.peak_connections <= 3
+    assert server.connections_total <= 3
+
+
+def test_connection_the_server_dropped_while_idle_is_replaced_before_sending(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    server = smtp_server()
+    clock = Clock()
+    pool = pool_for(server, clock=clock)
+    send(pool, 1)
+
+    server.drop_connections()
+    clock.now += 2.0  # idle long enough for the NOOP check
+    send(pool, 2)
+
+    assert message_ids(server) == Counter({"<pool-1@robust.test>": 1, "<pool-2@robust.test>": 1})
+    assert server.connections_total == 2
+    assert pool.stats["replaced"] == 1
+
+
+def test_dropped_connection_found_by_the_send_is_retried_on_a_fresh_one_once(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    # Dropped a moment ago, so no NOOP check: the send itself finds the connection dead
+    # before DATA; the pool discards it and the dispatcher's retry gets a fresh one.
+    server = smtp_server()
+    pool = pool_for(server)
+    send(pool, 1)
+    server.drop_connections()
+    failures: list[BaseException] = []
+
+    RetryPolicy(attempts=2, backoff=0, jitter=False).call(
+        lambda: send(pool, 2),
+        retry_if=lambda exc: classify(exc) is Classification.TRANSIENT,
+        on_retry=lambda attempt, exc, delay: failures.append(exc),
+    )
+
+    assert len(failures) == 1
+    assert isinstance(failures[0], TransportError)
+    assert message_ids(server) == Counter({"<pool-1@robust.test>": 1, "<pool-2@robust.test>": 1})
+    assert server.connections_total == 2
+    assert pool.open_connections == 1
+
+
+def test_idle_connections_expire_and_the_server_sees_them_closed(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    server = smtp_server()
+    clock = Clock()
+    pool = pool_for(server, clock=clock, idle_timeout=30.0)
+    send(pool, 1)
+    server.wait_for_connections(1)
+
+    clock.now += 31
+    assert pool.prune() == 1
+
+    server.wait_for_connections(0)
+
+
+def test_messages_per_connection_are_capped(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    server = smtp_server()
+    pool = pool_for(server, max_messages=2)
+    for n in range(5):
+        send(pool, n)
+
+    assert len(server.messages) == 5
+    assert server.connections_total == 3
+
+
+def test_refused_recipient_leaves_the_connection_reusable(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    server = smtp_server(refuse_recipients=["nobody@example.com"])
+    pool = pool_for(server)
+    with pytest.raises(TransportError), pool.connection() as conn:
+        conn.send("robust@example.com", ["nobody@example.com"], message("refused"))
+    send(pool, 2)
+
+    assert server.connections_total == 1
+    assert message_ids(server) == Counter({"<pool-2@robust.test>": 1})
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    server = smtp_server()
+    pool = pool_for(server)
+    send(pool, "parent-1")
+    read_fd, write_fd = os.pipe()
+
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() with threads running (the server's); we fork
+        # on purpose and the child touches nothing but the pool and its own socket.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            inherited = pool.idle_connections
+            send(pool, "child")
+            status = 0 if inherited == 0 and pool.stats["opened"] == 1 else 2
+            pool.close()
+        finally:
+            os.write(write_fd, str(status).encode())
+            os._exit(0)
+
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as reader:
+        status = reader.read().decode()
+    os.waitpid(pid, 0)
+    assert status == "0"
+
+    send(pool, "parent-2")  # the parent's session survived the child
+
+    assert server.connections_total == 2
+    assert message_ids(server) == Counter(
+        {
+            "<pool-parent-1@robust.test>": 1,
+            "<pool-child@robust.test>": 1,
+            "<pool-parent-2@robust.test>": 1,
+        }
+    )
+    assert pool.stats["opened"] == 1
