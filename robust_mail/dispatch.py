@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import smtplib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ class Dispatcher:
                 provider=provider.name,
                 classification=classification,
                 step=str(getattr(exc, "step", Step.CONNECT)),
-                message=str(exc),
+                message=exc.detail if isinstance(exc, TransportError) else str(exc),
                 code=getattr(exc, "code", None),
                 attempts=tries,
             )
@@ -210,8 +211,21 @@ class Dispatcher:
             idle_timeout=self.config.pool.idle_timeout,
             max_messages=self.config.pool.max_messages,
         )
-        with pool.connection() as conn:
-            return conn.send(envelope.from_addr, list(envelope.recipients), envelope.data)
+        # A pooled connection the server closed while idle fails at MAIL, before any of
+        # the message left: send on a fresh connection instead, without counting an attempt.
+        for _ in range(self.config.pool.size + 1):
+            reused = False
+            try:
+                with pool.connection() as conn:
+                    reused = conn.messages_sent > 0
+                    return conn.send(envelope.from_addr, list(envelope.recipients), envelope.data)
+            except TransportError as exc:
+                if not (reused and _closed_while_idle(exc)):
+                    raise
+                logger.info(
+                    "%s: pooled connection was closed by the server; reconnecting", provider.name
+                )
+        raise AssertionError("unreachable: the last attempt used a fresh connection")
 
     def _skip(self, provider: ProviderConfig, attempts: _Attempts, why: str) -> None:
         logger.info("provider %s skipped: %s", provider.name, why)
@@ -288,6 +302,12 @@ def _retryable(exc: BaseException) -> bool:
     # Ambiguous failures are retried too: the Message-ID is pinned, so a duplicate is
     # recognisable, and at-least-once beats a silent loss.
     return classify(exc) in (Classification.TRANSIENT, Classification.AMBIGUOUS)
+
+
+def _closed_while_idle(exc: TransportError) -> bool:
+    return exc.step in (Step.MAIL, Step.RSET) and isinstance(
+        exc.cause, smtplib.SMTPServerDisconnected | ConnectionError
+    )
 
 
 def _send_via_mailer(provider: ProviderConfig, message: EmailMessage) -> dict[str, tuple[int, str]]:

@@ -112,12 +112,16 @@ class TransportError(RobustMailError):
         self.refused = dict(refused or {})
         super().__init__(str(self))
 
-    def __str__(self) -> str:
-        where = f"{self.provider}: " if self.provider else ""
+    @property
+    def detail(self) -> str:
+        """What failed, without the provider's name."""
         answer = f" ({self.code} {self.reply})" if self.code else ""
         if not answer and not isinstance(self.cause, smtplib.SMTPResponseException):
             answer = f" ({type(self.cause).__name__}: {self.cause})"
-        return f"{where}{self.step.value} failed{answer}"
+        return f"{self.step.value} failed{answer}"
+
+    def __str__(self) -> str:
+        return f"{self.provider}: {self.detail}" if self.provider else self.detail
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,8 @@ class ProviderError:
     attempts: int = 1
 
     def __str__(self) -> str:
+        if self.step == "skipped":
+            return f"{self.provider}: skipped ({self.message})"
         tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
         return f"{self.provider}: {self.classification.value} at {self.step}{tries}: {self.message}"
 

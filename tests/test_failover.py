@@ -313,3 +313,17 @@ def test_backend_is_a_context_manager_and_close_is_safe(smtp_server, robust):
     connection.close()
 
     assert len(server.messages) == 1
+
+
+def test_pooled_connection_closed_by_the_server_is_replaced_transparently(smtp_server, robust):
+    server = smtp_server()
+    robust([provider(server, "only")])
+    _send("first")
+    server.drop_connections()  # the server hangs up on the idle pooled connection
+
+    second = _send("second")
+
+    assert second.delivery_result.attempts == 1
+    assert second.delivery_result.errors == ()
+    assert [m.message["Subject"] for m in server.messages] == ["first", "second"]
+    assert server.connections_total == 2

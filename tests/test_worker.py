@@ -1,0 +1,125 @@
+"""The worker loop and the two management commands, in process (one thread)."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.mail import EmailMessage
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+
+from robust_mail.models import OutboxMessage
+from robust_mail.outbox import enqueue
+from robust_mail.signals import message_sent
+from robust_mail.worker import Worker
+from tests.conftest import provider
+
+pytestmark = pytest.mark.django_db
+
+
+def queue(count: int) -> list[OutboxMessage]:
+    return [
+        enqueue(EmailMessage(f"n{i}", "body", "f@example.com", [f"r{i}@example.com"]))
+        for i in range(count)
+    ]
+
+
+def test_once_drains_every_due_message_exactly_once_in_batches(
+    smtp_server: Any, robust: Any
+) -> None:
+    server = smtp_server()
+    robust([provider(server, "only")])
+    rows = queue(25)
+    lines: list[str] = []
+
+    stats = Worker(once=True, batch=10, report=lines.append).run()
+
+    assert stats.sent == 25 and stats.batches == 3
+    received = [m.message_id for m in server.messages]
+    assert sorted(received) == sorted(r.message_id for r in rows)
+    assert len(set(received)) == 25
+    assert lines == [
+        "batch of 10: sent 10, retried 0, failed 0; queue left 15",
+        "batch of 10: sent 10, retried 0, failed 0; queue left 5",
+        "batch of 5: sent 5, retried 0, failed 0; queue left 0",
+    ]
+
+
+def test_stop_finishes_the_message_in_flight_and_releases_the_rest(
+    smtp_server: Any, robust: Any
+) -> None:
+    server = smtp_server()
+    robust([provider(server, "only")])
+    queue(10)
+    worker = Worker(batch=10, sleep=0, report=lambda line: None)
+
+    def stop_after_first(sender: object, **kwargs: Any) -> None:
+        worker.stop()
+
+    message_sent.connect(stop_after_first)
+    try:
+        stats = worker.run()
+    finally:
+        message_sent.disconnect(stop_after_first)
+
+    assert stats.sent == 1 and stats.released == 9
+    assert len(server.messages) == 1
+    statuses = list(OutboxMessage.objects.values_list("status", "attempts", "lease_token"))
+    assert statuses.count(("sent", 1, "")) == 1
+    assert statuses.count(("queued", 0, "")) == 9
+
+
+def test_worker_command_once_reports_each_batch(smtp_server: Any, robust: Any) -> None:
+    server = smtp_server()
+    robust([provider(server, "only")])
+    queue(3)
+    out = io.StringIO()
+
+    call_command("robust_mail_worker", "--once", "--batch", "2", stdout=out)
+
+    assert len(server.messages) == 3
+    assert out.getvalue().splitlines() == [
+        "batch of 2: sent 2, retried 0, failed 0; queue left 1",
+        "batch of 1: sent 1, retried 0, failed 0; queue left 0",
+        "stopped: sent 3, retried 0, failed 0, released 0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args", [["--concurrency", "0"], ["--batch", "0"], ["--sleep", "-1"]], ids=str
+)
+def test_worker_command_rejects_nonsense_options(args: list[str]) -> None:
+    with pytest.raises(CommandError):
+        call_command("robust_mail_worker", "--once", *args)
+
+
+def test_purge_deletes_only_old_finished_messages() -> None:
+    rows = queue(5)
+    old = timezone.now() - timedelta(days=40)
+    statuses = ["sent", "failed", "dead", "queued", "sent"]
+    for row, status in zip(rows, statuses, strict=True):
+        row.status = status
+        row.created_at = old if row is not rows[-1] else timezone.now()
+        row.save()
+    out = io.StringIO()
+
+    call_command("robust_mail_purge", "--older-than", "30", stdout=out)
+
+    left = sorted(OutboxMessage.objects.values_list("status", flat=True))
+    assert left == ["queued", "sent"]  # the waiting one, and the recent one
+    assert "deleted 3 outbox message(s) older than 30 day(s)" in out.getvalue()
+
+
+def test_purge_dry_run_deletes_nothing() -> None:
+    (row,) = queue(1)
+    OutboxMessage.objects.filter(pk=row.pk).update(
+        status="sent", created_at=timezone.now() - timedelta(days=9)
+    )
+    out = io.StringIO()
+    call_command("robust_mail_purge", "--older-than", "7", "--dry-run", stdout=out)
+    assert out.getvalue().strip() == "would delete 1 outbox message(s)"
+    assert OutboxMessage.objects.count() == 1
