@@ -27,7 +27,7 @@ CANCELLED = "cancelled"
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin[OutboxMessage]):
+class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
         "created_at",
         "status",

@@ -10,4 +10,4 @@ class RobustMailConfig(AppConfig):
 
     def ready(self) -> None:
         # Importing the modules registers their system checks.
-        from robust_mail import checks  # noqa: F401
+        from robust_mail import checks, otp_checks, outbox_checks  # noqa: F401

@@ -19,7 +19,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.mail import EmailMessage
-from django.core.mail.message import DNS_NAME
+from django.core.mail.message import DNS_NAME  # type: ignore[attr-defined]
 from django.utils.encoding import force_str
 
 from robust_mail.exceptions import InvalidMessage

@@ -25,7 +25,7 @@ def default_backend() -> BaseEmailBackend:
     """The project's default mail backend, on every supported Django version."""
     mailers = getattr(mail, "mailers", None)
     if mailers is not None and hasattr(settings, "MAILERS"):
-        return mailers.default  # type: ignore[no-any-return]
+        return mailers.default
     return mail.get_connection()
 
 

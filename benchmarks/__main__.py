@@ -1,0 +1,123 @@
+"""Run every benchmark and rewrite docs/performance.md and docs/performance.png.
+
+    python -m benchmarks              # the full run (make bench), a few minutes on 2 cores
+    python -m benchmarks --quick      # a smoke run with few messages; writes to benchmarks/results/
+    python -m benchmarks --no-outbox  # skip the outbox benchmark (and its peers' venv)
+
+Raw figures of every run also go to benchmarks/results/latest.json (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.servers import ROOT, ServerFarm
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _trust_bundle(ca_file: str, directory: str) -> str:
+    """The system CA bundle plus the test CA, for every TLS client of this process.
+
+    Django's stock backend loads the system bundle (``ssl.create_default_context()``) for
+    every connection; pointing ``SSL_CERT_FILE`` at a bundle that also holds the test CA keeps
+    that cost real (the system's roots, plus one) and lets it verify the test server.
+    """
+    import ssl
+
+    system = ssl.get_default_verify_paths().cafile
+    bundle = os.path.join(directory, "ca-bundle.pem")
+    with open(bundle, "wb") as out:
+        if system and os.path.exists(system):
+            out.write(Path(system).read_bytes())
+        out.write(b"\n" + Path(ca_file).read_bytes())
+    return bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--quick", action="store_true", help="few messages, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per cell (3)")
+    parser.add_argument("--no-outbox", action="store_true", help="skip the outbox benchmark")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="directory for performance.md/.png (docs/; benchmarks/results/ with --quick)",
+    )
+    args = parser.parse_args(argv)
+    scale = 0.1 if args.quick else 1.0
+    repeats = args.repeats or (1 if args.quick else 3)
+    output = args.output or (ROOT / "benchmarks" / "results" if args.quick else ROOT / "docs")
+    output.mkdir(parents=True, exist_ok=True)
+
+    workdir = tempfile.mkdtemp(prefix="robust-mail-bench-")
+    os.environ["ROBUST_MAIL_BENCH_DIR"] = workdir
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
+    started = time.monotonic()
+
+    with ServerFarm() as farm:
+        os.environ["SSL_CERT_FILE"] = _trust_bundle(farm.ca_file, workdir)
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        from benchmarks import dead_primary, machine, report, sending
+
+        call_command("migrate", verbosity=0)
+        env = machine.describe()
+        log(f"robust_mail benchmark on {env['cpu']}, {env['cores']}, Python {env['python']}")
+        if farm.smtp_sink_problem:
+            log(f"NOTE: {farm.smtp_sink_problem}")
+
+        cells = []
+        for scenario in sending.scenarios(scale):
+            log(f"scenario {scenario.key}: {scenario.title}")
+            cells += sending.run_scenario(farm, scenario, repeats=repeats, log=log)
+
+        log("dead primary")
+        dead, backup_alone = dead_primary.run_dead_primary(
+            farm, n=max(10, round(300 * scale)), warmup=5, repeats=repeats, log=log
+        )
+
+        outbox_results = None
+        if not args.no_outbox:
+            from benchmarks import outbox
+
+            log("outbox")
+            outbox_results = outbox.run_outbox(farm, scale=scale, repeats=repeats, log=log)
+
+        elapsed = time.monotonic() - started
+        results = report.Results(
+            machine=env,
+            cells=cells,
+            dead=dead,
+            backup_alone=backup_alone,
+            outbox=outbox_results,
+            scale=scale,
+            repeats=repeats,
+            elapsed=elapsed,
+            smtp_sink_problem=farm.smtp_sink_problem,
+            proxy_delay=farm.delay,
+        )
+        raw = ROOT / "benchmarks" / "results"
+        raw.mkdir(exist_ok=True)
+        (raw / "latest.json").write_text(json.dumps(results.as_dict(), indent=1))
+        markdown, png = report.write(results, output)
+        log(f"wrote {markdown} and {png} in {elapsed:.0f} s")
+        for line in report.target_lines(results):
+            log(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

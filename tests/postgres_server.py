@@ -1,0 +1,202 @@
+"""A real PostgreSQL server for tests: 127.0.0.1, a free port, a temp dir, trust auth.
+
+``postgres_server`` (fixture, one per session) yields a started :class:`PostgresServer`
+and stops it afterwards. PostgreSQL refuses to run as root, so under root the server
+runs as the ``postgres`` system user (created if missing). Without the binaries (or
+psycopg) the test is skipped, except with ``CI=true``, where it fails: CI must never go
+green by skipping the multi-worker tests.
+
+Durability is switched off (``fsync=off``...): these databases live for one test run.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+__all__ = ["PostgresServer", "postgres_server"]
+
+STARTUP_TIMEOUT = 30.0
+SEARCH = ("/usr/lib/postgresql/15/bin", *sorted(Path("/usr/lib/postgresql").glob("*/bin")))
+
+
+def postgres_bin_dir() -> Path | None:
+    for directory in SEARCH:
+        path = Path(directory)
+        if (path / "initdb").exists() and (path / "postgres").exists():
+            return path
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_as() -> str | None:
+    """The user to run PostgreSQL as: ``postgres`` when we are root, else ourselves."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"],
+            check=True,
+        )
+    return "postgres"
+
+
+class PostgresServer:
+    """One ``postgres`` process; :meth:`start` returns once it accepts connections."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.user = "postgres"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+        self._log: IO[bytes] | None = None
+        self._as = _run_as()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _popen_user(self) -> dict[str, Any]:
+        if self._as is None:
+            return {}
+        entry = pwd.getpwnam(self._as)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+    def _initdb(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="robust-mail-pg-"))
+        if self._as is not None:
+            entry = pwd.getpwnam(self._as)
+            os.chown(self._dir, entry.pw_uid, entry.pw_gid)
+        subprocess.run(
+            [str(self.bin_dir / "initdb"), "-D", str(self._dir / "data"), "-U", self.user]
+            + ["-A", "trust", "-E", "UTF8", "--no-sync"],
+            check=True,
+            capture_output=True,
+            cwd=self._dir,
+            **self._popen_user(),
+        )
+
+    def start(self) -> PostgresServer:
+        """Start (or restart, on the same port) the server."""
+        if self._dir is None:
+            self._initdb()
+        assert self._dir is not None
+        if not self.port:
+            self.port = _free_port()
+        self._log = open(self._dir / "postgres.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(self.bin_dir / "postgres"), "-D", str(self._dir / "data")]
+            + ["-p", str(self.port), "-k", str(self._dir), "-c", "listen_addresses=127.0.0.1"]
+            + ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+            + ["-c", "max_connections=200"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self._dir,
+            **self._popen_user(),
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            if self._ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        log = (self._dir / "postgres.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"PostgreSQL did not start on 127.0.0.1:{self.port}:\n{log}")
+
+    def _ready(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(**self.connect_kwargs("postgres"), connect_timeout=1):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown); the data directory is kept for a restart."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(2)  # SIGINT: fast shutdown
+                try:
+                    self.process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def connect_kwargs(self, dbname: str) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "user": self.user, "dbname": dbname}
+
+    def create_database(self, prefix: str = "robust_mail") -> str:
+        """A new, empty database; returns its name."""
+        import psycopg
+
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(**self.connect_kwargs("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def django_settings(self, dbname: str) -> dict[str, Any]:
+        """A Django DATABASES entry for ``dbname`` on this server."""
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": dbname,
+            "USER": self.user,
+            "HOST": self.host,
+            "PORT": str(self.port),
+            "CONN_MAX_AGE": 60,
+        }
+
+
+def require_postgres() -> Path:
+    from tests.conftest import require
+
+    bin_dir = postgres_bin_dir()
+    require(bin_dir is not None, "PostgreSQL binaries (initdb, postgres) are not installed")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        require(False, "psycopg is not installed")
+    assert bin_dir is not None
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer(require_postgres())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

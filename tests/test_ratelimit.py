@@ -1,0 +1,277 @@
+"""Rate limits: parsing, fixed windows with an injected clock, real Redis, and W020."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.core.cache import caches
+from django.core.checks import run_checks
+
+from robust_mail.conf import RateLimitConfig
+from robust_mail.exceptions import RateLimited
+from robust_mail.ratelimit import Rate, RateLimiter, check_message_rates, parse_rate
+from tests.conftest import provider
+from tests.redis_server import redis_server
+
+__all__ = ["redis_server"]  # the fixture
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [
+        ("100/h", Rate(100, 3600)),
+        ("5/s", Rate(5, 1)),
+        ("10/m", Rate(10, 60)),
+        ("1000/d", Rate(1000, 86400)),
+        (" 7 / h ", Rate(7, 3600)),
+    ],
+)
+def test_parse_rate(text, rate):
+    assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["", "100", "0/h", "-1/h", "10/w", "h/10", "1.5/h", "10/5m"])
+def test_parse_rate_rejects_other_forms(text):
+    with pytest.raises(ValueError, match="N/s, N/m, N/h or N/d|at least 1"):
+        parse_rate(text)
+
+
+def test_limiter_allows_up_to_the_limit_then_says_when_to_retry():
+    clock = Clock(7200.0 + 600)  # 600 s into an hour window
+    limiter = RateLimiter("default", clock=clock)
+    rate = parse_rate("3/h")
+
+    hits = [limiter.hit("k", rate) for _ in range(3)]
+    with pytest.raises(RateLimited) as refused:
+        limiter.hit("k", rate)
+
+    assert [h.count for h in hits if h] == [1, 2, 3]
+    assert refused.value.retry_after == pytest.approx(3000)
+
+
+def test_new_window_starts_a_new_count():
+    clock = Clock(0.0)
+    limiter = RateLimiter("default", clock=clock)
+    rate = parse_rate("1/m")
+    limiter.hit("k", rate)
+
+    clock.now = 60.0
+
+    assert limiter.hit("k", rate).count == 1
+
+
+def test_refused_hits_are_not_counted_and_released_hits_are_given_back():
+    limiter = RateLimiter("default", clock=Clock(0.0))
+    rate = parse_rate("2/h")
+    first = limiter.hit("k", rate)
+    limiter.hit("k", rate)
+    for _ in range(5):
+        with pytest.raises(RateLimited):
+            limiter.hit("k", rate)
+
+    limiter.release(first)
+
+    assert limiter.hit("k", rate).count == 2
+
+
+def test_keys_are_separate_and_hashed():
+    limiter = RateLimiter("default", clock=Clock(0.0))
+    rate = parse_rate("1/h")
+    limiter.hit("rcpt:a@example.com", rate)
+    limiter.hit("rcpt:b@example.com", rate)
+
+    key, _ = limiter.cache_key("rcpt:a@example.com", rate, 0.0)
+    assert "example.com" not in key
+
+
+def test_message_rates_count_messages_and_each_recipient_case_insensitively():
+    config = RateLimitConfig(global_rate="3/h", per_recipient="1/h")
+    clock = Clock(0.0)
+
+    check_message_rates(["A@example.com", "a@example.com "], config, "default", clock=clock)
+    with pytest.raises(RateLimited):
+        check_message_rates(["a@EXAMPLE.com"], config, "default", clock=clock)
+    check_message_rates(["b@example.com"], config, "default", clock=clock)
+    check_message_rates(["c@example.com"], config, "default", clock=clock)
+    with pytest.raises(RateLimited) as refused:
+        check_message_rates(["d@example.com"], config, "default", clock=clock)
+
+    assert refused.value.retry_after == pytest.approx(3600)
+
+
+def test_a_refused_message_uses_up_no_limit():
+    config = RateLimitConfig(global_rate="2/h", per_recipient="1/h")
+    clock = Clock(0.0)
+    check_message_rates(["a@example.com"], config, "default", clock=clock)
+
+    with pytest.raises(RateLimited):
+        check_message_rates(["b@example.com", "a@example.com"], config, "default", clock=clock)
+
+    # The refusal counted neither the global limit nor b@.
+    check_message_rates(["b@example.com"], config, "default", clock=clock)
+
+
+def test_no_limits_configured_counts_nothing():
+    assert check_message_rates(["a@example.com"], RateLimitConfig(), "default") == []
+
+
+def test_a_dead_cache_lets_mail_through(settings):
+    settings.CACHES = {
+        **settings.CACHES,
+        "dead": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        },
+    }
+    config = RateLimitConfig(global_rate="1/h")
+    try:
+        for _ in range(3):
+            check_message_rates(["a@example.com"], config, "dead")
+    finally:
+        caches["dead"].close()
+
+
+# --- real Redis --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_cache(redis_server: Any, settings: Any) -> Iterator[str]:
+    settings.CACHES = {
+        **settings.CACHES,
+        "shared": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_server.url,
+        },
+    }
+    try:
+        yield "shared"
+    finally:
+        caches["shared"].close()
+
+
+@pytest.mark.redis
+def test_windows_on_real_redis(redis_cache):
+    clock = Clock(3600.0 * 10)
+    limiter = RateLimiter(redis_cache, clock=clock)
+    rate = parse_rate("2/h")
+    limiter.hit("k", rate)
+    limiter.hit("k", rate)
+    with pytest.raises(RateLimited):
+        limiter.hit("k", rate)
+
+    clock.now += 3600
+
+    assert limiter.hit("k", rate).count == 1
+
+
+@pytest.mark.redis
+def test_counters_on_real_redis_are_shared_by_every_limiter(redis_cache):
+    """Two limiters stand for two processes: they share one count."""
+    clock = Clock(0.0)
+    one = RateLimiter(redis_cache, clock=clock)
+    two = RateLimiter(redis_cache, clock=clock)
+    rate = parse_rate("3/m")
+
+    one.hit("k", rate)
+    two.hit("k", rate)
+    one.hit("k", rate)
+
+    with pytest.raises(RateLimited):
+        two.hit("k", rate)
+
+
+@pytest.mark.redis
+def test_concurrent_hits_on_real_redis_never_exceed_the_limit(redis_cache):
+    import threading
+
+    limiter = RateLimiter(redis_cache, clock=Clock(0.0))
+    rate = parse_rate("10/h")
+    allowed: list[bool] = []
+    barrier = threading.Barrier(40)
+
+    def work() -> None:
+        barrier.wait()
+        try:
+            limiter.hit("k", rate)
+            allowed.append(True)
+        except RateLimited:
+            allowed.append(False)
+
+    threads = [threading.Thread(target=work) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert allowed.count(True) == 10 and len(allowed) == 40
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_dispatcher_defers_mail_over_the_global_limit_on_real_redis(
+    redis_cache, smtp_server, robust
+):
+    from django.core.mail import send_mail
+
+    server = smtp_server()
+    robust([provider(server, "only")], CACHE=redis_cache, RATE_LIMITS={"GLOBAL": "2/h"})
+
+    send_mail("s", "b", "f@example.com", ["a@example.com"])
+    send_mail("s", "b", "f@example.com", ["b@example.com"])
+    with pytest.raises(RateLimited):
+        send_mail("s", "b", "f@example.com", ["c@example.com"])
+
+    assert len(server.messages) == 2
+
+
+# --- W020 --------------------------------------------------------------------------------
+
+
+def _ids() -> set[str]:
+    return {m.id for m in run_checks() if m.id and m.id.startswith("robust_mail.")}
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "django.core.cache.backends.locmem.LocMemCache",
+        "django.core.cache.backends.db.DatabaseCache",
+        "django.core.cache.backends.filebased.FileBasedCache",
+        "django.core.cache.backends.dummy.DummyCache",
+    ],
+)
+def test_w020_warns_about_per_process_or_racy_caches_outside_debug(settings, backend):
+    settings.CACHES = {"default": {"BACKEND": backend, "LOCATION": "/tmp/robust-mail-w020"}}
+    settings.ROBUST_MAIL = {"RATE_LIMITS": {"GLOBAL": "100/h"}}
+
+    assert "robust_mail.W020" in _ids()
+
+
+def test_w020_is_quiet_with_redis_in_debug_or_without_limits(settings):
+    settings.ROBUST_MAIL = {"RATE_LIMITS": {"GLOBAL": "100/h"}}
+    settings.DEBUG = True
+    assert "robust_mail.W020" not in _ids()
+
+    settings.DEBUG = False
+    settings.ROBUST_MAIL = {}
+    assert "robust_mail.W020" not in _ids()
+
+    settings.ROBUST_MAIL = {"RATE_LIMITS": {"PER_RECIPIENT": "5/h"}}
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",
+        }
+    }
+    assert "robust_mail.W020" not in _ids()
