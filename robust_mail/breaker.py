@@ -246,6 +246,12 @@ class CircuitBreaker:
         if fatal or failures >= self.failure_threshold:
             self.trip()
 
+    def release(self) -> None:
+        """Report no outcome (the attempt never reached the provider): free a held trial."""
+        record = self._open_record()
+        if record is not None and self._open_state(record) is BreakerState.HALF_OPEN:
+            self.store.delete(self._trial_key)
+
     def trip(self) -> None:
         """Open a closed breaker now. Only one process wins the transition."""
         if self.store.add(self._state_key, self._new_record(), None):

@@ -29,7 +29,7 @@ from robust_mail.exceptions import (
     TransportError,
     classify,
 )
-from robust_mail.pool import pools
+from robust_mail.pool import PoolTimeout, pools
 from robust_mail.providers import ProviderConfig
 from robust_mail.ratelimit import check_message_rates
 from robust_mail.resolver import Resolver
@@ -62,6 +62,7 @@ class _Attempts:
     count: int = 0
     errors: list[ProviderError] = field(default_factory=list)
     ambiguous: bool = False
+    busy_locally: bool = False
 
 
 class Dispatcher:
@@ -122,14 +123,16 @@ class Dispatcher:
         last: Classification | None = None
         retry_at: float | None = None
         for index, provider in enumerate(self.config.providers):
+            # The deadline first: allow() may elect this call as a half-open trial, which
+            # must then be reported one way or the other.
+            if self.clock() >= deadline:
+                self._skip(provider, attempts, "delivery deadline reached")
+                continue
             breaker = get_breaker(provider.name, self.config)
             if not breaker.allow():
                 wait = breaker.retry_at
                 retry_at = wait if retry_at is None or (wait and wait < retry_at) else retry_at
                 self._skip(provider, attempts, "circuit open")
-                continue
-            if self.clock() >= deadline:
-                self._skip(provider, attempts, "delivery deadline reached")
                 continue
             if index > 0 and attempts.count:
                 metrics.incr(provider.name, "failed_over")
@@ -142,6 +145,11 @@ class Dispatcher:
                 # The provider is up and answered: the message, not the provider, is at fault.
                 breaker.record_success()
                 break
+            if attempts.busy_locally:
+                # Our own pool was exhausted: says nothing about the provider's health.
+                attempts.busy_locally = False
+                breaker.release()
+                continue
             breaker.record_failure(fatal=outcome is Classification.PROVIDER_FATAL)
         return self._failure(message, envelope, attempts, last, retry_at)
 
@@ -181,6 +189,7 @@ class Dispatcher:
             raise
         except Exception as exc:
             classification = classify(exc)
+            attempts.busy_locally = isinstance(exc, PoolTimeout)
             if classification is Classification.AMBIGUOUS:
                 attempts.ambiguous = True
                 metrics.incr(provider.name, "ambiguous")
@@ -215,9 +224,10 @@ class Dispatcher:
         # the message left: send on a fresh connection instead, without counting an attempt.
         for _ in range(self.config.pool.size + 1):
             reused = False
+            asked_at = time.monotonic()
             try:
                 with pool.connection() as conn:
-                    reused = conn.messages_sent > 0
+                    reused = conn.opened_at is not None and conn.opened_at < asked_at
                     return conn.send(envelope.from_addr, list(envelope.recipients), envelope.data)
             except TransportError as exc:
                 if not (reused and _closed_while_idle(exc)):

@@ -83,6 +83,7 @@ def _isolate() -> Iterator[None]:
     from robust_mail.pool import pools
 
     pools.close_all()
+    pools.clear()
     state.reset()
     metrics.reset()
     resolver_for.cache_clear()

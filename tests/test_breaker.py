@@ -305,3 +305,25 @@ class TestMemoryStore:
             thread.join()
 
         assert store.get("n") == 8000
+
+
+def test_release_frees_a_half_open_trial_without_reporting_an_outcome():
+    from robust_mail.breaker import BreakerState, CircuitBreaker, MemoryStore
+
+    now = [1000.0]
+    breaker = CircuitBreaker(
+        "p",
+        failure_threshold=1,
+        reset_timeout=10,
+        store=MemoryStore(lambda: now[0]),
+        clock=lambda: now[0],
+    )
+    breaker.record_failure()
+    now[0] += 11
+    assert breaker.allow() is True  # this caller holds the trial
+    assert breaker.allow() is False  # nobody else gets one
+
+    breaker.release()
+
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow() is True  # the trial is free again
