@@ -104,9 +104,7 @@ def run_dead_primary(
                     for _ in range(repeats):
                         if not _breaker_open("primary"):
                             raise RuntimeError("the primary's breaker closed during the run")
-                        result.while_open.runs.append(
-                            timed_run(lambda i: send_one(), n, warmup)
-                        )
+                        result.while_open.runs.append(timed_run(lambda i: send_one(), n, warmup))
                         with override_settings(**robust_settings(backup)):
                             backup_alone.runs.append(timed_run(lambda i: send_one(), n, warmup))
             except Exception as exc:

@@ -4,13 +4,13 @@
 
 Listens on 127.0.0.1 and forwards every connection to 127.0.0.1:TARGET. Each chunk read
 from either side is written to the other side ``delay`` seconds after it was read, in the
-order it was read, so a request/reply exchange costs one round trip of ``2 × delay``.
+order it was read, so a request/reply exchange costs one round trip of ``2 * delay``.
 End of stream travels with the same delay.
 
-A new connection is only forwarded to the target ``3 × delay`` after it was accepted: over a
+A new connection is only forwarded to the target ``3 * delay`` after it was accepted: over a
 real network the server's greeting reaches the client two round trips after ``connect()``
 starts (SYN, SYN-ACK, ACK, then the greeting), and that is what a client connecting through
-this proxy sees too (3 × delay of holding + 1 × delay for the greeting).
+this proxy sees too (3 * delay of holding + 1 * delay for the greeting).
 
 Prints ``{"port": N}`` on one line once listening; stops on SIGTERM/SIGINT or when its
 standard input closes. Only ever binds and connects to 127.0.0.1.
@@ -109,6 +109,10 @@ class LatencyProxy:
                 _forward(upstream_r, client_w, self.delay),
             )
         except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            # Stopping: end quietly (asyncio's stream server reports a cancelled handler
+            # task as an error in 3.11).
             pass
         finally:
             for w in (client_w, upstream_w):

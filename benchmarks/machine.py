@@ -50,7 +50,9 @@ def describe() -> dict[str, str]:
     if commit and _git("status", "--porcelain", "--untracked-files=no", "robust_mail"):
         commit += " + uncommitted changes in robust_mail/"
     sink = find_smtp_sink()
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return {
+        "load average at start (1/5/15 min)": load,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
         "cores": f"{usable} usable ({os.cpu_count()} online)",

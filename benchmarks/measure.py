@@ -119,9 +119,7 @@ class Cell:
             "error": self.error,
             "delivered": self.delivered,
             "expected": self.expected,
-            "runs": [
-                {"wall": r.wall, "cpu": r.cpu, "latencies": r.latencies} for r in self.runs
-            ],
+            "runs": [{"wall": r.wall, "cpu": r.cpu, "latencies": r.latencies} for r in self.runs],
         }
         if self.ok:
             data.update(

@@ -138,11 +138,11 @@ def scenarios(scale: float = 1.0) -> list[Scenario]:
             "primary",
             k(300),
             k(20),
-            k(300),
+            k(200),
         ),
         Scenario(
             "smtp-sink",
-            "Postfix smtp-sink, plain SMTP + AUTH, loopback",
+            "Postfix smtp-sink, plain SMTP, loopback",
             "sink",
             None,
             k(300),
@@ -154,9 +154,9 @@ def scenarios(scale: float = 1.0) -> list[Scenario]:
             "aiosmtpd, STARTTLS + AUTH, 40 ms round trip",
             "rtt",
             "primary",
-            k(50),
+            k(40),
             k(5),
-            k(25),
+            k(20),
         ),
     ]
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import tempfile
 
-_DIRECTORY = os.environ.get("ROBUST_MAIL_BENCH_DIR") or tempfile.mkdtemp(prefix="robust-mail-bench-")
+_DIRECTORY = os.environ.get("ROBUST_MAIL_BENCH_DIR") or tempfile.mkdtemp(
+    prefix="robust-mail-bench-"
+)
 
-SECRET_KEY = "benchmark-only-not-a-secret"  # noqa: S105
+SECRET_KEY = "benchmark-only-not-a-secret"
 DEBUG = False
 USE_TZ = True
 INSTALLED_APPS = [

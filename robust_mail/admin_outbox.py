@@ -27,7 +27,7 @@ CANCELLED = "cancelled"
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has no __class_getitem__
     list_display = (
         "created_at",
         "status",

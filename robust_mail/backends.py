@@ -16,10 +16,12 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from django.core import mail
+from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 
-from robust_mail.conf import TOP_LEVEL_KEYS, RobustMailConfig, get_config
+from robust_mail.conf import TOP_LEVEL_KEYS, ConfigurationError, RobustMailConfig, get_config
 from robust_mail.dispatch import Dispatcher
 from robust_mail.envelope import build_envelope
 from robust_mail.exceptions import InvalidMessage, RobustMailError
@@ -31,6 +33,18 @@ logger = logging.getLogger("robust_mail")
 
 #: Keyword options the backends take: ROBUST_MAIL's keys in lower case (MAILERS OPTIONS).
 OPTION_KEYS = frozenset(key.lower() for key in TOP_LEVEL_KEYS)
+
+# Django 6.1 reports a broken MAILERS entry with InvalidMailer; before 6.1 there are no
+# MAILERS and the base is just ImproperlyConfigured (already a base of ConfigurationError).
+_InvalidMailer: type[ImproperlyConfigured] = getattr(mail, "InvalidMailer", ImproperlyConfigured)
+
+
+class MailerConfigurationError(ConfigurationError, _InvalidMailer):  # type: ignore[misc,valid-type]
+    """Bad OPTIONS in a MAILERS entry served by robust_mail (Django 6.1).
+
+    Both our :class:`ConfigurationError` and Django's ``InvalidMailer``, so code written
+    against either contract catches it.
+    """
 
 
 class _RobustBackendBase(BaseEmailBackend):
@@ -45,11 +59,24 @@ class _RobustBackendBase(BaseEmailBackend):
         # settings.EMAIL_* are never read; without one, settings.ROBUST_MAIL is.
         self._options: dict[str, Any] | None = options if (options or alias) else None
         self._opened = False
+        if alias is not None:
+            # Like Django's own backends, a MAILERS entry with bad OPTIONS fails when the
+            # mailer is created (InvalidMailer), not at the first send.
+            self.config  # noqa: B018
 
     @property
     def config(self) -> RobustMailConfig:
-        """The configuration, read when used so that ``override_settings`` applies."""
-        return get_config(self._options, alias=self.alias)
+        """The configuration, read when used so that ``override_settings`` applies.
+
+        Raises :class:`ConfigurationError`; for a MAILERS alias, the
+        :class:`MailerConfigurationError` subclass, which is also Django's ``InvalidMailer``.
+        """
+        try:
+            return get_config(self._options, alias=self.alias)
+        except ConfigurationError as exc:
+            if self.alias is None or isinstance(exc, MailerConfigurationError):
+                raise
+            raise MailerConfigurationError(exc.problems or str(exc)) from exc
 
     def open(self) -> bool:
         """Validate the configuration; True if this call opened the backend.

@@ -100,10 +100,12 @@ def prep_address(address: Any) -> str:
 
 def _message_bytes(message: EmailMessage) -> bytes:
     # Django 6.0+ accepts a policy and produces CRLF with email.policy.SMTP;
-    # 5.2 takes no argument and needs linesep given to as_bytes().
-    if "policy" in inspect.signature(message.message).parameters:
-        return bytes(message.message(policy=email.policy.SMTP).as_bytes())  # type: ignore[call-arg]
-    return bytes(message.message().as_bytes(linesep="\r\n"))
+    # 5.2 takes no argument and needs linesep given to as_bytes(). Typed as Any: each
+    # Django's stubs know only one of the two signatures.
+    build: Any = message.message
+    if "policy" in inspect.signature(build).parameters:
+        return bytes(build(policy=email.policy.SMTP).as_bytes())
+    return bytes(build().as_bytes(linesep="\r\n"))
 
 
 def build_envelope(message: EmailMessage) -> Envelope:

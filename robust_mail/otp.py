@@ -15,10 +15,8 @@ Security properties (docs/otp.md says what they do and do not protect against):
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +24,6 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.template.loader import render_to_string, select_template
@@ -35,34 +32,41 @@ from django.utils.module_loading import import_string
 
 from robust_mail.conf import OTPConfig, get_config
 from robust_mail.exceptions import DeliveryFailed, RateLimited
-from robust_mail.otp_store import CacheOTPStore, IssueLimits, NewCode, OTPStore
+from robust_mail.otp_cache_store import CacheOTPStore
+from robust_mail.otp_codes import (
+    ALPHANUMERIC,
+    DIGITS,
+    MAX_CODE_INPUT,
+    SecretCode,
+    check_purpose,
+    code_keys,
+    digest,
+    mask,
+    normalize_identifier,
+)
+from robust_mail.otp_store import IssueLimits, NewCode, OTPStore
 from robust_mail.ratelimit import Rate, RateLimiter
 
 if TYPE_CHECKING:
     from robust_mail.password_reset import PasswordResetService
 
 __all__ = [
+    "ALPHANUMERIC",
+    "DIGITS",
     "IssuedCode",
     "OTPService",
     "PasswordResetService",
     "Reason",
     "SecretCode",
     "VerifyResult",
+    "check_purpose",
     "code_keys",
+    "mask",
     "normalize_identifier",
     "purge_expired",
 ]
 
 logger = logging.getLogger("robust_mail.otp")
-
-DIGITS = "0123456789"
-#: Upper-case letters and digits without the look-alikes 0/O, 1/I/L.
-ALPHANUMERIC = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
-PURPOSE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-MAX_IDENTIFIER = 254
-#: Longer input is not even normalised: nobody types 64 characters for a 6-digit code.
-MAX_CODE_INPUT = 64
-_KEY_SALT = b"robust_mail.otp.code-key.v1"
 
 
 class Reason(StrEnum):
@@ -84,15 +88,6 @@ class VerifyResult:
         return self.ok
 
 
-class SecretCode(str):
-    """A code that keeps out of ``repr()`` (tracebacks with locals, debuggers, logs)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "SecretCode('******')"
-
-
 @dataclass(frozen=True)
 class IssuedCode:
     """What :meth:`OTPService.issue` did. ``code`` is set only when ``send=False``."""
@@ -103,51 +98,6 @@ class IssuedCode:
     key: str
     sent: bool
     code: SecretCode | None = field(default=None, repr=False)
-
-
-def normalize_identifier(identifier: Any) -> str:
-    """An email address or any user with an email field → the lower-cased address/text.
-
-    Raises ``ValueError`` for empty or over-long identifiers.
-    """
-    if hasattr(identifier, "get_email_field_name"):
-        identifier = getattr(identifier, identifier.get_email_field_name(), "") or ""
-    if not isinstance(identifier, str):
-        raise ValueError("an identifier is an email address (str) or a user")
-    value = identifier.strip().lower()
-    if not value or len(value) > MAX_IDENTIFIER:
-        raise ValueError("an identifier must be 1 to 254 characters")
-    return value
-
-
-def check_purpose(purpose: str) -> str:
-    """Purposes are lower-case slugs (``login``, ``password_reset``, a project's own)."""
-    if not isinstance(purpose, str) or not PURPOSE.fullmatch(purpose):
-        raise ValueError("a purpose is a lower-case slug of 1 to 64 characters, e.g. 'login'")
-    return purpose
-
-
-def code_keys(config: OTPConfig) -> list[bytes]:
-    """The HMAC keys: SECRET, or keys derived from SECRET_KEY and its fallbacks.
-
-    The first key hashes new codes; all of them verify, so rotating SECRET_KEY (with the
-    old one in SECRET_KEY_FALLBACKS) does not break codes already sent.
-    """
-    if config.secret:
-        return [config.secret.encode()]
-    secrets_ = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
-    return [hmac.new(str(s).encode(), _KEY_SALT, hashlib.sha256).digest() for s in secrets_]
-
-
-def _digest(key: bytes, identifier: str, purpose: str, code: str) -> str:
-    data = "\x00".join(("robust_mail.otp", purpose, identifier, code)).encode()
-    return hmac.new(key, data, hashlib.sha256).hexdigest()
-
-
-def mask(identifier: str) -> str:
-    """``alice@example.com`` → ``a***@example.com`` for log lines."""
-    local, at, domain = identifier.partition("@")
-    return f"{local[:1]}***{at}{domain}"
 
 
 def _default_store(config: Any) -> OTPStore:
@@ -192,12 +142,12 @@ class OTPService:
 
     def hash_code(self, identifier: str, purpose: str, code: str) -> str:
         """The stored form of ``code``: hex HMAC-SHA256 under the current key."""
-        return _digest(code_keys(self.config)[0], identifier, purpose, code)
+        return digest(code_keys(self.config)[0], identifier, purpose, code)
 
     def _matches(self, identifier: str, purpose: str, code: str, stored: str) -> bool:
         # Every key is tried, no early exit, each comparison in constant time.
         results = [
-            hmac.compare_digest(_digest(key, identifier, purpose, code), stored)
+            hmac.compare_digest(digest(key, identifier, purpose, code), stored)
             for key in code_keys(self.config)
         ]
         return any(results)
@@ -223,7 +173,7 @@ class OTPService:
     def limits(self) -> IssueLimits:
         c = self.config
         return IssueLimits(
-            cooldown=int(c.cooldown),
+            cooldown=c.cooldown,
             per_hour=c.max_per_hour,
             per_day=c.max_per_day,
             per_ip_per_hour=c.max_per_ip_per_hour,

@@ -113,7 +113,7 @@ def check_otp(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
                 )
             )
         else:
-            from robust_mail.otp_store import CacheOTPStore
+            from robust_mail.otp_cache_store import CacheOTPStore
 
             weak = _weak_cache(config.cache)
             if (

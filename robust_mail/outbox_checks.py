@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 
-from robust_mail.conf import ConfigurationError, get_config
+from robust_mail.conf import ConfigurationError
+from robust_mail.outbox_delivery import delivery_config
 
 #: SMTP steps of one last attempt, each bounded by the provider's TIMEOUT (connect,
 #: greeting, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA, final dot).
@@ -33,8 +35,8 @@ def check_outbox(app_configs: object = None, **kwargs: Any) -> list[CheckMessage
 
 def _check_lease() -> list[CheckMessage]:
     try:
-        config = get_config()
-    except ConfigurationError:
+        config = delivery_config()
+    except (ConfigurationError, ImproperlyConfigured):
         return []  # reported by robust_mail.checks
     lease, deadline = config.outbox.lease, config.retry.deadline
     if lease <= deadline:

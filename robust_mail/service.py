@@ -22,9 +22,14 @@ logger = logging.getLogger("robust_mail")
 
 
 def default_backend() -> BaseEmailBackend:
-    """The project's default mail backend, on every supported Django version."""
+    """The project's default mail backend, on every supported Django version.
+
+    Django 6.1 deprecates ``get_connection()``; its ``mailers.default`` builds the default
+    backend from ``MAILERS`` or, while MAILERS is not set, from ``EMAIL_BACKEND`` (calling
+    ``get_connection()`` from inside Django, which does not warn).
+    """
     mailers = getattr(mail, "mailers", None)
-    if mailers is not None and hasattr(settings, "MAILERS"):
+    if mailers is not None:
         return mailers.default
     return mail.get_connection()
 

@@ -75,7 +75,7 @@ def deliver_outbox_message(message_pk: int) -> str | None:
     re-enqueued for its next attempt when the backend can run tasks later;
     otherwise ``robust_mail_worker`` retries it.
     """
-    from robust_mail.outbox import process_pk
+    from robust_mail.outbox_delivery import process_pk
 
     row = process_pk(message_pk)
     if row is None:

@@ -22,15 +22,15 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connections, router
 from django.utils import timezone
 
-from robust_mail import outbox
-from robust_mail.conf import RobustMailConfig, get_config
+from robust_mail import outbox, outbox_delivery
+from robust_mail.conf import RobustMailConfig
 from robust_mail.dispatch import Dispatcher
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
 
@@ -54,7 +54,6 @@ class WorkerStats:
     released: int = 0
     lost: int = 0
     batches: int = 0
-    message_ids: list[str] = field(default_factory=list)
 
     def add(self, counts: Counter[str]) -> None:
         for name in ("sent", "retried", "failed", "dead", "released", "lost"):
@@ -72,12 +71,13 @@ class Worker:
         sleep: float = 5.0,
         once: bool = False,
         using: str | None = None,
+        mailer: str | None = None,
         config: RobustMailConfig | None = None,
         dispatcher: Dispatcher | None = None,
         clock: Callable[[], datetime] = timezone.now,
         report: Callable[[str], None] | None = None,
     ) -> None:
-        self.config = config or get_config()
+        self.config = config or outbox_delivery.delivery_config(mailer)
         self.concurrency = max(1, concurrency)
         self.batch = batch or self.config.outbox.batch
         self.sleep = sleep
@@ -148,7 +148,7 @@ class Worker:
         if self._stop.is_set():
             self._release(held, row, counts)
             return
-        outcome = outbox.attempt(
+        outcome = outbox_delivery.attempt(
             row, dispatcher=self.dispatcher, config=self.config.outbox, clock=self.clock
         )
         recorded = self._record(held, row, outcome)
@@ -160,15 +160,15 @@ class Worker:
         }[outcome.status]
         with self._lock:
             counts[kind if recorded else "lost"] += 1
-            if outcome.status is OutboxStatus.SENT:
-                self.stats.message_ids.append(row.message_id)
 
-    def _record(self, held: outbox.Claim, row: OutboxMessage, outcome: outbox.Outcome) -> bool:
+    def _record(
+        self, held: outbox.Claim, row: OutboxMessage, outcome: outbox_delivery.Outcome
+    ) -> bool:
         """Write the outcome, retrying through database outages while the lease lasts."""
         pause = DB_RETRY_FIRST
         while True:
             try:
-                return outbox.record(row, held, outcome)
+                return outbox_delivery.record(row, held, outcome)
             except DatabaseError as exc:
                 lease_until = row.lease_until
                 if lease_until is None or self.clock() >= lease_until:

@@ -88,8 +88,10 @@ class PostgresServer:
             entry = pwd.getpwnam(self._as)
             os.chown(self._dir, entry.pw_uid, entry.pw_gid)
         subprocess.run(
-            [str(self.bin_dir / "initdb"), "-D", str(self._dir / "data"), "-U", self.user]
-            + ["-A", "trust", "-E", "UTF8", "--no-sync"],
+            [
+                *(str(self.bin_dir / "initdb"), "-D", str(self._dir / "data")),
+                *("-U", self.user, "-A", "trust", "-E", "UTF8", "--no-sync"),
+            ],
             check=True,
             capture_output=True,
             cwd=self._dir,
@@ -105,10 +107,12 @@ class PostgresServer:
             self.port = _free_port()
         self._log = open(self._dir / "postgres.log", "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [str(self.bin_dir / "postgres"), "-D", str(self._dir / "data")]
-            + ["-p", str(self.port), "-k", str(self._dir), "-c", "listen_addresses=127.0.0.1"]
-            + ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-            + ["-c", "max_connections=200"],
+            [
+                *(str(self.bin_dir / "postgres"), "-D", str(self._dir / "data")),
+                *("-p", str(self.port), "-k", str(self._dir)),
+                *("-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"),
+                *("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self._dir,

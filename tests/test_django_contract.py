@@ -4,8 +4,9 @@ The test classes come unchanged from the sdist of the installed Django version (
 ``tests/django_sdist.py``): ``BaseEmailBackendTests`` from ``tests/mail/tests.py`` up to
 Django 6.0, ``SharedEmailBackendTests`` from ``tests/mail/test_backends.py`` from 6.1 on.
 Our subclasses only supply what Django leaves to each backend: how to create it, and a
-mailbox. The mailbox is a real ``SMTPTestServer``; its messages are parsed exactly as
-Django's own SMTP backend tests parse theirs, so every assertion applies unchanged.
+mailbox. The mailbox is a real ``SMTPTestServer``; its messages are handed to the
+sdist's own ``SMTPHandler``, so they are parsed exactly as in Django's SMTP backend tests
+and every assertion applies unchanged.
 
 A Django test is overridden here only where it asserts something true of Django's own
 classes and not of ours (a class name in a message, fail_silently being deprecated in
@@ -15,7 +16,8 @@ BaseEmailBackend); each override says why and asserts the equivalent for our bac
 from __future__ import annotations
 
 import warnings
-from types import ModuleType
+from collections.abc import Coroutine
+from types import ModuleType, SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
@@ -54,21 +56,34 @@ def test_djangos_mail_tests_are_available_for_the_installed_version():
     assert f"/django-tests/{django_version()}/" in (mail_tests.__file__ or "")
 
 
+def _run_to_completion(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends (``SMTPHandler.handle_DATA``), without a loop.
+
+    No event loop is involved, so this works whatever loop another test left behind.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise AssertionError(f"{coroutine!r} suspended; it was expected to finish at once")
+
+
 class SMTPMailbox:
-    """The mailbox Django's shared tests read: what a real SMTP server received."""
+    """The mailbox Django's shared tests read: what a real SMTP server received.
+
+    Each message goes through the ``SMTPHandler`` of the same Django sdist, so it is
+    parsed exactly as Django's own SMTP backend tests parse theirs (that differs between
+    versions), and held to the same rule: the envelope sender must match the From header.
+    """
 
     server: ClassVar[SMTPTestServer]
-    django_tests: ClassVar[ModuleType]
+    smtp_handler_class: ClassVar[type[Any]]
 
     @classmethod
     def start_mailbox(cls) -> None:
         cls.server = SMTPTestServer(name="django-contract").start()
         cls.addClassCleanup(cls.server.stop)  # type: ignore[attr-defined]
-
-    @staticmethod
-    def wire_to_parser(data: bytes) -> bytes:
-        """What the Django version's own SMTPHandler feeds to its parser."""
-        raise NotImplementedError
 
     def setUp(self) -> None:
         super().setUp()  # type: ignore[misc]
@@ -79,15 +94,14 @@ class SMTPMailbox:
         self.server.clear()
 
     def get_mailbox_content(self) -> list[Any]:
-        parsed = []
+        handler = self.smtp_handler_class()
         for received in self.server.messages:
-            message = self.django_tests.message_from_bytes(self.wire_to_parser(received.data))
-            # Django's SMTP test server refuses a message whose envelope sender differs
-            # from its From header (553); hold our backend to the same rule.
-            header_from = message["from"].addresses[0].addr_spec
-            assert received.mail_from == header_from, (received.mail_from, header_from)
-            parsed.append(message)
-        return parsed
+            envelope = SimpleNamespace(
+                content=received.data, mail_from=received.mail_from, rcpt_tos=received.rcpt_tos
+            )
+            reply = _run_to_completion(handler.handle_DATA(None, None, envelope))
+            assert reply == "250 OK", reply
+        return list(handler.mailbox)
 
     @classmethod
     def provider_settings(cls) -> dict[str, Any]:
@@ -102,11 +116,7 @@ if mail_tests is not None and mail_backend_tests is None:
         """Django ≤ 6.0: ``BaseEmailBackendTests`` with ``EMAIL_BACKEND`` + ``ROBUST_MAIL``."""
 
         email_backend = BACKEND_PATH
-        django_tests = mail_tests
-
-        @staticmethod
-        def wire_to_parser(data: bytes) -> bytes:
-            return data.rstrip()
+        smtp_handler_class = mail_tests.SMTPHandler
 
         @classmethod
         def setUpClass(cls) -> None:
@@ -130,11 +140,7 @@ if mail_tests is not None and mail_backend_tests is not None:
         """Django ≥ 6.1: ``SharedEmailBackendTests``, the backend built with MAILERS OPTIONS."""
 
         backend_class = RobustEmailBackend
-        django_tests = mail_tests
-
-        @staticmethod
-        def wire_to_parser(data: bytes) -> bytes:
-            return data.replace(b"\r\n", b"\n")
+        smtp_handler_class = mail_backend_tests.SMTPHandler
 
         @classmethod
         def setUpClass(cls) -> None:

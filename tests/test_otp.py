@@ -267,8 +267,8 @@ def test_no_code_issued_gives_no_code():
         "1" * 1000,
         "12345",
         "1234567",
-        "١٢٣٤٥٦",  # Arabic-Indic digits: str.isdigit() says yes, ASCII says no
-        "１２３４５６",  # full-width digits
+        "\u0661\u0662\u0663\u0664\u0665\u0666",  # Arabic-Indic: isdigit() yes, ASCII no
+        "\uff11\uff12\uff13\uff14\uff15\uff16",  # full-width digits
         "12345\x00",
         "abcdef",
         None,
@@ -456,6 +456,18 @@ def test_failed_sends_use_up_no_hourly_limit(smtp_server, robust):
     otp.issue(USER)
     otp.issue(USER)
     assert len(server.messages) == 2
+
+
+def test_a_mail_rate_limit_on_the_email_withdraws_the_code(mail_server):
+    server = mail_server(RATE_LIMITS={"PER_RECIPIENT": "1/h"}, OTP={"COOLDOWN": 0})
+    otp = service()
+    otp.issue(USER)
+
+    with pytest.raises(RateLimited):
+        otp.issue(USER)
+
+    assert OneTimePassword.objects.count() == 1
+    assert otp.verify(USER, code_from(server.messages[0])).ok
 
 
 # --- verification limits per address ------------------------------------------------

@@ -1,7 +1,8 @@
 """Single use under concurrency: of 50 threads verifying one right code, exactly one wins.
 
 In-memory SQLite is not shared between threads' connections the way a server database
-is, so these tests run on a SQLite *file* database added as an extra alias. They are not
+is, so these tests run on a SQLite *file* database added as an extra alias, and again on
+a real PostgreSQL (skipped without one, failed under CI=true). They are not
 ``django_db`` tests (whose isolation forbids new aliases in threads): the fixture unblocks
 database access itself and the file is thrown away afterwards.
 """
@@ -21,23 +22,31 @@ from robust_mail.conf import get_config
 from robust_mail.models import OneTimePassword
 from robust_mail.otp import OTPService, Reason
 from robust_mail.otp_store import DatabaseOTPStore
+from tests.postgres_server import postgres_server
 from tests.test_otp_support import Clock
+
+__all__ = ["postgres_server"]  # the fixture
 
 THREADS = 50
 USER = "alice@example.com"
 
 
-@pytest.fixture
-def file_db(tmp_path: Path, django_db_blocker: Any) -> Iterator[str]:
-    """A database alias on a SQLite file with the OneTimePassword table."""
+@pytest.fixture(params=["sqlite-file", pytest.param("postgres", marks=pytest.mark.postgres)])
+def file_db(
+    request: pytest.FixtureRequest, tmp_path: Path, django_db_blocker: Any
+) -> Iterator[str]:
+    """A database alias shared by threads, with the OneTimePassword table: a SQLite file,
+    or a fresh database on the real PostgreSQL server of ``tests/postgres_server.py``."""
     alias = "otp_race"
     base = connections.settings["default"]
-    connections.settings[alias] = {
-        **base,
-        "NAME": str(tmp_path / "race.sqlite3"),
-        "OPTIONS": {"timeout": 30},
-        "TEST": {**base.get("TEST", {}), "NAME": str(tmp_path / "race.sqlite3")},
-    }
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        entry = {**base, **server.django_settings(server.create_database("otp_race"))}
+        entry.update(OPTIONS={}, CONN_MAX_AGE=0, TEST={})
+    else:
+        path = str(tmp_path / "race.sqlite3")
+        entry = {**base, "NAME": path, "OPTIONS": {"timeout": 30}, "TEST": {"NAME": path}}
+    connections.settings[alias] = entry
     with django_db_blocker.unblock():
         try:
             with connections[alias].schema_editor() as editor:

@@ -20,7 +20,7 @@ from robust_mail.otp_store import (
     OTPStore,
 )
 from tests.redis_server import redis_server
-from tests.test_otp_support import Clock
+from tests.test_otp_support import Clock, close_cache
 
 __all__ = ["redis_server"]  # the fixture
 
@@ -64,7 +64,7 @@ def store(request: pytest.FixtureRequest, settings: Any) -> Iterator[OTPStore]:
         yield CacheOTPStore("otp")
     finally:
         caches["otp"].clear()
-        caches["otp"].close()
+        close_cache("otp")
 
 
 pytestmark = [pytest.mark.django_db, pytest.mark.redis]
@@ -191,14 +191,34 @@ def test_cache_store_consume_is_won_by_one_of_fifty_threads_on_redis(redis_serve
     results: list[bool] = []
 
     def work() -> None:
-        barrier.wait()
-        results.append(store.consume(key, T0))
+        try:
+            barrier.wait()
+            results.append(store.consume(key, T0))
+        finally:
+            close_cache("otp")
 
     threads = [threading.Thread(target=work) for _ in range(50)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    caches["otp"].close()
+    close_cache("otp")
 
     assert results.count(True) == 1 and len(results) == 50
+
+
+def test_store_setting_picks_the_store(settings):
+    settings.CACHES = {
+        **settings.CACHES,
+        "codes": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    }
+    settings.ROBUST_MAIL = {
+        "CACHE": "codes",
+        "OTP": {"STORE": "robust_mail.otp_store.CacheOTPStore"},
+    }
+
+    store = OTPService().store
+
+    assert isinstance(store, CacheOTPStore) and store.cache_alias == "codes"
+    settings.ROBUST_MAIL = {}
+    assert isinstance(OTPService().store, DatabaseOTPStore)

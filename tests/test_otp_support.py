@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from django.core.cache import caches
 
 from tests.conftest import provider
 
@@ -52,3 +53,14 @@ def mail_server(smtp_server: Callable[..., Any], robust: Callable[..., Any]) -> 
         return server
 
     return start
+
+
+def close_cache(alias: str) -> None:
+    """Disconnect this thread's Redis pools for ``alias``.
+
+    Django's RedisCache.close() keeps its pool open, and every thread has its own cache
+    object: tests close theirs, or the sockets leak as ResourceWarnings.
+    """
+    cache = caches[alias]
+    for pool in getattr(getattr(cache, "_cache", None), "_pools", {}).values():
+        pool.disconnect()

@@ -190,7 +190,7 @@ def test_a_claimed_message_cannot_be_claimed_again_while_its_lease_lasts() -> No
 
 
 def test_an_expired_lease_is_claimed_again_and_flagged_ambiguous() -> None:
-    from robust_mail.outbox import Outcome, record
+    from robust_mail.outbox_delivery import Outcome, record
 
     (row,) = queue(1)
     now = timezone.now()

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.core.cache import caches
 from django.core.checks import run_checks
 
 from robust_mail.conf import RateLimitConfig
@@ -14,6 +13,7 @@ from robust_mail.exceptions import RateLimited
 from robust_mail.ratelimit import Rate, RateLimiter, check_message_rates, parse_rate
 from tests.conftest import provider
 from tests.redis_server import redis_server
+from tests.test_otp_support import close_cache
 
 __all__ = ["redis_server"]  # the fixture
 
@@ -42,7 +42,7 @@ def test_parse_rate(text, rate):
 
 @pytest.mark.parametrize("text", ["", "100", "0/h", "-1/h", "10/w", "h/10", "1.5/h", "10/5m"])
 def test_parse_rate_rejects_other_forms(text):
-    with pytest.raises(ValueError, match="N/s, N/m, N/h or N/d|at least 1"):
+    with pytest.raises(ValueError, match=r"N/s, N/m, N/h or N/d|at least 1"):
         parse_rate(text)
 
 
@@ -139,7 +139,7 @@ def test_a_dead_cache_lets_mail_through(settings):
         for _ in range(3):
             check_message_rates(["a@example.com"], config, "dead")
     finally:
-        caches["dead"].close()
+        close_cache("dead")
 
 
 # --- real Redis --------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def redis_cache(redis_server: Any, settings: Any) -> Iterator[str]:
     try:
         yield "shared"
     finally:
-        caches["shared"].close()
+        close_cache("shared")
 
 
 @pytest.mark.redis
@@ -207,6 +207,8 @@ def test_concurrent_hits_on_real_redis_never_exceed_the_limit(redis_cache):
             allowed.append(True)
         except RateLimited:
             allowed.append(False)
+        finally:
+            close_cache(redis_cache)
 
     threads = [threading.Thread(target=work) for _ in range(40)]
     for thread in threads:

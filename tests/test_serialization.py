@@ -170,7 +170,7 @@ def test_attachment_json_cannot_hold_is_refused_with_a_clear_error() -> None:
 def test_attachment_of_unknown_shape_is_refused() -> None:
     message = EmailMessage("s", "b", "f@example.com", ["t@example.com"])
     message.attachments.append(42)
-    with pytest.raises(InvalidMessage, match="attachment #1 .*cannot be stored"):
+    with pytest.raises(InvalidMessage, match=r"attachment #1 .*cannot be stored"):
         message_to_data(message)
 
 

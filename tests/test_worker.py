@@ -123,3 +123,30 @@ def test_purge_dry_run_deletes_nothing() -> None:
     call_command("robust_mail_purge", "--older-than", "7", "--dry-run", stdout=out)
     assert out.getvalue().strip() == "would delete 1 outbox message(s)"
     assert OutboxMessage.objects.count() == 1
+
+
+def test_worker_delivers_with_the_options_of_a_mailers_alias(
+    smtp_server: Any, robust: Any, settings: Any
+) -> None:
+    unused, server = smtp_server(), smtp_server()
+    robust([provider(unused, "from-robust-mail")])
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+            "OPTIONS": {
+                "providers": [{"name": "from-mailers", "host": "127.0.0.1", "port": server.port}]
+            },
+        }
+    }
+    (row,) = queue(1)
+
+    Worker(once=True, report=lambda line: None).run()
+
+    row.refresh_from_db()
+    assert (row.status, row.provider) == ("sent", "from-mailers")
+    assert len(server.messages) == 1 and unused.messages == []
+
+
+def test_worker_command_rejects_an_unknown_mailer() -> None:
+    with pytest.raises(CommandError, match="no alias 'nope'"):
+        call_command("robust_mail_worker", "--once", "--mailer", "nope")

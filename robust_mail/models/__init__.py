@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from robust_mail.models.otp import OneTimePassword
-from robust_mail.models.outbox import OutboxMessage  # noqa: F401
+from robust_mail.models.outbox import OutboxMessage
 
 __all__ = ["OneTimePassword", "OutboxMessage"]

@@ -6,8 +6,10 @@ import signal
 import types
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from robust_mail.outbox_delivery import delivery_config
 from robust_mail.worker import Worker
 
 
@@ -38,6 +40,12 @@ class Command(BaseCommand):
             help="Seconds to wait when no message is due (default 5).",
         )
         parser.add_argument(
+            "--mailer",
+            default=None,
+            help="Django 6.1: the MAILERS alias whose OPTIONS to deliver with "
+            "(default: 'default' if robust_mail serves it, else ROBUST_MAIL).",
+        )
+        parser.add_argument(
             "--database", default=None, help="Database alias of the outbox (default: the router's)."
         )
 
@@ -48,7 +56,12 @@ class Command(BaseCommand):
             raise CommandError("--batch must be at least 1")
         if options["sleep"] < 0:
             raise CommandError("--sleep must not be negative")
+        try:
+            config = delivery_config(options["mailer"])
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from exc
         worker = Worker(
+            config=config,
             concurrency=options["concurrency"],
             batch=options["batch"],
             sleep=options["sleep"],

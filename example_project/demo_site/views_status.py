@@ -1,0 +1,32 @@
+"""The dashboard: providers, outbox and recent deliveries, refreshed by the page itself."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from example_project.demo_site import embedded, status
+
+
+@require_GET
+def dashboard(request: HttpRequest) -> HttpResponse:
+    return render(request, "demo_site/dashboard.html", _context())
+
+
+@never_cache
+@require_GET
+def live(request: HttpRequest) -> HttpResponse:
+    """The dashboard's panels alone: the page fetches this every two seconds."""
+    return render(request, "demo_site/_panels.html", _context())
+
+
+@never_cache
+@require_GET
+def status_json(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(status.snapshot())
+
+
+def _context() -> dict[str, object]:
+    return {"status": status.snapshot(), "modes": embedded.MODES}

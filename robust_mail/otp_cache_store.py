@@ -1,0 +1,179 @@
+"""The cache-backed OTP store: codes in Redis (through Django's cache), out of the database.
+
+See :mod:`robust_mail.otp_store` for the interface it implements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from django.core.cache import caches
+
+from robust_mail.exceptions import RateLimited
+from robust_mail.otp_store import DAY, HOUR, IssueLimits, NewCode, StoredCode
+from robust_mail.ratelimit import Hit, Rate, RateLimiter
+
+__all__ = ["CacheOTPStore"]
+
+
+@dataclass(frozen=True)
+class _CachedCode:
+    code: StoredCode
+    ip_address: str | None
+    hits: tuple[Hit, ...]
+    cooldown_key: str | None
+
+
+class CacheOTPStore:
+    """Codes in the Django cache ``cache_alias`` (Redis through ``django.core.cache``).
+
+    Records expire with the code. Attempts are ``incr`` counters; single use is
+    ``cache.add`` of a "consumed" marker (SET NX on Redis), so it is atomic wherever
+    ``add`` is. Limits are fixed-window counters of :class:`~robust_mail.ratelimit.RateLimiter`
+    and the cooldown a key created with ``add``. Needs a shared cache with atomic
+    ``add``/``incr`` — Redis or memcached, not LocMem outside tests.
+    """
+
+    def __init__(self, cache_alias: str = "default", *, prefix: str = "robust_mail:otp") -> None:
+        self.cache_alias = cache_alias
+        self.prefix = prefix
+
+    @property
+    def cache(self) -> Any:
+        return caches[self.cache_alias]
+
+    def _k(self, *parts: str) -> str:
+        # Identifiers are addresses: hash them out of the key names.
+        digest = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.prefix}:{digest[:40]}"
+
+    def add(self, code: NewCode, limits: IssueLimits) -> str:
+        now_ts = code.created_at.timestamp()
+        limiter = RateLimiter(self.cache_alias, clock=lambda: now_ts, prefix=f"{self.prefix}:rl")
+        cooldown_key = None
+        hits: list[Hit] = []
+        try:
+            if limits.cooldown > 0:
+                cooldown_key = self._k("cooldown", code.identifier, code.purpose)
+                if not self.cache.add(cooldown_key, now_ts, timeout=limits.cooldown):
+                    since = self.cache.get(cooldown_key)
+                    waited = now_ts - float(since) if since is not None else 0.0
+                    cooldown_key = None
+                    raise RateLimited(
+                        "a code was sent moments ago", retry_after=limits.cooldown - waited
+                    )
+            wanted = [
+                (limits.per_hour, HOUR, f"id:{code.identifier}"),
+                (limits.per_day, DAY, f"id:{code.identifier}"),
+            ]
+            if code.ip_address:
+                wanted.append((limits.per_ip_per_hour, HOUR, f"ip:{code.ip_address}"))
+            for limit, window, key in wanted:
+                if limit > 0:
+                    hit = limiter.hit(key, Rate(limit, window))
+                    if hit is not None:
+                        hits.append(hit)
+        except RateLimited:
+            self._release(tuple(hits), cooldown_key)
+            raise
+        key = uuid.uuid4().hex
+        stored = StoredCode(
+            key=key,
+            identifier=code.identifier,
+            purpose=code.purpose,
+            code_hash=code.code_hash,
+            created_at=code.created_at,
+            expires_at=code.expires_at,
+            attempts=0,
+        )
+        ttl = max(1.0, (code.expires_at - code.created_at).total_seconds())
+        record = _CachedCode(stored, code.ip_address, tuple(hits), cooldown_key)
+        self.cache.set(self._k("code", key), record, timeout=ttl + 60)
+        self.cache.set(self._k("attempts", key), 0, timeout=ttl + 60)
+        self._push(code.identifier, code.purpose, key, ttl + 60)
+        return key
+
+    def _push(self, identifier: str, purpose: str, key: str, ttl: float) -> None:
+        # The list of candidate keys, newest last. Lost updates here only hide a code
+        # (the user asks again), never reveal or revive one.
+        index = self._k("index", identifier, purpose)
+        keys = [k for k in self.cache.get(index, []) if self.cache.get(self._k("code", k))]
+        self.cache.set(index, [*keys, key], timeout=ttl)
+
+    def _release(self, hits: tuple[Hit, ...], cooldown_key: str | None) -> None:
+        limiter = RateLimiter(self.cache_alias, prefix=f"{self.prefix}:rl")
+        for hit in hits:
+            limiter.release(hit)
+        if cooldown_key is not None:
+            self.cache.delete(cooldown_key)
+
+    def _record(self, key: str) -> _CachedCode | None:
+        record = self.cache.get(self._k("code", key))
+        if not isinstance(record, _CachedCode) or self.cache.get(self._k("dead", key)):
+            return None
+        return record
+
+    def withdraw(self, key: str) -> None:
+        record = self.cache.get(self._k("code", key))
+        if isinstance(record, _CachedCode):
+            self._release(record.hits, record.cooldown_key)
+        self.cache.delete_many([self._k("code", key), self._k("attempts", key)])
+
+    def activate(self, key: str) -> None:
+        record = self._record(key)
+        if record is None:
+            return
+        index = self._k("index", record.code.identifier, record.code.purpose)
+        for other in self.cache.get(index, []):
+            if other == key:
+                break
+            self._kill(other)
+
+    def _kill(self, key: str) -> None:
+        record = self.cache.get(self._k("code", key))
+        if isinstance(record, _CachedCode):
+            ttl = max(1.0, (record.code.expires_at - record.code.created_at).total_seconds())
+            self.cache.set(self._k("dead", key), True, timeout=ttl + 60)
+
+    def latest(self, identifier: str, purpose: str) -> StoredCode | None:
+        for key in reversed(self.cache.get(self._k("index", identifier, purpose), [])):
+            record = self._record(key)
+            if record is None or self.cache.get(self._k("consumed", key)) is not None:
+                continue
+            attempts = self.cache.get(self._k("attempts", key), 0)
+            return replace(record.code, attempts=int(attempts))
+        return None
+
+    def count_attempt(self, key: str, max_attempts: int) -> bool:
+        if self._record(key) is None:
+            return False
+        try:
+            count = int(self.cache.incr(self._k("attempts", key)))
+        except ValueError:
+            return False
+        return count <= max_attempts
+
+    def consume(self, key: str, now: datetime) -> bool:
+        record = self._record(key)
+        if record is None or record.code.expires_at <= now:
+            return False
+        ttl = max(1.0, (record.code.expires_at - record.code.created_at).total_seconds())
+        # SET NX: exactly one caller creates the marker.
+        return bool(self.cache.add(self._k("consumed", key), now.timestamp(), timeout=ttl + 60))
+
+    def invalidate(self, identifier: str, purpose: str) -> int:
+        keys = self.cache.get(self._k("index", identifier, purpose), [])
+        count = 0
+        for key in keys:
+            if self._record(key) is not None and self.cache.get(self._k("consumed", key)) is None:
+                self._kill(key)
+                count += 1
+        return count
+
+    def purge_expired(self, now: datetime) -> int:
+        # The cache expires records by itself.
+        return 0

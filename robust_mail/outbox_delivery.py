@@ -1,0 +1,245 @@
+"""Delivering claimed outbox rows: one attempt through the Dispatcher, and its outcome.
+
+:func:`attempt` decides (no database write); :func:`record` writes the decision,
+fenced by the claim's lease token; :func:`process` does both. The worker
+(:mod:`robust_mail.worker`) and the delivery task (:mod:`robust_mail.tasks`) are
+built on these, and deliver with :func:`delivery_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage
+from django.utils import timezone
+
+from robust_mail.exceptions import Classification, InvalidMessage
+from robust_mail.models.outbox import OutboxMessage, OutboxStatus
+from robust_mail.outbox import Claim, claim
+from robust_mail.results import DeliveryResult, DeliveryStatus
+from robust_mail.signals import emit, message_failed
+
+if TYPE_CHECKING:
+    from robust_mail.conf import OutboxConfig, RobustMailConfig
+    from robust_mail.dispatch import Dispatcher
+
+__all__ = ["Outcome", "attempt", "delivery_config", "process", "process_pk", "record"]
+
+logger = logging.getLogger("robust_mail.outbox")
+
+Clock = Callable[[], datetime]
+
+#: Shortest wait before a deferred message is due again (seconds).
+MIN_DELAY = 1.0
+#: The backends whose MAILERS OPTIONS are a robust_mail configuration (Django 6.1).
+ROBUST_BACKENDS = frozenset(
+    {"robust_mail.backends.RobustEmailBackend", "robust_mail.backends.OutboxEmailBackend"}
+)
+
+
+def delivery_config(mailer: str | None = None) -> RobustMailConfig:
+    """The configuration outbox messages are delivered with.
+
+    ``mailer`` names a Django 6.1 ``MAILERS`` alias served by robust_mail, whose
+    OPTIONS are then the configuration. Without it: the ``"default"`` alias if
+    robust_mail serves it, else the first alias it serves, else ``ROBUST_MAIL``
+    (with Django's ``EMAIL_*`` settings), as :func:`robust_mail.conf.get_config` reads it.
+    """
+    from robust_mail.conf import get_config
+
+    mailers = getattr(settings, "MAILERS", None)
+    mailers = mailers if isinstance(mailers, Mapping) else {}
+    if mailer is None:
+        ours = [
+            alias
+            for alias, entry in mailers.items()
+            if isinstance(entry, Mapping) and entry.get("BACKEND") in ROBUST_BACKENDS
+        ]
+        if not ours:
+            return get_config()
+        mailer = "default" if "default" in ours else str(ours[0])
+    entry = mailers.get(mailer)
+    if not isinstance(entry, Mapping):
+        raise ImproperlyConfigured(f"MAILERS has no alias {mailer!r}")
+    options = cast(Mapping[str, Any], entry.get("OPTIONS") or {})
+    return get_config({k: v for k, v in options.items() if k != "fail_silently"}, alias=mailer)
+
+
+@dataclass
+class Outcome:
+    """What one attempt decided for one row: the new status and the fields to write."""
+
+    status: OutboxStatus
+    fields: dict[str, Any]
+    result: DeliveryResult | None = None
+    message: EmailMessage | None = None
+
+
+def attempt(
+    row: OutboxMessage, *, dispatcher: Dispatcher, config: OutboxConfig, clock: Clock = timezone.now
+) -> Outcome:
+    """Deliver one claimed row through ``dispatcher`` and decide its new state (no DB write).
+
+    SENT / PARTIAL → ``sent``; FAILED (message-fatal) or a row that cannot be
+    rebuilt → ``failed``; anything else is deferred: rescheduled by the
+    result's ``retry_after`` or ``RETRY_SCHEDULE``, and ``dead`` once
+    ``MAX_AGE`` has passed. An open breaker or a rate limit therefore defers,
+    never drops.
+    """
+    try:
+        message = row.rebuild()
+    except InvalidMessage as exc:
+        return _final(OutboxStatus.FAILED, f"cannot rebuild the stored message: {exc}", None)
+    try:
+        result = dispatcher.deliver(message)
+    except InvalidMessage as exc:
+        return _final(OutboxStatus.FAILED, f"invalid message: {exc}", None, message)
+    except Exception as exc:
+        # Not a delivery failure (those come back as results): a bug or a broken
+        # environment. Retry on the schedule rather than stall or lose the message.
+        logger.exception("outbox message %s: delivery raised", row.pk)
+        return _defer(row, f"{type(exc).__name__}: {exc}", None, config, clock(), None, message)
+    ambiguous = row.ambiguous or result.ambiguous
+    if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
+        refused = {addr: [code, reply] for addr, (code, reply) in result.refused.items()}
+        note = f"refused: {', '.join(sorted(refused))}" if refused else ""
+        fields = {
+            "provider": result.provider or "",
+            "sent_at": clock(),
+            "refused": refused,
+            "ambiguous": ambiguous,
+            "last_error": note,
+            "last_classification": Classification.AMBIGUOUS.value if ambiguous else "",
+        }
+        return Outcome(OutboxStatus.SENT, fields, result, message)
+    if result.status is DeliveryStatus.FAILED:
+        outcome = _final(OutboxStatus.FAILED, result.describe(), result, message)
+        outcome.fields["ambiguous"] = ambiguous
+        return outcome
+    return _defer(row, result.describe(), result, config, clock(), result.retry_after, message)
+
+
+def _final(
+    status: OutboxStatus,
+    reason: str,
+    result: DeliveryResult | None,
+    message: EmailMessage | None = None,
+) -> Outcome:
+    classification = result.classification if result and result.classification else None
+    fields = {
+        "last_error": reason,
+        "last_classification": (classification or Classification.MESSAGE_FATAL).value,
+    }
+    return Outcome(status, fields, result, message)
+
+
+def _defer(
+    row: OutboxMessage,
+    reason: str,
+    result: DeliveryResult | None,
+    config: OutboxConfig,
+    now: datetime,
+    retry_after: float | None,
+    message: EmailMessage | None,
+) -> Outcome:
+    classification = result.classification if result and result.classification else None
+    fields: dict[str, Any] = {
+        "last_error": reason,
+        "last_classification": (classification or Classification.TRANSIENT).value,
+        "ambiguous": row.ambiguous or bool(result and result.ambiguous),
+    }
+    deadline = row.created_at + timedelta(seconds=config.max_age)
+    if now >= deadline:
+        fields["last_error"] = (
+            f"undelivered after {row.attempts} attempt(s) in {config.max_age:.0f}s "
+            f"(MAX_AGE): {reason}"
+        )
+        return Outcome(OutboxStatus.DEAD, fields, result, message)
+    if result is not None and result.attempts == 0:
+        # Nothing was tried (every breaker open, or a rate limit): not an attempt of this
+        # message, so it neither uses up a step of the schedule nor waits one out.
+        fields["attempts"] = max(row.attempts - 1, 0)
+        delay = retry_after if retry_after is not None else config.retry_schedule[0]
+    else:
+        step = config.retry_schedule[min(max(row.attempts, 1), len(config.retry_schedule)) - 1]
+        delay = max(step, retry_after or 0.0)
+    # At least a second, so a worker draining with --once never spins on one message;
+    # and one last try at the deadline itself rather than giving up before it.
+    delay = max(delay, MIN_DELAY)
+    fields["next_attempt_at"] = min(now + timedelta(seconds=delay), deadline)
+    return Outcome(OutboxStatus.QUEUED, fields, result, message)
+
+
+def record(row: OutboxMessage, held: Claim, outcome: Outcome) -> bool:
+    """Write ``outcome`` if this claim still holds the row; False if its lease was lost.
+
+    Raises ``DatabaseError`` when the database is unreachable (the worker retries).
+    """
+    updated = (
+        OutboxMessage.objects.using(held.using)
+        .filter(pk=row.pk, lease_token=held.token, status=OutboxStatus.SENDING)
+        .update(status=outcome.status, lease_until=None, lease_token="", **outcome.fields)
+    )
+    if not updated:
+        logger.warning(
+            "outbox message %s: lease lost before the outcome (%s) was recorded",
+            row.pk,
+            outcome.status,
+        )
+        return False
+    if outcome.status in (OutboxStatus.FAILED, OutboxStatus.DEAD):
+        logger.warning(
+            "outbox message %s (%s) %s: %s",
+            row.pk,
+            row.message_id,
+            outcome.status,
+            outcome.fields.get("last_error"),
+        )
+        if outcome.message is not None:
+            emit(message_failed, OutboxMessage, message=outcome.message, result=outcome.result)
+    return True
+
+
+def process(
+    row: OutboxMessage,
+    held: Claim,
+    *,
+    dispatcher: Dispatcher,
+    config: OutboxConfig,
+    clock: Clock = timezone.now,
+) -> Outcome:
+    """Attempt one claimed row and record the outcome."""
+    outcome = attempt(row, dispatcher=dispatcher, config=config, clock=clock)
+    record(row, held, outcome)
+    return outcome
+
+
+def process_pk(
+    pk: int,
+    *,
+    using: str | None = None,
+    dispatcher: Dispatcher | None = None,
+    clock: Clock = timezone.now,
+) -> OutboxMessage | None:
+    """Claim and deliver one message by primary key (the delivery task's body).
+
+    Returns the row as it stands afterwards, or None when it was not due (already
+    sent, held by a worker, or scheduled for later).
+    """
+    from robust_mail.dispatch import Dispatcher
+
+    config = delivery_config()
+    held = claim(limit=1, lease=config.outbox.lease, using=using, now=clock(), pk=pk)
+    if not held.rows:
+        return None
+    row = held.rows[0]
+    process(
+        row, held, dispatcher=dispatcher or Dispatcher(config), config=config.outbox, clock=clock
+    )
+    return OutboxMessage.objects.using(held.using).filter(pk=pk).first()

@@ -1,0 +1,89 @@
+"""System checks of the OTP helper: every id has a test (E020-E022, W020 in test_ratelimit)."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.checks import run_checks
+
+from robust_mail.otp_checks import check_otp
+
+
+def _ids() -> set[str]:
+    return {m.id for m in run_checks() if m.id and m.id.startswith("robust_mail.")}
+
+
+def test_default_settings_raise_no_otp_check():
+    assert not {i for i in _ids() if i[-3:-1] == "02"}
+
+
+def test_e020_short_secret(settings):
+    settings.ROBUST_MAIL = {"OTP": {"SECRET": "too-short"}}
+
+    (message,) = [m for m in check_otp() if m.id == "robust_mail.E020"]
+    assert "token_urlsafe" in message.hint
+    assert "too-short" not in message.msg  # never print the secret
+    assert "robust_mail.E020" in _ids()
+
+
+def test_long_secret_passes(settings):
+    settings.ROBUST_MAIL = {"OTP": {"SECRET": "x" * 48}}
+
+    assert check_otp() == []
+
+
+def test_e021_missing_key_when_secret_is_none_and_secret_key_empty(settings):
+    settings.SECRET_KEY = ""
+
+    assert [m.id for m in check_otp()] == ["robust_mail.E021"]
+
+
+def test_w022_secret_equal_to_secret_key(settings):
+    settings.SECRET_KEY = "s" * 50
+    settings.ROBUST_MAIL = {"OTP": {"SECRET": "s" * 50}}
+
+    assert [m.id for m in check_otp()] == ["robust_mail.W022"]
+
+
+def test_w023_short_codes(settings):
+    settings.ROBUST_MAIL = {"OTP": {"LENGTH": 4}}
+
+    assert [m.id for m in check_otp()] == ["robust_mail.W023"]
+
+
+@pytest.mark.parametrize("length", [6, 8])
+def test_six_or_more_characters_are_fine(settings, length):
+    settings.ROBUST_MAIL = {"OTP": {"LENGTH": length}}
+
+    assert check_otp() == []
+
+
+def test_broken_configuration_is_left_to_the_core_checks(settings):
+    settings.ROBUST_MAIL = {"OTP": {"LENGTH": "six"}}
+
+    assert check_otp() == []
+
+
+def test_e022_store_that_cannot_be_imported(settings):
+    settings.ROBUST_MAIL = {"OTP": {"STORE": "robust_mail.nowhere.Store"}}
+
+    assert [m.id for m in check_otp()] == ["robust_mail.E022"]
+
+
+def test_w021_cache_store_on_a_per_process_cache_outside_debug(settings):
+    settings.ROBUST_MAIL = {"OTP": {"STORE": "robust_mail.otp_store.CacheOTPStore"}}
+
+    assert [m.id for m in check_otp()] == ["robust_mail.W021"]
+    settings.DEBUG = True
+    assert check_otp() == []
+
+
+def test_cache_store_on_redis_is_fine(settings):
+    settings.ROBUST_MAIL = {"OTP": {"STORE": "robust_mail.otp_store.CacheOTPStore"}}
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",
+        }
+    }
+
+    assert check_otp() == []

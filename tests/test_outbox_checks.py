@@ -1,0 +1,65 @@
+"""System checks of the outbox: robust_mail.E030, W030, W031, W032."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core.checks import CheckMessage, run_checks
+
+from robust_mail import tasks
+from robust_mail.outbox_checks import check_outbox
+
+
+def outbox_messages() -> list[CheckMessage]:
+    """Through Django's registry, which also proves the check is registered."""
+    return [m for m in run_checks(tags=["robust_mail"]) if m.id and 30 <= int(m.id[-3:]) < 40]
+
+
+def only(check_id: str) -> CheckMessage:
+    found = outbox_messages()
+    assert [m.id for m in found] == [check_id], [(m.id, m.msg) for m in found]
+    return found[0]
+
+
+def test_default_settings_pass_the_outbox_checks() -> None:
+    assert check_outbox() == []
+    assert outbox_messages() == []
+
+
+def test_e030_lease_not_longer_than_the_retry_deadline(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"RETRY": {"DEADLINE": 60}, "OUTBOX": {"LEASE": 60}}
+    message = only("robust_mail.E030")
+    assert "LEASE (60s)" in message.msg and "DEADLINE (60s)" in message.msg
+    assert "send it again" in (message.hint or "")
+
+
+def test_w030_lease_shorter_than_one_worst_case_delivery(settings: Any) -> None:
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [{"NAME": "slow", "HOST": "127.0.0.1", "PORT": 2525, "TIMEOUT": 20}],
+        "RETRY": {"DEADLINE": 30},
+        "OUTBOX": {"LEASE": 200},
+    }
+    message = only("robust_mail.W030")
+    assert "230s" in message.msg
+    assert "Raise LEASE" in (message.hint or "")
+
+
+def test_w031_tasks_configured_without_a_tasks_framework(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.TASKS = {"default": {"BACKEND": "somewhere.Backend"}}
+    monkeypatch.setattr(tasks, "task_framework", None)  # as if neither package were installed
+    message = only("robust_mail.W031")
+    assert "robust_mail_worker" in message.msg
+    assert "robust-mail[tasks]" in (message.hint or "")
+
+
+@pytest.mark.skipif(tasks.task_framework is None, reason="no tasks framework installed")
+def test_w032_tasks_backend_that_cannot_run_the_delivery_task(settings: Any) -> None:
+    settings.TASKS = {
+        "other": {"BACKEND": f"{tasks.task_framework.__name__}.backends.dummy.DummyBackend"}
+    }  # type: ignore[union-attr]
+    message = only("robust_mail.W032")
+    assert "default" in message.msg
+    assert "'default' backend" in (message.hint or "")

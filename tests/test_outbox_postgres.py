@@ -1,0 +1,162 @@
+"""Scale-out on a real PostgreSQL: SKIP LOCKED claims, worker processes, SIGKILL, DB loss.
+
+The server is started by ``tests/postgres_server.py`` (skipped without PostgreSQL,
+failed under CI=true). Every test gets its own database.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import provider
+from tests.postgres_server import PostgresServer, require_postgres
+from tests.test_worker_processes import CLAIM_ALL, Project, finish
+
+pytestmark = pytest.mark.postgres
+
+# LEASE must outlast one worst-case delivery (RETRY DEADLINE + 10 x TIMEOUT, see check
+# W030); short enough that a killed worker's messages are taken over within the test.
+MAIL = {"RETRY": {"ATTEMPTS": 2, "BACKOFF": 0, "DEADLINE": 5}, "OUTBOX": {"LEASE": 25}}
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    server = PostgresServer(require_postgres())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def pg_rows(server: PostgresServer, dbname: str) -> list[tuple[str, str, int, bool]]:
+    import psycopg
+
+    with psycopg.connect(**server.connect_kwargs(dbname)) as conn:
+        rows = conn.execute(
+            "SELECT message_id, status, attempts, ambiguous FROM robust_mail_outboxmessage"
+        ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+def sent_count(server: PostgresServer, dbname: str) -> int:
+    return sum(1 for _, status, _, _ in pg_rows(server, dbname) if status == "sent")
+
+
+def make_project(tmp_path: Path, pg: PostgresServer, smtp: Any, **mail: Any) -> tuple[Project, str]:
+    dbname = pg.create_database()
+    config = {"PROVIDERS": [provider(smtp, "local", TIMEOUT=2)], **MAIL, **mail}
+    project = Project(tmp_path, pg.django_settings(dbname), config)
+    project.manage("migrate", "--verbosity", "0")
+    return project, dbname
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_skip_locked_claims_are_exclusive_between_processes(
+    tmp_path: Path, pg: PostgresServer, smtp_server: Any
+) -> None:
+    project, dbname = make_project(tmp_path, pg, smtp_server())
+    project.enqueue(300)
+    claimers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM_ALL],
+            env=project.env(),
+            cwd=project.dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    claimed: list[int] = []
+    for claimer in claimers:
+        code, out, err = finish(claimer, timeout=120)
+        assert code == 0, err
+        claimed += json.loads(out)
+    assert len(claimed) == 300 and len(set(claimed)) == 300
+    assert sent_count(pg, dbname) == 300
+
+
+@pytest.mark.parametrize(
+    "count", [600, pytest.param(5000, marks=pytest.mark.slow, id="5000")], ids=str
+)
+def test_three_workers_drain_the_outbox_while_one_is_killed(
+    count: int, tmp_path: Path, pg: PostgresServer, smtp_server: Any
+) -> None:
+    server = smtp_server()
+    project, dbname = make_project(tmp_path, pg, server)
+    ids = project.enqueue(count)
+    args = ("--concurrency", "4", "--batch", "25", "--sleep", "0.5")
+    workers = [project.worker(*args) for _ in range(3)]
+    try:
+        server.wait_for(count // 5, timeout=120)
+        # Slow replies for a moment, so that every worker is surely inside a batch,
+        # holding claimed messages (some past DATA), when the first one is killed.
+        server.reply_delay = 0.2
+        server.mode = "slow"
+        time.sleep(1.0)
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        server.mode = "accept"
+        wait_until(lambda: sent_count(pg, dbname) == count, 180, "every message")
+    finally:
+        for worker in workers[1:]:
+            worker.send_signal(signal.SIGTERM)
+        results = [finish(worker) for worker in workers]
+
+    assert results[0][0] == -signal.SIGKILL
+    for code, _, err in results[1:]:
+        assert code == 0, err
+    rows = pg_rows(pg, dbname)
+    assert {status for _, status, _, _ in rows} == {"sent"}
+    received = Counter(m.message_id for m in server.messages)
+    assert set(received) == set(ids)  # every message delivered
+    duplicated = {mid for mid, times in received.items() if times > 1}
+    ambiguous = {mid for mid, _, _, flagged in rows if flagged}
+    # Only a message whose worker died holding it may arrive twice, and it is flagged.
+    assert duplicated <= ambiguous
+    assert ambiguous  # the killed worker's messages were taken over after its lease
+
+
+def test_worker_survives_losing_the_database_and_resumes(tmp_path: Path, smtp_server: Any) -> None:
+    own = PostgresServer(require_postgres())  # its own server: this test stops it
+    own.start()
+    try:
+        server = smtp_server()
+        project, dbname = make_project(tmp_path, own, server)
+        first = project.enqueue(5)
+        worker = project.worker("--sleep", "0.2")
+        try:
+            server.wait_for(5, timeout=60)
+            wait_until(lambda: sent_count(own, dbname) == 5, 60, "the outcomes")
+            own.stop()
+            time.sleep(1.5)  # the worker polls a dead database meanwhile
+            assert worker.poll() is None
+            own.start()
+            second = project.enqueue(5, start=5)
+            server.wait_for(10, timeout=90)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            code, _, err = finish(worker)
+        assert code == 0, err
+        assert "cannot claim messages" in err
+        received = Counter(m.message_id for m in server.messages)
+        assert set(received) == set(first + second) and set(received.values()) == {1}
+    finally:
+        own.cleanup()

@@ -1,0 +1,268 @@
+"""PasswordResetService: the flow, single use, sessions, and no account enumeration."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user
+from django.core.exceptions import ValidationError
+from django.db import connection
+from django.http import HttpRequest
+from django.test.utils import CaptureQueriesContext
+
+from robust_mail.exceptions import RateLimited
+from robust_mail.models.outbox import OutboxMessage
+from robust_mail.otp import OTPService
+from robust_mail.otp_store import DatabaseOTPStore
+from robust_mail.outbox import process_pk
+from robust_mail.password_reset import PasswordResetService, ResetTokenInvalid
+from tests.test_otp_support import Clock, code_from, mail_server
+
+__all__ = ["mail_server"]
+
+pytestmark = pytest.mark.django_db
+
+EMAIL = "alice@example.com"
+OLD = "an-old-password-1"
+NEW = "a-brand-new-password-2"
+
+
+@pytest.fixture
+def alice(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user("alice", EMAIL, OLD)
+
+
+def deliver_outbox() -> None:
+    """What a worker does: send every queued message (through the real SMTP server)."""
+    for pk in OutboxMessage.objects.values_list("pk", flat=True):
+        process_pk(pk)
+
+
+def reset_code(server: Any, reset: PasswordResetService, email: str = EMAIL) -> str:
+    reset.initiate(email)
+    deliver_outbox()
+    return code_from(server.messages[-1])
+
+
+def test_full_reset_through_the_outbox_and_a_real_smtp_server(mail_server, alice):
+    server = mail_server()
+    reset = PasswordResetService()
+
+    assert reset.initiate(EMAIL, ip_address="192.0.2.5") is None
+    assert server.messages == []  # queued, not sent in the request
+    deliver_outbox()
+    (received,) = server.messages
+    assert received.message["Subject"] == "Your password reset code"
+    token = reset.verify(EMAIL, code_from(received))
+    assert token is not None
+    user = reset.complete(token, NEW)
+
+    alice.refresh_from_db()
+    assert user.pk == alice.pk
+    assert alice.check_password(NEW)
+
+
+def test_wrong_code_gives_no_token(mail_server, alice):
+    server = mail_server()
+    reset = PasswordResetService()
+    code = reset_code(server, reset)
+
+    assert reset.verify(EMAIL, "000000" if code != "000000" else "111111") is None
+    assert reset.verify("bob@example.com", code) is None
+
+
+def test_token_is_single_use(mail_server, alice):
+    server = mail_server()
+    reset = PasswordResetService()
+    token = reset.verify(EMAIL, reset_code(server, reset))
+    reset.complete(token, NEW)
+
+    with pytest.raises(ResetTokenInvalid):
+        reset.complete(token, "yet-another-password-3")
+    alice.refresh_from_db()
+    assert alice.check_password(NEW)
+
+
+def test_code_is_single_use(mail_server, alice):
+    server = mail_server()
+    reset = PasswordResetService()
+    code = reset_code(server, reset)
+
+    assert reset.verify(EMAIL, code) is not None
+    assert reset.verify(EMAIL, code) is None
+
+
+def test_token_dies_when_the_user_signs_in_meanwhile(mail_server, alice, client):
+    server = mail_server()
+    reset = PasswordResetService()
+    token = reset.verify(EMAIL, reset_code(server, reset))
+
+    assert client.login(username="alice", password=OLD)
+
+    with pytest.raises(ResetTokenInvalid):
+        reset.complete(token, NEW)
+
+
+def test_token_expires(mail_server, alice, monkeypatch):
+    server = mail_server()
+    reset = PasswordResetService(token_max_age=600)
+    code = reset_code(server, reset)
+    issued_at = time.time() - 601
+    with monkeypatch.context() as patch:
+        # django.core.signing stamps tokens with time.time(): make this one 601 s old.
+        patch.setattr(time, "time", lambda: issued_at)
+        token = reset.verify(EMAIL, code)
+
+    with pytest.raises(ResetTokenInvalid):
+        reset.complete(token, NEW)
+
+
+@pytest.mark.parametrize("token", ["", "garbage", "a:b:c", "x" * 5000, None])
+def test_malformed_tokens_are_invalid(token):
+    with pytest.raises(ResetTokenInvalid):
+        PasswordResetService().complete(token, NEW)
+
+
+def test_password_validators_run_and_a_weak_password_changes_nothing(mail_server, alice, settings):
+    settings.AUTH_PASSWORD_VALIDATORS = [
+        {
+            "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+            "OPTIONS": {"min_length": 12},
+        }
+    ]
+    server = mail_server()
+    reset = PasswordResetService()
+    token = reset.verify(EMAIL, reset_code(server, reset))
+
+    with pytest.raises(ValidationError):
+        reset.complete(token, "short")
+
+    alice.refresh_from_db()
+    assert alice.check_password(OLD)
+    reset.complete(token, NEW)  # the token survives a rejected password
+
+
+def test_old_sessions_are_signed_out(mail_server, alice, client):
+    server = mail_server()
+    client.force_login(alice)
+    session_key = client.session.session_key
+    reset = PasswordResetService()
+
+    reset.complete(reset.verify(EMAIL, reset_code(server, reset)), NEW)
+
+    request = HttpRequest()
+    request.session = client.session.__class__(session_key)
+    assert get_user(request).is_anonymous
+
+
+def test_several_accounts_sharing_an_address_get_no_token(mail_server, alice, django_user_model):
+    django_user_model.objects.create_user("alice2", EMAIL.upper(), OLD)
+    server = mail_server()
+    reset = PasswordResetService()
+
+    assert reset.verify(EMAIL, reset_code(server, reset)) is None
+
+
+def test_inactive_and_passwordless_accounts_are_treated_as_absent(mail_server, django_user_model):
+    django_user_model.objects.create_user("off", "off@example.com", OLD, is_active=False)
+    nopass = django_user_model.objects.create_user("np", "np@example.com")
+    nopass.set_unusable_password()
+    nopass.save()
+    server = mail_server()
+    reset = PasswordResetService()
+
+    reset.initiate("off@example.com")
+    reset.initiate("np@example.com")
+    deliver_outbox()
+
+    assert server.messages == []
+
+
+def test_malformed_address_is_refused_alike(alice):
+    with pytest.raises(ValueError):
+        PasswordResetService().initiate("not an address")
+
+
+# --- enumeration -------------------------------------------------------------------------
+
+
+class Recording(OTPService):
+    """Records the work OTPService does, to compare the two paths step by step."""
+
+    def __init__(self, steps: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps = steps
+
+    def generate(self) -> Any:
+        self.steps.append("generate")
+        return super().generate()
+
+    def hash_code(self, identifier: str, purpose: str, code: str) -> str:
+        self.steps.append("hash")
+        return super().hash_code(identifier, purpose, code)
+
+    def render(self, *args: Any, **kwargs: Any) -> tuple[str, str, str]:
+        self.steps.append("render")
+        return super().render(*args, **kwargs)
+
+
+class RecordingStore(DatabaseOTPStore):
+    def __init__(self, steps: list[str]) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def add(self, code: Any, limits: Any) -> str:
+        self.steps.append("store.add")
+        return super().add(code, limits)
+
+    def activate(self, key: str) -> None:
+        self.steps.append("store.activate")
+        super().activate(key)
+
+
+def _run(email: str) -> tuple[object, list[str], list[str]]:
+    steps: list[str] = []
+    otp = Recording(steps, store=RecordingStore(steps), clock=Clock())
+    with CaptureQueriesContext(connection) as queries:
+        result = PasswordResetService(otp=otp).initiate(email)
+    return result, steps, [q["sql"] for q in queries.captured_queries]
+
+
+def test_unknown_address_gets_the_same_answer_and_the_same_work(mail_server, alice):
+    mail_server()
+
+    known_result, known_steps, known_sql = _run(EMAIL)
+    unknown_result, unknown_steps, unknown_sql = _run("nobody@example.com")
+
+    assert known_result == unknown_result is None
+    assert known_steps == unknown_steps
+    assert known_steps == ["generate", "hash", "store.add", "render", "store.activate"]
+    # The same queries, but for queueing the email: one INSERT into the outbox (in its
+    # own savepoint). Nothing in the request waits for SMTP.
+    extra = [q for q in known_sql if "robust_mail_outboxmessage" in q]
+    assert len(extra) == 1 and extra[0].startswith("INSERT")
+    known_rest = _without_savepoints(q for q in known_sql if q not in extra)
+    unknown_rest = _without_savepoints(unknown_sql)
+    assert [_shape(q) for q in known_rest] == [_shape(q) for q in unknown_rest]
+
+
+def _without_savepoints(sql: Any) -> list[str]:
+    return [q for q in sql if not q.startswith(("SAVEPOINT", "RELEASE SAVEPOINT"))]
+
+
+def _shape(sql: str) -> str:
+    """A query without its literal values (addresses, ids, times differ between runs)."""
+    return sql.split(" WHERE ")[0].split(" VALUES ")[0]
+
+
+def test_limits_apply_to_unknown_addresses_exactly_as_to_known_ones(mail_server, alice):
+    mail_server()
+    reset = PasswordResetService()
+
+    for email in (EMAIL, "nobody@example.com"):
+        reset.initiate(email)
+        with pytest.raises(RateLimited) as refused:
+            reset.initiate(email)
+        assert refused.value.retry_after == pytest.approx(60, abs=1)
