@@ -135,6 +135,9 @@ EXAMPLE_SMTP_PORTS = {
     "backup": int(os.environ.get("EXAMPLE_SMTP_BACKUP_PORT", "2526")),
 }
 EXAMPLE_EMBEDDED_SMTP = os.environ.get("EXAMPLE_EMBEDDED_SMTP") == "1"
+# The local demo's operator pages (dashboard, mailboxes, switches) are open to anyone on
+# 127.0.0.1; settings_production.py closes them to staff.
+EXAMPLE_OPEN_PAGES = os.environ.get("EXAMPLE_OPEN_PAGES", "1") == "1"
 
 EMAIL_BACKEND = "robust_mail.backends.RobustEmailBackend"
 _providers = os.environ.get(

@@ -32,6 +32,7 @@ CSRF_COOKIE_SECURE = True
 
 # The demo's local SMTP servers never run here.
 EXAMPLE_EMBEDDED_SMTP = False
+EXAMPLE_OPEN_PAGES = False  # dashboard, mailbox and send: staff only
 
 if postgres_db := os.environ.get("POSTGRES_DB"):
     DATABASES = {

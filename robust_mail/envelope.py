@@ -13,7 +13,7 @@ import email.errors
 import email.policy
 import inspect
 from dataclasses import dataclass
-from email.headerregistry import AddressHeader
+from email.headerregistry import Address, AddressHeader
 from email.utils import formatdate, make_msgid
 from typing import Any
 
@@ -95,7 +95,11 @@ def prep_address(address: Any) -> str:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise InvalidMessage(f"invalid address {text!r}: bad domain ({exc})") from exc
-    return f"{local}@{domain}" if domain else local
+    if not domain:
+        return local
+    # Address() re-quotes a local part that needs it ("a@b;"@corp.example): joining the
+    # bare parts would let smtplib re-parse it into a different envelope recipient.
+    return Address(username=local, domain=domain).addr_spec
 
 
 def _message_bytes(message: EmailMessage) -> bytes:

@@ -56,6 +56,7 @@ def site(settings: Any, smtp_server: Callable[..., Any]) -> Iterator[SimpleNames
     settings.TEMPLATES = [{**settings.TEMPLATES[0]}]  # a fresh engine sees the new app
     settings.MIDDLEWARE = EXAMPLE_MIDDLEWARE
     settings.ROOT_URLCONF = "example_project.urls"
+    settings.EXAMPLE_OPEN_PAGES = True  # as on the local demo
     settings.AUTHENTICATION_BACKENDS = [
         "django.contrib.auth.backends.ModelBackend",
         "robust_mail.auth_backends.EmailCodeBackend",
@@ -483,3 +484,28 @@ def test_production_settings_take_every_credential_from_the_environment(tmp_path
     )
     assert missing.returncode != 0
     assert "PRIMARY_SMTP_PASSWORD" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/status.json", "/status/live/", "/mailbox/", "/mailbox/live/", "/send/"]
+)
+def test_operator_pages_are_staff_only_outside_the_local_demo(
+    client: Client, site: SimpleNamespace, settings: Any, path: str
+) -> None:
+    settings.EXAMPLE_OPEN_PAGES = False
+
+    response = client.get(path)
+
+    assert response.status_code == 302
+    assert "/admin/login/" in response["Location"]
+
+
+def test_server_switch_is_staff_only_outside_the_local_demo(
+    client: Client, site: SimpleNamespace, settings: Any
+) -> None:
+    settings.EXAMPLE_OPEN_PAGES = False
+
+    response = client.post("/servers/primary/mode/", {"mode": "refuse"})
+
+    assert response.status_code == 302
+    assert site.primary.mode == "accept"

@@ -14,12 +14,14 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from example_project.demo_site import embedded, mailbox
+from example_project.demo_site.access import operator_page
 from example_project.demo_site.forms import SendForm
 from example_project.demo_site.status import server_info
 from robust_mail import EmailService
 from robust_mail.exceptions import InvalidMessage, RobustMailError
 
 
+@operator_page
 @login_required
 @require_http_methods(["GET", "POST"])
 def send(request: HttpRequest) -> HttpResponse:
@@ -49,11 +51,13 @@ def send(request: HttpRequest) -> HttpResponse:
     return render(request, "demo_site/send.html", {"form": form})
 
 
+@operator_page
 @require_GET
 def mailbox_page(request: HttpRequest) -> HttpResponse:
     return render(request, "demo_site/mailbox.html", {"boxes": _boxes()})
 
 
+@operator_page
 @never_cache
 @require_GET
 def mailbox_live(request: HttpRequest) -> HttpResponse:
@@ -68,12 +72,14 @@ def _boxes() -> list[dict[str, object]]:
     ]
 
 
+@operator_page
 @require_POST
 def mailbox_clear(request: HttpRequest, name: str) -> HttpResponse:
     _server(name).clear()
     return redirect("demo_site:mailbox")
 
 
+@operator_page
 @require_POST
 def server_mode(request: HttpRequest, name: str) -> HttpResponse:
     """Switch a local server's behaviour: ``mode`` is one of :data:`embedded.MODES`."""

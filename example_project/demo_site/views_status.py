@@ -8,13 +8,16 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from example_project.demo_site import embedded, status
+from example_project.demo_site.access import operator_page
 
 
+@operator_page
 @require_GET
 def dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "demo_site/dashboard.html", _context())
 
 
+@operator_page
 @never_cache
 @require_GET
 def live(request: HttpRequest) -> HttpResponse:
@@ -22,6 +25,7 @@ def live(request: HttpRequest) -> HttpResponse:
     return render(request, "demo_site/_panels.html", _context())
 
 
+@operator_page
 @never_cache
 @require_GET
 def status_json(request: HttpRequest) -> JsonResponse:
