@@ -91,14 +91,21 @@ class EmailCodeBackend(ModelBackend):
     ) -> Any:
         if email is None or code is None:
             return None  # a username/password attempt meant for another backend
-        result = OTPService().verify(email, code, self.purpose, ip_address=client_ip(request))
+        # Only the account whose stored address *is* the one typed (strictly: never a
+        # look-alike the database folds onto it), and the code must be bound to it.
+        users = users_with_email(email, usable_password=False) if isinstance(email, str) else []
+        user = users[0] if len(users) == 1 else None
+        result = OTPService().verify(
+            user if user is not None else email,
+            code,
+            self.purpose,
+            ip_address=client_ip(request),
+        )
         if not result.ok:
             return None
-        users = users_with_email(email.strip().lower(), usable_password=False)
-        if len(users) != 1:
+        if user is None:
             logger.warning("a sign-in code matched %d accounts; refused", len(users))
             return None
-        user = users[0]
         return user if self.user_can_authenticate(user) else None
 
 

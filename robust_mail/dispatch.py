@@ -63,6 +63,7 @@ class _Attempts:
     errors: list[ProviderError] = field(default_factory=list)
     ambiguous: bool = False
     busy_locally: bool = False
+    last_step: str = ""
 
 
 class Dispatcher:
@@ -136,7 +137,13 @@ class Dispatcher:
                 continue
             if index > 0 and attempts.count:
                 metrics.incr(provider.name, "failed_over")
-            outcome = self._try_provider(provider, envelope, message, deadline, attempts)
+            try:
+                outcome = self._try_provider(provider, envelope, message, deadline, attempts)
+            except BaseException:
+                # Interrupted (worker timeout, KeyboardInterrupt, a bad message): a
+                # half-open trial this call holds must not stay reserved.
+                breaker.release()
+                raise
             if isinstance(outcome, dict):
                 breaker.record_success()
                 return self._success(provider, envelope, outcome, attempts)
@@ -150,7 +157,14 @@ class Dispatcher:
                 attempts.busy_locally = False
                 breaker.release()
                 continue
-            breaker.record_failure(fatal=outcome is Classification.PROVIDER_FATAL)
+            # Only a failure of the provider itself (TLS, auth, refusing us as a sender)
+            # opens the breaker at once; a policy refusal of one recipient or one message
+            # fails over but counts like any failure, so one bad message can't take a
+            # healthy provider out of service.
+            breaker.record_failure(
+                fatal=outcome is Classification.PROVIDER_FATAL
+                and attempts.last_step in _PROVIDER_STEPS
+            )
         return self._failure(message, envelope, attempts, last, retry_at)
 
     def _try_provider(
@@ -190,6 +204,7 @@ class Dispatcher:
         except Exception as exc:
             classification = classify(exc)
             attempts.busy_locally = isinstance(exc, PoolTimeout)
+            attempts.last_step = str(getattr(exc, "step", ""))
             if classification is Classification.AMBIGUOUS:
                 attempts.ambiguous = True
                 metrics.incr(provider.name, "ambiguous")
@@ -308,10 +323,18 @@ class Dispatcher:
         return result
 
 
+#: Steps whose provider-fatal failure says the provider cannot send for us at all.
+_PROVIDER_STEPS = frozenset({"resolve", "connect", "greeting", "ehlo", "starttls", "auth", "mail"})
+
+
 def _retryable(exc: BaseException) -> bool:
-    # Ambiguous failures are retried too: the Message-ID is pinned, so a duplicate is
-    # recognisable, and at-least-once beats a silent loss.
-    return classify(exc) in (Classification.TRANSIENT, Classification.AMBIGUOUS)
+    # An ambiguous failure (no reply after the final dot) is not retried on the same
+    # provider, which most likely has the message already; the next provider still gets
+    # it with the same Message-ID, since at-least-once beats a silent loss. A busy local
+    # pool is not retried either: waiting again would only burn the deadline.
+    if isinstance(exc, PoolTimeout):
+        return False
+    return classify(exc) is Classification.TRANSIENT
 
 
 def _closed_while_idle(exc: TransportError) -> bool:

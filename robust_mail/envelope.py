@@ -48,21 +48,45 @@ def _header(message: EmailMessage, name: str) -> str | None:
     return None
 
 
+#: Attribute holding the headers robust_mail pinned on a message, so a later send of the
+#: same object (``msg.to = [x]; msg.send()`` in a loop) gets a fresh identity.
+_PINNED = "_robust_mail_pinned"
+
+
 def pin_message(message: EmailMessage) -> str:
     """Give ``message`` a fixed Message-ID and Date (if it has none) and return the Message-ID.
 
     Django generates both afresh each time ``message()`` is called; pinning
     them in ``extra_headers`` makes every attempt carry the same identity, so
-    a receiver (or a person) can recognise a duplicate.
+    a receiver (or a person) can recognise a duplicate. The headers dict is
+    copied first: Django keeps the caller's ``headers=`` dict as it is, and it
+    may be shared with other messages.
     """
+    added: dict[str, str] = {}
     message_id = _header(message, "Message-ID")
     if message_id is None:
-        message_id = make_msgid(domain=str(DNS_NAME))
-        message.extra_headers["Message-ID"] = message_id
+        message_id = added["Message-ID"] = make_msgid(domain=str(DNS_NAME))
     if _header(message, "Date") is None:
         use_localtime = bool(getattr(settings, "EMAIL_USE_LOCALTIME", False))
-        message.extra_headers["Date"] = formatdate(localtime=use_localtime)
+        added["Date"] = formatdate(localtime=use_localtime)
+    if added:
+        message.extra_headers = {**message.extra_headers, **added}
+        setattr(message, _PINNED, {**getattr(message, _PINNED, {}), **added})
     return message_id
+
+
+def release_pins(message: EmailMessage) -> None:
+    """Forget the Message-ID and Date an earlier send pinned: this is a new send.
+
+    Headers the caller set are kept; only values robust_mail added are removed.
+    """
+    pinned: dict[str, str] = getattr(message, _PINNED, {})
+    if not pinned:
+        return
+    message.extra_headers = {
+        key: value for key, value in message.extra_headers.items() if pinned.get(key) != value
+    }
+    delattr(message, _PINNED)
 
 
 def prep_address(address: Any) -> str:
@@ -119,7 +143,9 @@ def build_envelope(message: EmailMessage) -> Envelope:
     if not recipients_raw:
         raise InvalidMessage("the message has no recipients (to, cc and bcc are all empty)")
     from_addr = prep_address(message.from_email or settings.DEFAULT_FROM_EMAIL)
-    recipients = tuple(prep_address(r) for r in recipients_raw)
+    # The same address twice (to and cc, say) is one RCPT: servers refuse duplicates or
+    # count them twice, and a refusal must be judged per mailbox.
+    recipients = tuple(dict.fromkeys(prep_address(r) for r in recipients_raw))
     try:
         data = _message_bytes(message)
     except _BUILD_ERRORS as exc:

@@ -142,10 +142,12 @@ class ProviderError:
         return f"{self.provider}: {self.classification.value} at {self.step}{tries}: {self.message}"
 
 
-class DeliveryFailed(RobustMailError):
+class DeliveryFailed(RobustMailError, smtplib.SMTPException):
     """No provider accepted the message, and no fallback took it.
 
-    ``errors`` holds one :class:`ProviderError` per provider tried (or skipped).
+    ``errors`` holds one :class:`ProviderError` per provider tried (or skipped). A
+    subclass of :class:`smtplib.SMTPException`, so code written for Django's SMTP
+    backend (``except (SMTPException, OSError)``) still catches it.
     """
 
     def __init__(
@@ -223,6 +225,10 @@ def _classify_reply(step: Step, code: int, reply: str) -> Classification:
             return ProviderFatal
         return MessageFatal
     if step in (Step.DATA, Step.DATA_END):
+        if enhanced and enhanced[1] == 7:
+            # 5.7.x after DATA is a policy refusal at this provider (sender not verified,
+            # account paused, relaying denied): another provider may well take it.
+            return ProviderFatal
         return MessageFatal
     return ProviderFatal
 
@@ -246,6 +252,9 @@ def _classify_step(
     if isinstance(cause, StartTLSUnavailable):
         # A missing STARTTLS never falls back to plain text.
         return ProviderFatal
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError) and step in _HANDSHAKE:
+        # The peer hung up during the handshake: a network hiccup, not a bad certificate.
+        return Transient
     if isinstance(cause, ssl.SSLError | ssl.CertificateError) and step in _HANDSHAKE:
         # A bad certificate or a failed handshake is this provider's problem. After the
         # handshake, a TLS error is just a broken connection (handled as OSError below).
@@ -274,7 +283,8 @@ def _classify_step(
         effective = step or _step_of_response(cause)
         return _classify_reply(effective, code, reply)
     if isinstance(cause, ResolutionError):
-        return Transient
+        # NXDOMAIN / no such record: the configured host name is wrong, retrying won't help.
+        return ProviderFatal if cause.permanent else Transient
     if isinstance(cause, smtplib.SMTPServerDisconnected | TimeoutError | socket.timeout | OSError):
         if step is Step.DATA_END:
             return Ambiguous

@@ -8,9 +8,11 @@ Security properties (docs/otp.md says what they do and do not protect against):
 - comparison is constant time; each code allows ``MAX_ATTEMPTS`` tries, expires after
   ``TTL`` and is used at most once (a conditional UPDATE, see :mod:`robust_mail.otp_store`);
 - issuing is limited by a cooldown, hourly and daily limits per identifier and an hourly
-  limit per IP address; a code whose email could not be sent is withdrawn and uses up
-  no limit;
-- the code is never in a subject, a log line, an exception or a ``repr``.
+  limit per IP address (an IPv6 /64 counting as one address); a code whose email could
+  not be sent is withdrawn and uses up no limit;
+- the code is never in a subject, a log line, an exception or a ``repr`` — the rendered
+  bodies are :class:`SecretText`, whose ``repr`` is withheld, so tracebacks with local
+  variables (error trackers) do not show them either.
 """
 
 from __future__ import annotations
@@ -24,28 +26,33 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.validators import validate_email
 from django.template.loader import render_to_string, select_template
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from robust_mail import serialization
 from robust_mail.conf import OTPConfig, get_config
-from robust_mail.exceptions import DeliveryFailed, RateLimited
+from robust_mail.envelope import build_envelope
+from robust_mail.exceptions import RateLimited
 from robust_mail.otp_cache_store import CacheOTPStore
 from robust_mail.otp_codes import (
     ALPHANUMERIC,
     DIGITS,
     MAX_CODE_INPUT,
     SecretCode,
+    SecretText,
     check_purpose,
     code_keys,
     digest,
     mask,
     normalize_identifier,
 )
-from robust_mail.otp_store import IssueLimits, NewCode, OTPStore
-from robust_mail.ratelimit import Rate, RateLimiter
+from robust_mail.otp_store import IssueLimits, NewCode, OTPStore, write_decoy
+from robust_mail.ratelimit import Rate, RateLimiter, ip_bucket
 
 if TYPE_CHECKING:
     from robust_mail.password_reset import PasswordResetService
@@ -58,6 +65,7 @@ __all__ = [
     "PasswordResetService",
     "Reason",
     "SecretCode",
+    "SecretText",
     "VerifyResult",
     "check_purpose",
     "code_keys",
@@ -189,23 +197,32 @@ class OTPService:
         send: bool = True,
         background: bool = False,
         discard: bool = False,
+        recipient: str | None = None,
     ) -> IssuedCode:
         """Create a code for ``identifier`` and (``send=True``) email it.
+
+        The code is bound to ``identifier`` (its :func:`normalize_identifier` form). The
+        email goes to ``recipient``; by default to the stored address of a user passed as
+        ``identifier``, else to ``identifier`` as given. Pass the user, not an address
+        someone typed, whenever a code is for an account (see
+        :mod:`robust_mail.password_reset`).
 
         Raises :class:`RateLimited` (with ``retry_after``) over a limit, ``ValueError`` for
         a bad identifier or purpose, and the delivery error when the email could not be
         sent — in which case the code is withdrawn and counts toward no limit.
         With ``send=False`` the caller delivers ``IssuedCode.code`` itself. ``discard=True``
-        does all the work of sending but drops the rendered email at the end: the same
-        work for an address without an account as for one with (enumeration).
+        does all the work of sending — the email is built and serialised as for the
+        outbox, and one row is written in a transaction of its own — but queues nothing:
+        the same work for an address without an account as for one with (enumeration).
         """
         ident = normalize_identifier(identifier)
         check_purpose(purpose)
+        address = recipient.strip() if recipient is not None else _address_of(identifier)
         if send:
             try:
-                validate_email(ident)
+                validate_email(address)
             except ValidationError:
-                raise ValueError("send=True needs an email address as identifier") from None
+                raise ValueError("send=True needs an email address to send to") from None
         now = self.clock()
         code = self.generate()
         expires_at = now + timedelta(seconds=self.config.ttl)
@@ -216,14 +233,16 @@ class OTPService:
                 code_hash=self.hash_code(ident, purpose, code),
                 created_at=now,
                 expires_at=expires_at,
-                ip_address=ip_address or None,
+                ip_address=ip_bucket(ip_address),
                 user_agent=(user_agent or "")[:255],
             ),
             self.limits,
         )
         if send:
             try:
-                self.send(ident, code, purpose, expires_at, background=background, discard=discard)
+                self.send(
+                    address, code, purpose, expires_at, background=background, discard=discard
+                )
             except BaseException:
                 # Not sent: as if never issued, so the user may ask again at once.
                 self.store.withdraw(key)
@@ -242,12 +261,13 @@ class OTPService:
 
     def render(
         self, identifier: str, code: str, purpose: str, expires_at: datetime
-    ) -> tuple[str, str, str]:
+    ) -> tuple[str, SecretText, SecretText]:
         """(subject, text, html) from the project-overridable templates.
 
         Templates: ``robust_mail/otp/<purpose>_{subject.txt,email.txt,email.html}``, else
         ``robust_mail/otp/{subject.txt,email.txt,email.html}``. The subject is rendered
-        without the code in its context, so no template can put it there.
+        without the code in its context, so no template can put it there. The bodies are
+        :class:`SecretText`: they hold the code, and their ``repr`` does not.
         """
         context: dict[str, Any] = {
             "identifier": identifier,
@@ -259,13 +279,28 @@ class OTPService:
         subject = select_template([f"{base}{purpose}_subject.txt", f"{base}subject.txt"])
         subject_text = " ".join(subject.render(context).split())
         context["code"] = code
-        text = render_to_string([f"{base}{purpose}_email.txt", f"{base}email.txt"], context)
-        html = render_to_string([f"{base}{purpose}_email.html", f"{base}email.html"], context)
-        return subject_text, text, html
+        return (
+            subject_text,
+            SecretText(
+                render_to_string([f"{base}{purpose}_email.txt", f"{base}email.txt"], context)
+            ),
+            SecretText(
+                render_to_string([f"{base}{purpose}_email.html", f"{base}email.html"], context)
+            ),
+        )
+
+    def build_message(
+        self, address: str, code: str, purpose: str, expires_at: datetime
+    ) -> EmailMultiAlternatives:
+        """The code email to ``address``: text with an HTML alternative."""
+        subject, text, html = self.render(address, code, purpose, expires_at)
+        message = EmailMultiAlternatives(subject, text, settings.DEFAULT_FROM_EMAIL, [address])
+        message.attach_alternative(html, "text/html")
+        return message
 
     def send(
         self,
-        identifier: str,
+        address: str,
         code: str,
         purpose: str,
         expires_at: datetime,
@@ -273,16 +308,22 @@ class OTPService:
         background: bool,
         discard: bool = False,
     ) -> None:
+        """Email the code to ``address`` (``background``: through the outbox).
+
+        ``discard=True`` builds the same message and does the work of queueing it
+        (:func:`rehearse_queueing`) without queueing it. Raises the delivery error. The
+        bodies live only inside the message object here, never in a plain ``str``
+        local, and no exception raised here quotes them.
+        """
         from robust_mail.service import EmailService
 
-        subject, text, html = self.render(identifier, code, purpose, expires_at)
+        message = self.build_message(address, code, purpose, expires_at)
         if discard:
+            rehearse_queueing(message, self.clock())
             return
-        sent = EmailService.send_email(
-            subject, text, [identifier], html_message=html, background=background
-        )
-        if not sent:
-            raise DeliveryFailed("the code email was not sent")
+        result = EmailService.send(message, background=background)
+        if not result.ok:
+            raise result.to_exception()
 
     # -- verify ---------------------------------------------------------------------------
 
@@ -337,7 +378,7 @@ class OTPService:
             fail_open=True,
         )
         try:
-            limiter.hit(f"ip:{ip_address}", rate)
+            limiter.hit(f"ip:{ip_bucket(ip_address)}", rate)
         except RateLimited:
             logger.warning("too many code attempts from one address")
             return False
@@ -346,6 +387,30 @@ class OTPService:
     def invalidate(self, identifier: Any, purpose: str = "login") -> int:
         """Invalidate every live code for identifier and purpose; how many."""
         return self.store.invalidate(normalize_identifier(identifier), check_purpose(purpose))
+
+
+def _address_of(identifier: Any) -> str:
+    """The address to email for ``identifier``: a user's stored address, or the text."""
+    if hasattr(identifier, "get_email_field_name"):
+        identifier = getattr(identifier, identifier.get_email_field_name(), "") or ""
+    return str(identifier).strip()
+
+
+def rehearse_queueing(message: EmailMessage, now: datetime) -> None:
+    """Do the work of queueing ``message`` in the outbox, but queue nothing.
+
+    For requests about addresses without an account, so they take as long as requests
+    about addresses with one. Mirrors :meth:`EmailService.send` with ``background=True``
+    and :func:`robust_mail.outbox.enqueue`: build the message (the service checks it
+    can be), serialise it to the outbox's JSON payload, build it again (enqueue checks
+    once more), and insert one row in a transaction of its own — a decoy row in the code
+    table (:func:`~robust_mail.otp_store.write_decoy`) where enqueue inserts the outbox
+    row. Nothing is kept: the payload is dropped and the decoy can never be used.
+    """
+    build_envelope(message)
+    serialization.message_to_data(message)
+    build_envelope(message)
+    write_decoy(now)
 
 
 def purge_expired(now: datetime | None = None) -> int:

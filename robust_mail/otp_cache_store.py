@@ -15,7 +15,7 @@ from django.core.cache import caches
 
 from robust_mail.exceptions import RateLimited
 from robust_mail.otp_store import DAY, HOUR, IssueLimits, NewCode, StoredCode
-from robust_mail.ratelimit import Hit, Rate, RateLimiter
+from robust_mail.ratelimit import Hit, Rate, RateLimiter, ip_bucket
 
 __all__ = ["CacheOTPStore"]
 
@@ -52,6 +52,8 @@ class CacheOTPStore:
         return f"{self.prefix}:{digest[:40]}"
 
     def add(self, code: NewCode, limits: IssueLimits) -> str:
+        # The per-address limit counts IPv4 addresses and IPv6 /64s (see ip_bucket).
+        code = replace(code, ip_address=ip_bucket(code.ip_address))
         now_ts = code.created_at.timestamp()
         limiter = RateLimiter(self.cache_alias, clock=lambda: now_ts, prefix=f"{self.prefix}:rl")
         cooldown_key = None

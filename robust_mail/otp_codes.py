@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import unicodedata
 from typing import Any
 
 from django.conf import settings
@@ -19,6 +20,7 @@ __all__ = [
     "DIGITS",
     "MAX_CODE_INPUT",
     "SecretCode",
+    "SecretText",
     "check_purpose",
     "code_keys",
     "digest",
@@ -45,8 +47,24 @@ class SecretCode(str):
         return "SecretCode('******')"
 
 
+class SecretText(str):
+    """Text with a code in it (a rendered email body), equally kept out of ``repr()``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SecretText('<withheld: contains a one-time code>')"
+
+
 def normalize_identifier(identifier: Any) -> str:
-    """An email address or any user with an email field → the lower-cased address/text.
+    """An email address or any user with an email field → its comparison form.
+
+    The comparison form is NFKC, stripped, then case-folded: two addresses are the same
+    identifier exactly when their forms are equal (``Alice@Example.com``, ``alice@example.com``
+    and NFD-typed accents agree; the dotless i, U+0131, stays itself, unlike in PostgreSQL's
+    ``UPPER()``). Case folding is Unicode's caseless matching, which is what "compared
+    case-insensitively" means; it is for comparing and keying only — mail goes to the
+    address as stored (see :mod:`robust_mail.password_reset`).
 
     Raises ``ValueError`` for empty or over-long identifiers.
     """
@@ -54,7 +72,12 @@ def normalize_identifier(identifier: Any) -> str:
         identifier = getattr(identifier, identifier.get_email_field_name(), "") or ""
     if not isinstance(identifier, str):
         raise ValueError("an identifier is an email address (str) or a user")
-    value = identifier.strip().lower()
+    value = identifier.strip()
+    if len(value) > 4 * MAX_IDENTIFIER:
+        # Decomposed input may be longer than its normalised form, but not by this much;
+        # and normalising megabytes of user input is not free.
+        raise ValueError("an identifier must be 1 to 254 characters")
+    value = unicodedata.normalize("NFKC", value).strip().casefold()
     if not value or len(value) > MAX_IDENTIFIER:
         raise ValueError("an identifier must be 1 to 254 characters")
     return value

@@ -10,6 +10,12 @@ a store only keeps records and gives the atomic operations the rules need:
 - ``count_attempt`` and ``consume`` are conditional and atomic: of any number of
   concurrent callers, at most ``max_attempts`` resp. exactly one succeed.
 
+The per-address issue limit counts what :func:`~robust_mail.ratelimit.ip_bucket` gives: an
+IPv4 address, or an IPv6 /64 — and that is also what a store keeps as ``ip_address``.
+
+:func:`write_decoy` is the one write a request for an address without an account makes
+in place of queueing an email (see :mod:`robust_mail.password_reset`).
+
 :class:`DatabaseOTPStore` keeps :class:`~robust_mail.models.OneTimePassword` rows and counts
 limits over sliding windows of rows. :class:`CacheOTPStore` keeps everything in a Django
 cache (Redis) for projects that want codes out of the database; its limits are fixed-window
@@ -19,13 +25,14 @@ Both pass ``tests/test_otp_store.py``'s contract tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from django.db import models, transaction
+from django.db import models, router, transaction
 
 from robust_mail.exceptions import RateLimited
+from robust_mail.ratelimit import ip_bucket
 
 __all__ = [
     "DatabaseOTPStore",
@@ -33,6 +40,7 @@ __all__ = [
     "NewCode",
     "OTPStore",
     "StoredCode",
+    "write_decoy",
 ]
 
 HOUR = 3600
@@ -119,8 +127,18 @@ class DatabaseOTPStore:
     both retry). Rows stay for a day after they expire so the daily limit keeps counting.
     """
 
-    def __init__(self, using: str = "default") -> None:
-        self.using = using
+    def __init__(self, using: str | None = None) -> None:
+        self._using = using
+
+    @property
+    def using(self) -> str:
+        """The database alias: ``using``, else where the routers write OneTimePassword.
+
+        Reads go there too: limits and single use must see the latest writes.
+        """
+        from robust_mail.models import OneTimePassword
+
+        return self._using or router.db_for_write(OneTimePassword)
 
     def _rows(self) -> models.QuerySet[Any]:
         from robust_mail.models import OneTimePassword
@@ -128,6 +146,7 @@ class DatabaseOTPStore:
         return OneTimePassword.objects.using(self.using)
 
     def add(self, code: NewCode, limits: IssueLimits) -> str:
+        code = replace(code, ip_address=ip_bucket(code.ip_address))
         with transaction.atomic(using=self.using):
             row = self._rows().create(
                 identifier=code.identifier,
@@ -235,14 +254,46 @@ class DatabaseOTPStore:
 
     def purge_expired(self, now: datetime) -> int:
         # Keep a day past expiry (or use): the daily issue limit counts these rows.
+        # Decoys count toward nothing: they go whatever their age.
+        from robust_mail.models.otp import DECOY_PURPOSE, OneTimePassword
+
         cutoff = now - timedelta(seconds=DAY)
         done = (
             models.Q(expires_at__lt=now)
             | models.Q(consumed_at__isnull=False)
             | models.Q(invalidated=True)
         )
-        deleted, _ = self._rows().filter(done, created_at__lt=cutoff).delete()
+        rows = OneTimePassword._base_manager.using(self.using)
+        stale = models.Q(done, created_at__lt=cutoff) | models.Q(purpose=DECOY_PURPOSE)
+        deleted, _ = rows.filter(stale).delete()
         return int(deleted)
+
+
+def write_decoy(now: datetime, *, using: str | None = None) -> None:
+    """Insert one decoy row, in a transaction of its own (a savepoint inside another).
+
+    It stands in for the outbox row that queueing an email inserts, so a request for an
+    address without an account writes and commits as much as one with. The row can
+    never verify or be found: empty purpose and identifier (no real code has either),
+    an empty hash, already used, invalidated and expired, no IP address (so no limit
+    counts it). The default manager hides it; :meth:`DatabaseOTPStore.purge_expired`
+    deletes it. Written whatever the configured store, to the database the routers
+    choose for OneTimePassword.
+    """
+    from robust_mail.models.otp import DECOY_PURPOSE, OneTimePassword
+
+    alias = using or router.db_for_write(OneTimePassword)
+    with transaction.atomic(using=alias):
+        OneTimePassword._base_manager.using(alias).create(
+            identifier="",
+            purpose=DECOY_PURPOSE,
+            code_hash="",
+            created_at=now,
+            expires_at=now,
+            consumed_at=now,
+            invalidated=True,
+            ip_address=None,
+        )
 
 
 def __getattr__(name: str) -> Any:

@@ -3,11 +3,21 @@
 Flow: ``initiate(email)`` → the user gets a code → ``verify(email, code)`` returns a
 short-lived signed token → ``complete(token, new_password)`` sets the password.
 
+Accounts by address (cf. Django's CVE-2019-19844): the database's case-insensitive
+match (``email__iexact``) only finds candidates — PostgreSQL's ``UPPER()`` makes
+``boss@gma<U+0131>l.com`` (a dotless i: someone else's domain) equal ``boss@gmail.com``
+— so :func:`users_with_email` keeps only users whose stored address has the same
+:func:`~robust_mail.otp_codes.normalize_identifier` form (NFKC + case folding) as the one
+typed. A code for an account is then bound to that account's stored address and emailed
+to the stored address, never to the text typed; and when several accounts match, none
+gets a code.
+
 Enumeration: ``initiate`` does the same work for every well-formed address — one user
 query, one code generated, hashed and stored (so the issue limits apply to unknown
-addresses exactly as to known ones), the email rendered — and only at the very end either
-queues the email (an account exists) or drops it. Queueing is one INSERT into the
-outbox, so the response time does not depend on SMTP. The token is signed with
+addresses exactly as to known ones), the email rendered, built and serialised, and one
+row inserted in a transaction of its own: the outbox row when an account exists, a decoy
+row in the code table when none does (see :meth:`OTPService.issue`, ``discard``). The
+response time does not depend on SMTP. The token is signed with
 ``django.core.signing`` and bound to an HMAC of the user's password hash and last login,
 so it stops working once used (or once the user signs in), like Django's own
 ``PasswordResetTokenGenerator``.
@@ -48,15 +58,40 @@ class ResetTokenInvalid(RobustMailError, ValueError):
 
 
 def users_with_email(email: str, *, usable_password: bool = True) -> list[Any]:
-    """Active users with this address (case-insensitive).
+    """Active users whose stored address *is* ``email``, compared case-insensitively.
 
+    The database's ``iexact`` finds candidates; only those whose stored address has the
+    same :func:`normalize_identifier` form as ``email`` are kept, since databases fold
+    case more loosely (PostgreSQL upper-cases U+0131, a dotless i, to ``I``). A database
+    that folds less (SQLite's ``LIKE`` folds ASCII only) can only find fewer accounts,
+    never others.
     Like Django's PasswordResetForm, users without a usable password are left out unless
     ``usable_password=False`` (sign-in by code does not need a password).
     """
+    try:
+        wanted = normalize_identifier(email)
+    except ValueError:
+        return []
     user_model = get_user_model()
     field = user_model.get_email_field_name()
-    users = user_model._default_manager.filter(**{f"{field}__iexact": email, "is_active": True})
-    return [u for u in users if not usable_password or u.has_usable_password()]
+    candidates = user_model._default_manager.filter(
+        **{f"{field}__iexact": str(email).strip(), "is_active": True}
+    )
+    return [
+        user
+        for user in candidates
+        if _same_address(getattr(user, field, None), wanted)
+        and (not usable_password or user.has_usable_password())
+    ]
+
+
+def _same_address(stored: Any, wanted: str) -> bool:
+    if not isinstance(stored, str):
+        return False
+    try:
+        return normalize_identifier(stored) == wanted
+    except ValueError:
+        return False
 
 
 def issue_account_code(
@@ -69,25 +104,33 @@ def issue_account_code(
     background: bool = True,
     usable_password: bool = True,
 ) -> IssuedCode:
-    """Issue and email a code if an account has ``email``; the same work if none has.
+    """Issue and email a code if exactly one account has ``email``; the same work if not.
+
+    The code is bound to the account's stored address and sent there — never to the
+    address as typed. With no account, or several (whose would it be?), the same work is
+    done for the typed address and nothing is sent.
 
     Raises ``ValueError`` for a malformed address and :class:`RateLimited` over a limit —
     both independent of whether an account exists. Delivery errors can only happen for
     existing accounts: callers must report them like success (see docs/otp.md).
     """
-    address = normalize_identifier(email)
+    address = str(email).strip() if isinstance(email, str) else ""
     try:
+        normalize_identifier(address)
         validate_email(address)
-    except ValidationError:
+    except (ValueError, ValidationError):
         raise ValueError("not an email address") from None
-    exists = bool(users_with_email(address, usable_password=usable_password))
+    users = users_with_email(address, usable_password=usable_password)
+    if len(users) > 1:
+        logger.warning("%d accounts share the address %s: no code sent", len(users), mask(address))
+    account = users[0] if len(users) == 1 else None
     return otp.issue(
-        address,
+        account if account is not None else address,
         purpose,
         ip_address=ip_address,
         user_agent=user_agent,
         background=background,
-        discard=not exists,
+        discard=account is None,
     )
 
 
@@ -127,17 +170,25 @@ class PasswordResetService:
         )
 
     def verify(self, email: str, code: object, *, ip_address: str | None = None) -> str | None:
-        """A single-use reset token when ``code`` is right, else None (never raises)."""
-        result = self.otp.verify(email, code, self.purpose, ip_address=ip_address)
+        """A single-use reset token when ``code`` is right, else None (never raises).
+
+        The code is checked against the one account whose stored address is ``email``
+        (strictly, see :func:`users_with_email`), so a look-alike address the database
+        confuses with it reaches no account.
+        """
+        users = users_with_email(email) if isinstance(email, str) else []
+        account = users[0] if len(users) == 1 else None
+        result = self.otp.verify(
+            account if account is not None else email, code, self.purpose, ip_address=ip_address
+        )
         if not result.ok:
             return None
-        users = users_with_email(normalize_identifier(email))
-        if len(users) != 1:
-            # Several accounts share the address (or it was just deleted): refuse rather
-            # than guess whose password to reset.
-            logger.warning("reset code for %s matches %d accounts", mask(email), len(users))
+        if account is None:
+            # No account, or several sharing the address (or it was just deleted): refuse
+            # rather than guess whose password to reset.
+            logger.warning("reset code for %s matches %d accounts", mask(str(email)), len(users))
             return None
-        return self.make_token(users[0])
+        return self.make_token(account)
 
     # -- tokens ---------------------------------------------------------------------------
 

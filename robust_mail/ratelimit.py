@@ -12,11 +12,14 @@ one atomic counter per window, and it is documented in docs/rate-limits.md.
 A refused hit is not counted, and :meth:`RateLimiter.release` gives a counted hit back
 (a message that was then not sent, a code whose email failed), so limits measure what
 actually happened.
+
+Limits per client address key on :func:`ip_bucket`: the IPv4 address, or the IPv6 /64.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import re
@@ -34,6 +37,7 @@ __all__ = [
     "Rate",
     "RateLimiter",
     "check_message_rates",
+    "ip_bucket",
     "parse_rate",
 ]
 
@@ -71,6 +75,38 @@ def parse_rate(text: str) -> Rate:
     if limit < 1:
         raise ValueError(f"invalid rate {text!r}: the limit must be at least 1")
     return Rate(limit=limit, seconds=_UNITS[match.group(2)])
+
+
+#: The IPv6 prefix a per-address limit counts as one client. A /64 is the smallest
+#: network an ISP hands out (and one LAN): a single host can pick any of its 2**64
+#: addresses — privacy extensions do so all the time — so counting full IPv6 addresses
+#: would give every attacker an unlimited supply of fresh ones.
+IPV6_PREFIX = 64
+
+
+def ip_bucket(address: str | None) -> str | None:
+    """The client a per-address limit counts: an IPv4 address (/32) as it is, an IPv6
+    address as its /64 network address (``2001:db8:1:2:3:4:5:6`` → ``2001:db8:1:2::``).
+
+    IPv4-mapped IPv6 (``::ffff:192.0.2.1``) counts as the IPv4 address; a zone index is
+    dropped. None or empty gives None. Anything that is not an IP address is returned
+    stripped but otherwise unchanged (it is still a key, just not one we can group).
+    The result is itself a valid address, so it can be stored in a
+    ``GenericIPAddressField``, and ``ip_bucket(ip_bucket(x)) == ip_bucket(x)``.
+    """
+    if not address:
+        return None
+    text = str(address).strip()
+    try:
+        parsed = ipaddress.ip_address(text)
+    except ValueError:
+        return text or None
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        host_bits = 128 - IPV6_PREFIX
+        return str(ipaddress.IPv6Address(int(parsed) >> host_bits << host_bits))
+    return str(parsed)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from robust_mail.backends import _RobustBackendBase
 from robust_mail.conf import ConfigurationError
-from robust_mail.envelope import build_envelope
+from robust_mail.envelope import build_envelope, release_pins
 from robust_mail.exceptions import InvalidMessage, RobustMailError
 from robust_mail.fallback import queue_in_outbox
 from robust_mail.results import DeliveryResult, DeliveryStatus
@@ -97,6 +97,7 @@ class EmailService:
         that cannot be built raises :class:`InvalidMessage`.
         """
         if background:
+            release_pins(message)
             build_envelope(message)
             return queue_in_outbox(message)
         backend = default_backend()

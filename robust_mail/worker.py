@@ -11,8 +11,9 @@ being sent are finished and recorded; claimed messages not yet started are
 released at once, so another worker need not wait for their lease.
 
 A lost database connection is survived: claiming is retried with a growing
-pause, and an outcome that cannot be written is retried until the lease runs
-out (after which another worker owns the row and the write is fenced off).
+pause (with ``once``, only a few times, then the error is raised), and an
+outcome that cannot be written is retried until the lease runs out (after
+which another worker owns the row and the write is fenced off).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ logger = logging.getLogger("robust_mail.worker")
 #: Pause after a database error, doubled each time up to the maximum (seconds).
 DB_RETRY_FIRST = 1.0
 DB_RETRY_MAX = 30.0
+#: With ``once``, claiming gives up (raises) after this many database errors in a row.
+ONCE_DB_ATTEMPTS = 3
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Worker:
         """Run until :meth:`stop` (or until nothing is due, with ``once``)."""
         threads = _Threads(self.concurrency, self._handle) if self.concurrency > 1 else None
         pause = DB_RETRY_FIRST
+        failures = 0
         try:
             while not self._stop.is_set():
                 _refresh_connections()
@@ -115,12 +119,15 @@ class Worker:
                         now=self.clock(),
                     )
                 except DatabaseError as exc:
+                    failures += 1
+                    if self.once and failures >= ONCE_DB_ATTEMPTS:
+                        raise  # a one-shot run (cron, deploy step) reports the outage
                     logger.warning("cannot claim messages (%s); retrying in %.0fs", exc, pause)
                     _drop_connections()
                     self._stop.wait(pause)
                     pause = min(pause * 2, DB_RETRY_MAX)
                     continue
-                pause = DB_RETRY_FIRST
+                pause, failures = DB_RETRY_FIRST, 0
                 if not held.rows:
                     if self.once:
                         break
@@ -242,6 +249,8 @@ def _refresh_connections() -> None:
 def _drop_connections() -> None:
     """Close this thread's connections so the next query reconnects."""
     for conn in connections.all(initialized_only=True):
+        if conn.in_atomic_block:
+            continue  # not ours to close (a caller's transaction)
         try:
             conn.close()
         except DatabaseError:

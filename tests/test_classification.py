@@ -52,7 +52,7 @@ ROWS: list[tuple[str, BaseException, Classification]] = [
     (
         "NXDOMAIN",
         at(Step.RESOLVE, ResolutionError("mx.test", "NXDOMAIN", permanent=True)),
-        TRANSIENT,
+        PROVIDER_FATAL,
     ),
     ("bare ResolutionError", ResolutionError("mx.test", "no nameserver"), TRANSIENT),
     (
@@ -254,11 +254,21 @@ ROWS: list[tuple[str, BaseException, Classification]] = [
         MESSAGE_FATAL,
     ),
     (
-        "550 spam at DATA_END",
+        "550 5.7.1 policy refusal at DATA_END (fails over)",
         at(Step.DATA_END, smtplib.SMTPDataError(550, b"5.7.1 spam")),
-        MESSAGE_FATAL,
+        PROVIDER_FATAL,
     ),
     ("bare 554 data error", smtplib.SMTPDataError(554, b"5.6.0 rejected"), MESSAGE_FATAL),
+    (
+        "554 5.7.1 sender not verified after DATA",
+        at(Step.DATA_END, smtplib.SMTPDataError(554, b"5.7.1 Email address is not verified")),
+        PROVIDER_FATAL,
+    ),
+    (
+        "TLS handshake dropped by the peer",
+        at(Step.STARTTLS, ssl.SSLEOFError(8, "EOF occurred in violation of protocol")),
+        TRANSIENT,
+    ),
     ("InvalidMessage", InvalidMessage("invalid address 'a\\nb'"), MESSAGE_FATAL),
     ("InvalidMessage at MAIL", at(Step.MAIL, InvalidMessage("no SMTPUTF8")), MESSAGE_FATAL),
     ("InvalidMessage at BUILD", at(Step.BUILD, InvalidMessage("no recipients")), MESSAGE_FATAL),

@@ -68,7 +68,9 @@ def test_identifier_is_case_and_whitespace_insensitive(mail_server):
     otp = service()
     otp.issue("  Alice@Example.COM ")
 
-    assert server.messages[0].rcpt_tos == [USER]
+    # Sent to the address as given (local parts may be case-sensitive), bound to its
+    # case-insensitive form.
+    assert server.messages[0].rcpt_tos == ["Alice@Example.COM"]
     assert otp.verify("ALICE@example.com", code_from(server.messages[0])).ok
 
 
@@ -488,6 +490,38 @@ def test_guessing_across_identifiers_from_one_address_is_bounded(mail_server):
     # 2 codes/hour x 3 attempts = 6 tries an hour from one address, whoever they target.
     assert reasons.count(Reason.LOCKED) == 2
     assert reasons[-2:] == [Reason.LOCKED, Reason.LOCKED]
+
+
+def test_guessing_from_fresh_ipv6_addresses_of_one_slash_64_is_bounded(mail_server):
+    mail_server(OTP={"MAX_PER_IP_PER_HOUR": 2, "MAX_ATTEMPTS": 3, "COOLDOWN": 0})
+    otp = service()
+    for n in range(4):
+        otp.issue(f"user{n}@example.com", send=False)
+
+    # A new interface identifier for every guess: the same /64, so the same budget.
+    reasons = [
+        otp.verify(f"user{n}@example.com", "000000", ip_address=f"2001:db8:5:6::{n}:{k}").reason
+        for n in range(4)
+        for k in range(2)
+    ]
+    elsewhere = otp.verify("user3@example.com", "000000", ip_address="2001:db8:5:7::1")
+
+    assert reasons.count(Reason.LOCKED) == 2
+    assert elsewhere.reason is Reason.INVALID
+
+
+def test_ipv6_issue_limit_and_stored_address_use_the_slash_64(mail_server):
+    mail_server(OTP={"MAX_PER_IP_PER_HOUR": 2})
+    otp = service()
+    otp.issue("a@example.com", ip_address="2001:db8:9:9:1:2:3:4")
+    otp.issue("b@example.com", ip_address="2001:db8:9:9:5:6:7:8")
+
+    with pytest.raises(RateLimited):
+        otp.issue("c@example.com", ip_address="2001:db8:9:9::c")
+    otp.issue("c@example.com", ip_address="192.0.2.77")
+
+    stored = set(OneTimePassword.objects.values_list("ip_address", flat=True))
+    assert stored == {"2001:db8:9:9::", "192.0.2.77"}
 
 
 # --- purge -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from django.test import override_settings
 
 from robust_mail.exceptions import DeliveryFailed, RateLimited
 from robust_mail.models import OneTimePassword
-from robust_mail.otp import OTPService
+from robust_mail.otp import OTPService, SecretCode
 from robust_mail.password_reset import PasswordResetService
 from tests.conftest import provider
 from tests.test_otp_support import Clock, code_from
@@ -77,6 +77,40 @@ def test_codes_never_reach_logs_or_exceptions(smtp_server, robust, caplog, djang
     assert errors and any(r.name.startswith("robust_mail.otp") for r in caplog.records)
     for leaked in codes:
         assert leaked not in seen
+
+
+class FixedCode(OTPService):
+    """Issues a code the test knows without reading it from an email."""
+
+    code = "428571"
+
+    def generate(self) -> SecretCode:
+        return SecretCode(self.code)
+
+
+@pytest.mark.parametrize("flow", ["issue", "password_reset"])
+def test_a_failed_send_leaves_no_readable_code_in_traceback_locals(
+    smtp_server, robust, django_user_model, flow
+):
+    # What error trackers (Sentry) and `traceback` with capture_locals record: the repr of
+    # every local variable of every frame between the raise and the catch.
+    server = smtp_server("rcpt_550")
+    robust([provider(server, "only")])
+    django_user_model.objects.create_user("alice", USER, "an-old-password-1")
+    otp = FixedCode(clock=Clock())
+
+    with pytest.raises(DeliveryFailed) as failed:
+        if flow == "issue":
+            otp.issue(USER)
+        else:
+            PasswordResetService(otp=otp, background=False).initiate(USER)
+
+    report = "".join(
+        traceback.TracebackException.from_exception(failed.value, capture_locals=True).format()
+    )
+    assert "robust_mail/otp.py" in report
+    assert FixedCode.code not in report
+    assert FixedCode.code not in str(failed.value)
 
 
 def test_console_fallback_withholds_the_code_outside_debug(smtp_server, robust, capsys):

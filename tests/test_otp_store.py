@@ -167,6 +167,26 @@ class TestStoreContract:
             store.add(new("c@example.com", ip="192.0.2.1"), limits)
         store.add(new("c@example.com", ip="192.0.2.2"), limits)
 
+    def test_ip_limit_counts_an_ipv6_slash_64_as_one_address(self, store):
+        limits = IssueLimits(cooldown=0, per_hour=10, per_day=10, per_ip_per_hour=2)
+        store.add(new("a@example.com", ip="2001:db8:1:2::1"), limits)
+        store.add(new("b@example.com", ip="2001:db8:1:2:ffff:ffff:ffff:fffe"), limits)
+
+        # One host (one /64) picking a fresh address per request is still one address.
+        with pytest.raises(RateLimited):
+            store.add(new("c@example.com", ip="2001:db8:1:2:abcd::9"), limits)
+        with pytest.raises(RateLimited):
+            store.add(new("c@example.com", ip="2001:DB8:1:2:0:0:0:7"), limits)
+        store.add(new("c@example.com", ip="2001:db8:1:3::1"), limits)  # the next /64
+
+    def test_ip_limit_counts_ipv4_per_address(self, store):
+        limits = IssueLimits(cooldown=0, per_hour=10, per_day=10, per_ip_per_hour=1)
+        store.add(new("a@example.com", ip="192.0.2.1"), limits)
+
+        with pytest.raises(RateLimited):
+            store.add(new("b@example.com", ip="::ffff:192.0.2.1"), limits)  # the same, mapped
+        store.add(new("b@example.com", ip="192.0.2.2"), limits)
+
     def test_service_works_end_to_end_on_the_store(self, store):
         otp = OTPService(store=store, clock=Clock(T0))
         code = str(otp.issue("a@example.com", send=False).code)

@@ -12,9 +12,11 @@ from django.db import connection
 from django.http import HttpRequest
 from django.test.utils import CaptureQueriesContext
 
+from robust_mail import envelope, outbox, serialization
 from robust_mail.exceptions import RateLimited
+from robust_mail.models import OneTimePassword
 from robust_mail.models.outbox import OutboxMessage
-from robust_mail.otp import OTPService
+from robust_mail.otp import OTPService, purge_expired
 from robust_mail.otp_store import DatabaseOTPStore
 from robust_mail.outbox import process_pk
 from robust_mail.password_reset import PasswordResetService, ResetTokenInvalid
@@ -157,12 +159,22 @@ def test_old_sessions_are_signed_out(mail_server, alice, client):
     assert get_user(request).is_anonymous
 
 
-def test_several_accounts_sharing_an_address_get_no_token(mail_server, alice, django_user_model):
+def test_several_accounts_sharing_an_address_get_no_email_and_no_token(
+    mail_server, alice, django_user_model
+):
     django_user_model.objects.create_user("alice2", EMAIL.upper(), OLD)
     server = mail_server()
-    reset = PasswordResetService()
+    clock = Clock()
+    reset = PasswordResetService(otp=OTPService(clock=clock))
 
-    assert reset.verify(EMAIL, reset_code(server, reset)) is None
+    reset.initiate(EMAIL)
+    deliver_outbox()
+    clock.advance(61)
+    code = str(reset.otp.issue(EMAIL, "password_reset", send=False).code)
+
+    # Whose password would it reset? Neither: no code is sent, and none gives a token.
+    assert server.messages == []
+    assert reset.verify(EMAIL, code) is None
 
 
 def test_inactive_and_passwordless_accounts_are_treated_as_absent(mail_server, django_user_model):
@@ -222,39 +234,104 @@ class RecordingStore(DatabaseOTPStore):
         super().activate(key)
 
 
-def _run(email: str) -> tuple[object, list[str], list[str]]:
-    steps: list[str] = []
-    otp = Recording(steps, store=RecordingStore(steps), clock=Clock())
-    with CaptureQueriesContext(connection) as queries:
-        result = PasswordResetService(otp=otp).initiate(email)
-    return result, steps, [q["sql"] for q in queries.captured_queries]
+class Work:
+    """What one ``initiate`` did: the service's steps, the SQL, MIME builds, JSON payloads."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.sql: list[str] = []
+        self.builds = 0
+        self.payloads = 0
 
 
-def test_unknown_address_gets_the_same_answer_and_the_same_work(mail_server, alice):
+@pytest.fixture
+def measure(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``measure(email)`` runs ``initiate(email)`` and returns the :class:`Work` it did.
+
+    Counts every MIME generation (``envelope._message_bytes``, behind every
+    ``build_envelope``) and every outbox payload (``message_to_data``) wherever it is
+    called from; both are wrapped, not replaced.
+    """
+    current: list[Work] = []
+
+    def counting(name: str, target: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            setattr(current[-1], name, getattr(current[-1], name) + 1)
+            return target(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(envelope, "_message_bytes", counting("builds", envelope._message_bytes))
+    payload = counting("payloads", serialization.message_to_data)
+    monkeypatch.setattr(serialization, "message_to_data", payload)
+    monkeypatch.setattr(outbox, "message_to_data", payload)
+
+    def run(email: str) -> Work:
+        work = Work()
+        current.append(work)
+        otp = Recording(work.steps, store=RecordingStore(work.steps), clock=Clock())
+        with CaptureQueriesContext(connection) as queries:
+            assert PasswordResetService(otp=otp).initiate(email) is None
+        work.sql = [q["sql"] for q in queries.captured_queries]
+        return work
+
+    return run
+
+
+def _verb(sql: str) -> str:
+    return sql.split()[0].upper()
+
+
+def _inserts(sql: list[str]) -> list[str]:
+    return [q.split('"')[1] for q in sql if _verb(q) == "INSERT"]
+
+
+def test_unknown_address_gets_the_same_answer_and_the_same_work(mail_server, alice, measure):
     mail_server()
 
-    known_result, known_steps, known_sql = _run(EMAIL)
-    unknown_result, unknown_steps, unknown_sql = _run("nobody@example.com")
+    known = measure(EMAIL)
+    unknown = measure("nobody@example.com")
 
-    assert known_result == unknown_result is None
-    assert known_steps == unknown_steps
-    assert known_steps == ["generate", "hash", "store.add", "render", "store.activate"]
-    # The same queries, but for queueing the email: one INSERT into the outbox (in its
-    # own savepoint). Nothing in the request waits for SMTP.
-    extra = [q for q in known_sql if "robust_mail_outboxmessage" in q]
-    assert len(extra) == 1 and extra[0].startswith("INSERT")
-    known_rest = _without_savepoints(q for q in known_sql if q not in extra)
-    unknown_rest = _without_savepoints(unknown_sql)
-    assert [_shape(q) for q in known_rest] == [_shape(q) for q in unknown_rest]
-
-
-def _without_savepoints(sql: Any) -> list[str]:
-    return [q for q in sql if not q.startswith(("SAVEPOINT", "RELEASE SAVEPOINT"))]
+    assert known.steps == unknown.steps
+    assert known.steps == ["generate", "hash", "store.add", "render", "store.activate"]
+    # The same email is built and serialised for the outbox on both paths...
+    assert (unknown.builds, unknown.payloads) == (known.builds, known.payloads)
+    assert known.builds >= 1 and known.payloads == 1
+    # ...and the same statements run, in the same order, each INSERT in a transaction
+    # (here a savepoint) of its own. Only the table of the second INSERT differs: the
+    # outbox for an account, an invisible decoy row in the code table without one.
+    assert [_verb(q) for q in known.sql] == [_verb(q) for q in unknown.sql]
+    assert _inserts(known.sql) == ["robust_mail_onetimepassword", "robust_mail_outboxmessage"]
+    assert _inserts(unknown.sql) == ["robust_mail_onetimepassword", "robust_mail_onetimepassword"]
 
 
-def _shape(sql: str) -> str:
-    """A query without its literal values (addresses, ids, times differ between runs)."""
-    return sql.split(" WHERE ")[0].split(" VALUES ")[0]
+@pytest.mark.django_db(transaction=True)
+def test_both_paths_commit_the_same_number_of_transactions(mail_server, alice, measure):
+    mail_server()
+
+    known = measure(EMAIL)
+    unknown = measure("nobody@example.com")
+
+    begins = [q for q in known.sql if _verb(q) in ("BEGIN", "SAVEPOINT")]
+    assert len(begins) >= 2  # the code row and the outbox row, each committed on its own
+    assert [_verb(q) for q in known.sql] == [_verb(q) for q in unknown.sql]
+
+
+def test_the_decoy_row_is_invisible_and_purged(mail_server, alice, measure):
+    mail_server()
+
+    measure("nobody@example.com")
+
+    (decoy,) = OneTimePassword._base_manager.filter(purpose="")
+    assert (decoy.identifier, decoy.code_hash, decoy.ip_address) == ("", "", None)
+    assert decoy.invalidated and decoy.consumed_at is not None
+    assert decoy.expires_at <= decoy.created_at
+    # Hidden from the store, the limits and the admin, which all use the default manager.
+    assert list(OneTimePassword.objects.values_list("identifier", flat=True)) == [
+        "nobody@example.com"
+    ]
+    assert purge_expired() == 1
+    assert not OneTimePassword._base_manager.filter(purpose="").exists()
 
 
 def test_limits_apply_to_unknown_addresses_exactly_as_to_known_ones(mail_server, alice):

@@ -277,3 +277,31 @@ def test_w020_is_quiet_with_redis_in_debug_or_without_limits(settings):
         }
     }
     assert "robust_mail.W020" not in _ids()
+
+
+@pytest.mark.parametrize(
+    ("address", "bucket"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        (" 192.0.2.1 ", "192.0.2.1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::"),
+        ("2001:DB8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::"),
+        ("2001:db8::1", "2001:db8::"),
+        ("fe80::1%eth0", "fe80::"),
+        ("::1", "::"),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_ip_bucket_is_the_ipv4_address_or_the_ipv6_slash_64(address, bucket):
+    from robust_mail.ratelimit import ip_bucket
+
+    assert ip_bucket(address) == bucket
+
+
+def test_ip_bucket_keeps_what_is_not_an_address():
+    from robust_mail.ratelimit import ip_bucket
+
+    # Not ours to judge (a test client's "testserver", say): kept as the key it was.
+    assert ip_bucket("unknown") == "unknown"

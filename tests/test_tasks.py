@@ -130,3 +130,16 @@ print("ok", tasks.deliver_outbox_message.__name__)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok deliver_outbox_message"
+
+
+def test_a_backport_backend_selects_the_backport_framework(settings: Any) -> None:
+    # django-tasks-rq 0.12 and friends are built on the backport, also on Django 6.x.
+    backport = pytest.importorskip("django_tasks")
+    settings.TASKS = {"default": {"BACKEND": "django_tasks.backends.dummy.DummyBackend"}}
+    assert tasks._choose_framework() is backport
+
+
+def test_django_tasks_is_used_for_its_own_backends(settings: Any) -> None:
+    modern = pytest.importorskip("django.tasks", reason="django.tasks is new in Django 6.0")
+    settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+    assert tasks._choose_framework() is modern

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -218,9 +219,11 @@ def test_sigterm_finishes_in_flight_messages_and_releases_the_rest(
     assert set(received) == set(ids) and set(received.values()) == {1}
 
 
-def test_database_down_at_enqueue_raises_a_clear_error(tmp_path: Path) -> None:
+@pytest.fixture
+def unreachable_db_project(tmp_path: Path) -> Project:
+    """A project whose database is a PostgreSQL address where nothing listens."""
     pytest.importorskip("psycopg")
-    with __import__("socket").socket() as sock:
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens once the socket closes
     database = {
@@ -231,7 +234,11 @@ def test_database_down_at_enqueue_raises_a_clear_error(tmp_path: Path) -> None:
         "PORT": str(port),
         "OPTIONS": {"connect_timeout": 2},
     }
-    project = Project(tmp_path, database, {"PROVIDERS": ["smtp://127.0.0.1:1?name=x"]})
+    return Project(tmp_path, database, {"PROVIDERS": ["smtp://127.0.0.1:1?name=x"]})
+
+
+def test_database_down_at_enqueue_raises_a_clear_error(unreachable_db_project: Project) -> None:
+    project = unreachable_db_project
     script = """
 import django
 django.setup()
@@ -251,3 +258,20 @@ else:
     assert name == "OutboxUnavailable"
     assert "cannot store the message in the outbox (database 'default')" in text
     assert cause == "OperationalError"
+
+
+def test_worker_once_gives_up_on_a_database_that_stays_down(
+    unreachable_db_project: Project,
+) -> None:
+    project = unreachable_db_project
+    done = subprocess.run(
+        [sys.executable, "-m", "django", "robust_mail_worker", "--once"],
+        env=project.env(),
+        cwd=project.dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count("cannot claim messages") == 2  # retried, then gave up
+    assert "OperationalError" in done.stderr

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
+
+#: The ``purpose`` of decoy rows. No real code has it: purposes are non-empty slugs.
+DECOY_PURPOSE = ""
+
+
+class CodeManager(models.Manager["OneTimePassword"]):
+    """Every row but the decoys: what the store, the limits and the admin see."""
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        return super().get_queryset().exclude(purpose=DECOY_PURPOSE)
 
 
 class OneTimePassword(models.Model):
@@ -16,6 +28,13 @@ class OneTimePassword(models.Model):
     A row is *live* while ``consumed_at`` is null, ``invalidated`` is false and
     ``expires_at`` is in the future. ``attempts`` and ``consumed_at`` only ever change
     through conditional UPDATEs (see :class:`robust_mail.otp_store.DatabaseOTPStore`).
+
+    *Decoy* rows (``purpose == ""``, empty identifier and hash, born used, invalidated
+    and expired) are the database write that requests for addresses without an account
+    make in place of queueing an email, so both take the same time
+    (:func:`robust_mail.otp_store.write_decoy`). They can never verify, count toward no
+    limit, are hidden by the default manager ``objects`` (so from the admin too) and
+    are deleted by ``robust_mail_purge`` whatever their age. ``_base_manager`` sees them.
     """
 
     identifier = models.CharField(max_length=254)
@@ -28,6 +47,8 @@ class OneTimePassword(models.Model):
     invalidated = models.BooleanField(default=False)
     ip_address = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=255, blank=True, default="")
+
+    objects = CodeManager()
 
     class Meta:
         app_label = "robust_mail"
