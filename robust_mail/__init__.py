@@ -1,4 +1,4 @@
-"""robust_mail: outgoing email for Django that survives dead providers, flaky networks and crashes."""
+"""robust_mail: outgoing email for Django that survives dead providers, flaky networks, crashes."""
 
 from __future__ import annotations
 

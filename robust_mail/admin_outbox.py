@@ -78,6 +78,16 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
     @admin.display(description="decoded message")
     def preview(self, obj: OutboxMessage) -> str:
         """Headers and the text parts of the stored message, as it will be sent."""
+        if obj.sensitive:
+            # A one-time code or reset link: staff who can read the outbox must not be able
+            # to sign in as the recipient.
+            return format_html(
+                "<div><strong>Subject:</strong> {}</div><div><strong>To:</strong> {}</div>"
+                "<p><em>Body withheld: this message carries a secret (e.g. a one-time code)."
+                "</em></p>",
+                obj.subject,
+                obj.recipients,
+            )
         try:
             message = obj.rebuild()
             data = build_envelope(message).data
@@ -90,9 +100,15 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
         parts = format_html_join("\n", "{}", ((_render_part(p),) for p in parsed.walk()))
         return format_html("{}\n{}", headers, parts)
 
-    @admin.action(description="Retry now (failed, dead or waiting messages)")
+    @admin.action(
+        description="Retry now (failed, dead or waiting messages)", permissions=["change"]
+    )
     def retry_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
-        count = queryset.filter(status__in=RETRYABLE).update(
+        # A sensitive message that ended has had its bodies erased: nothing left to send.
+        retryable = queryset.filter(status__in=RETRYABLE).exclude(
+            sensitive=True, status__in=(OutboxStatus.FAILED, OutboxStatus.DEAD)
+        )
+        count = retryable.update(
             status=OutboxStatus.QUEUED,
             next_attempt_at=timezone.now(),
             lease_until=None,
@@ -100,7 +116,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
         )
         self.message_user(request, f"{count} message(s) queued for delivery now.", messages.SUCCESS)
 
-    @admin.action(description="Cancel (waiting messages)")
+    @admin.action(description="Cancel (waiting messages)", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
         who = getattr(request.user, "get_username", lambda: "?")()
         count = queryset.filter(status=OutboxStatus.QUEUED).update(

@@ -37,7 +37,7 @@ from django.utils.module_loading import import_string
 from robust_mail import serialization
 from robust_mail.conf import OTPConfig, get_config
 from robust_mail.envelope import build_envelope
-from robust_mail.exceptions import RateLimited
+from robust_mail.exceptions import DeliveryFailed, RateLimited
 from robust_mail.otp_cache_store import CacheOTPStore
 from robust_mail.otp_codes import (
     ALPHANUMERIC,
@@ -51,7 +51,7 @@ from robust_mail.otp_codes import (
     mask,
     normalize_identifier,
 )
-from robust_mail.otp_store import IssueLimits, NewCode, OTPStore, write_decoy
+from robust_mail.otp_store import IssueLimits, NewCode, OTPStore, purge_decoys, write_decoy
 from robust_mail.ratelimit import Rate, RateLimiter, ip_bucket
 
 if TYPE_CHECKING:
@@ -289,15 +289,6 @@ class OTPService:
             ),
         )
 
-    def build_message(
-        self, address: str, code: str, purpose: str, expires_at: datetime
-    ) -> EmailMultiAlternatives:
-        """The code email to ``address``: text with an HTML alternative."""
-        subject, text, html = self.render(address, code, purpose, expires_at)
-        message = EmailMultiAlternatives(subject, text, settings.DEFAULT_FROM_EMAIL, [address])
-        message.attach_alternative(html, "text/html")
-        return message
-
     def send(
         self,
         address: str,
@@ -310,20 +301,26 @@ class OTPService:
     ) -> None:
         """Email the code to ``address`` (``background``: through the outbox).
 
-        ``discard=True`` builds the same message and does the work of queueing it
-        (:func:`rehearse_queueing`) without queueing it. Raises the delivery error. The
-        bodies live only inside the message object here, never in a plain ``str``
-        local, and no exception raised here quotes them.
+        The email is marked sensitive: waiting in the outbox, its bodies are withheld from
+        the admin and erased once it is sent. ``discard=True`` builds the same message and
+        does the work of queueing it (:func:`rehearse_queueing`) without queueing it.
+        Raises the delivery error. The bodies are :class:`SecretText` (masked ``repr``)
+        and no exception raised here quotes them.
         """
         from robust_mail.service import EmailService
 
-        message = self.build_message(address, code, purpose, expires_at)
+        subject, text, html = self.render(address, code, purpose, expires_at)
         if discard:
+            # What EmailService.send_email builds from the same arguments.
+            message = EmailMultiAlternatives(subject, text, settings.DEFAULT_FROM_EMAIL, [address])
+            message.attach_alternative(html, "text/html")
             rehearse_queueing(message, self.clock())
             return
-        result = EmailService.send(message, background=background)
-        if not result.ok:
-            raise result.to_exception()
+        sent = EmailService.send_email(
+            subject, text, [address], html_message=html, background=background, sensitive=True
+        )
+        if not sent:  # only with fail_silently, which is not used here; never quietly lost
+            raise DeliveryFailed("the code email was not sent")
 
     # -- verify ---------------------------------------------------------------------------
 
@@ -414,8 +411,11 @@ def rehearse_queueing(message: EmailMessage, now: datetime) -> None:
 
 
 def purge_expired(now: datetime | None = None) -> int:
-    """Delete OTP rows no longer needed (for ``robust_mail_purge``); how many."""
-    return OTPService().store.purge_expired(now or timezone.now())
+    """Delete OTP rows no longer needed (for ``robust_mail_purge``); how many.
+
+    That is the store's expired codes and, whatever the store, every decoy row.
+    """
+    return OTPService().store.purge_expired(now or timezone.now()) + purge_decoys()
 
 
 def __getattr__(name: str) -> Any:

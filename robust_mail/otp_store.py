@@ -40,6 +40,7 @@ __all__ = [
     "NewCode",
     "OTPStore",
     "StoredCode",
+    "purge_decoys",
     "write_decoy",
 ]
 
@@ -254,18 +255,13 @@ class DatabaseOTPStore:
 
     def purge_expired(self, now: datetime) -> int:
         # Keep a day past expiry (or use): the daily issue limit counts these rows.
-        # Decoys count toward nothing: they go whatever their age.
-        from robust_mail.models.otp import DECOY_PURPOSE, OneTimePassword
-
         cutoff = now - timedelta(seconds=DAY)
         done = (
             models.Q(expires_at__lt=now)
             | models.Q(consumed_at__isnull=False)
             | models.Q(invalidated=True)
         )
-        rows = OneTimePassword._base_manager.using(self.using)
-        stale = models.Q(done, created_at__lt=cutoff) | models.Q(purpose=DECOY_PURPOSE)
-        deleted, _ = rows.filter(stale).delete()
+        deleted, _ = self._rows().filter(done, created_at__lt=cutoff).delete()
         return int(deleted)
 
 
@@ -276,9 +272,9 @@ def write_decoy(now: datetime, *, using: str | None = None) -> None:
     address without an account writes and commits as much as one with. The row can
     never verify or be found: empty purpose and identifier (no real code has either),
     an empty hash, already used, invalidated and expired, no IP address (so no limit
-    counts it). The default manager hides it; :meth:`DatabaseOTPStore.purge_expired`
-    deletes it. Written whatever the configured store, to the database the routers
-    choose for OneTimePassword.
+    counts it). The default manager hides it; :func:`purge_decoys` deletes it. Written
+    whatever the configured store, to the database the routers choose for
+    OneTimePassword.
     """
     from robust_mail.models.otp import DECOY_PURPOSE, OneTimePassword
 
@@ -294,6 +290,16 @@ def write_decoy(now: datetime, *, using: str | None = None) -> None:
             invalidated=True,
             ip_address=None,
         )
+
+
+def purge_decoys(*, using: str | None = None) -> int:
+    """Delete every decoy row, whatever its age (none counts toward a limit); how many."""
+    from robust_mail.models.otp import DECOY_PURPOSE, OneTimePassword
+
+    alias = using or router.db_for_write(OneTimePassword)
+    rows = OneTimePassword._base_manager.using(alias).filter(purpose=DECOY_PURPOSE)
+    deleted, _ = rows.delete()
+    return int(deleted)
 
 
 def __getattr__(name: str) -> Any:

@@ -61,6 +61,7 @@ def enqueue(
     idempotency_key: str | None = None,
     using: str | None = None,
     not_before: datetime | None = None,
+    sensitive: bool | None = None,
 ) -> OutboxMessage:
     """Store ``message`` for delivery by a task or a worker, and return its row.
 
@@ -73,6 +74,10 @@ def enqueue(
     With an ``idempotency_key`` already in the outbox, nothing is stored and the
     existing row is returned (its Message-ID, not the one just pinned on
     ``message``, is the one that will be sent).
+
+    ``sensitive`` (default: the message's ``robust_mail_sensitive`` attribute, which
+    ``EmailService.send_email(..., sensitive=True)`` sets) marks a message whose bodies
+    hold a secret: the admin withholds them and they are erased once the row is final.
 
     Raises :class:`InvalidMessage` for a message that cannot be sent or stored,
     :class:`OutboxUnavailable` when the database fails.
@@ -93,6 +98,9 @@ def enqueue(
         next_attempt_at=not_before or now,
         created_at=now,
         idempotency_key=idempotency_key,
+        sensitive=bool(getattr(message, "robust_mail_sensitive", False))
+        if sensitive is None
+        else sensitive,
     )
     alias = using or router.db_for_write(OutboxMessage)
     try:

@@ -23,6 +23,7 @@ from robust_mail.exceptions import Classification, InvalidMessage
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
 from robust_mail.outbox import Claim, claim
 from robust_mail.results import DeliveryResult, DeliveryStatus
+from robust_mail.serialization import redacted
 from robust_mail.signals import emit, message_failed
 
 if TYPE_CHECKING:
@@ -176,15 +177,22 @@ def _defer(
     return Outcome(OutboxStatus.QUEUED, fields, result, message)
 
 
+_FINAL = frozenset({OutboxStatus.SENT, OutboxStatus.FAILED, OutboxStatus.DEAD})
+
+
 def record(row: OutboxMessage, held: Claim, outcome: Outcome) -> bool:
     """Write ``outcome`` if this claim still holds the row; False if its lease was lost.
 
     Raises ``DatabaseError`` when the database is unreachable (the worker retries).
     """
+    fields = dict(outcome.fields)
+    if row.sensitive and outcome.status in _FINAL:
+        # The secret has done its job (or never will): keep only the headers.
+        fields["payload"] = redacted(row.payload)
     updated = (
         OutboxMessage.objects.using(held.using)
         .filter(pk=row.pk, lease_token=held.token, status=OutboxStatus.SENDING)
-        .update(status=outcome.status, lease_until=None, lease_token="", **outcome.fields)
+        .update(status=outcome.status, lease_until=None, lease_token="", **fields)
     )
     if not updated:
         logger.warning(

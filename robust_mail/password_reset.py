@@ -26,6 +26,7 @@ so it stops working once used (or once the user signs in), like Django's own
 from __future__ import annotations
 
 import logging
+import unicodedata
 from datetime import timedelta
 from typing import Any
 
@@ -74,8 +75,11 @@ def users_with_email(email: str, *, usable_password: bool = True) -> list[Any]:
         return []
     user_model = get_user_model()
     field = user_model.get_email_field_name()
+    # NFKC (not case-folded: the database folds case its own way) so that full-width or
+    # decomposed input still finds the stored, composed address.
+    typed = unicodedata.normalize("NFKC", str(email)).strip()
     candidates = user_model._default_manager.filter(
-        **{f"{field}__iexact": str(email).strip(), "is_active": True}
+        **{f"{field}__iexact": typed, "is_active": True}
     )
     return [
         user

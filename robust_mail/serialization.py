@@ -239,3 +239,18 @@ def _rebuild(data: dict[str, Any]) -> EmailMessage:
         if attribute in data and hasattr(message, attribute):
             setattr(message, attribute, str(data[attribute]))
     return message
+
+
+def redacted(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every body, alternative and attachment erased; headers kept.
+
+    For sensitive messages once they are sent, failed or dead: what remains says what
+    the message was without keeping the secret it carried.
+    """
+    return {
+        **data,
+        "body": _pack("", "the body"),
+        "alternatives": [],
+        "attachments": [],
+        "redacted": True,
+    }

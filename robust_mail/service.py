@@ -55,6 +55,7 @@ class EmailService:
         html_message: str | None = None,
         fail_silently: bool = False,
         background: bool = False,
+        sensitive: bool = False,
         **extra: Any,
     ) -> bool:
         """Build and send one message; True when it was sent, queued or printed.
@@ -63,7 +64,9 @@ class EmailService:
         (``cc``, ``bcc``, ``reply_to``, ``headers``, ``attachments``). Raises
         :class:`InvalidMessage` for bad input and :class:`DeliveryFailed` when
         nothing took the message — unless ``fail_silently``. Configuration
-        errors are always raised.
+        errors are always raised. ``sensitive=True`` marks a message that carries a
+        secret (a one-time code, a reset link): if it waits in the outbox, the admin
+        withholds its bodies and they are erased once it is sent, failed or dead.
         """
         email = EmailMultiAlternatives(
             subject,
@@ -74,6 +77,9 @@ class EmailService:
         )
         if html_message is not None:
             email.attach_alternative(html_message, "text/html")
+        if sensitive:
+            # Carries a secret (a one-time code): the outbox erases the bodies once done.
+            email.robust_mail_sensitive = True  # type: ignore[attr-defined]
         try:
             if not email.recipients():
                 raise InvalidMessage("the message has no recipients (to, cc and bcc are all empty)")

@@ -64,6 +64,9 @@ class OutboxMessage(models.Model):
     #: (a timeout after DATA, or a worker that died holding the message): a duplicate,
     #: with the same Message-ID, is then possible.
     ambiguous = models.BooleanField(default=False)
+    #: The bodies hold a secret (a one-time code, a reset link): they are withheld from the
+    #: admin and erased from the row once it is sent, failed or dead.
+    sensitive = models.BooleanField(default=False)
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     sent_at = models.DateTimeField(null=True, blank=True)

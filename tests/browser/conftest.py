@@ -26,7 +26,7 @@ CODE = re.compile(r"Your code is: (\w+)")
 WAIT_MS = 20_000
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright

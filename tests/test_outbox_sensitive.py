@@ -1,0 +1,101 @@
+"""Messages that carry a secret (a one-time code) do not keep it in the outbox."""
+
+from __future__ import annotations
+
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
+
+from robust_mail import EmailService
+from robust_mail.models import OutboxMessage
+from tests.conftest import provider
+
+pytestmark = pytest.mark.django_db
+
+SECRET = "Your code is 424242"
+
+
+@pytest.fixture(autouse=True)
+def _default_admin(settings: Any) -> None:
+    settings.ROOT_URLCONF = "tests.urls"
+
+
+def _queue(sensitive: bool) -> OutboxMessage:
+    assert EmailService.send_email(
+        "Sign-in code", SECRET, ["user@example.com"], background=True, sensitive=sensitive
+    )
+    return OutboxMessage.objects.get()
+
+
+def test_sensitive_body_is_delivered_then_erased_from_the_outbox(smtp_server, robust):
+    server = smtp_server()
+    robust([provider(server, "only")])
+    row = _queue(sensitive=True)
+    assert row.sensitive
+
+    call_command("robust_mail_worker", "--once", stdout=StringIO())
+
+    row.refresh_from_db()
+    assert row.status == "sent"
+    assert SECRET in server.messages[0].message.get_content()
+    assert SECRET not in str(row.payload)
+    assert row.payload["redacted"] is True
+    assert row.subject == "Sign-in code"  # what it was stays visible
+
+
+def test_ordinary_messages_keep_their_body_after_delivery(smtp_server, robust):
+    server = smtp_server()
+    robust([provider(server, "only")])
+    row = _queue(sensitive=False)
+
+    call_command("robust_mail_worker", "--once", stdout=StringIO())
+
+    row.refresh_from_db()
+    assert row.status == "sent"
+    assert SECRET in str(row.payload)
+
+
+def test_admin_preview_withholds_the_body_of_a_waiting_sensitive_message(admin_client: Client):
+    row = _queue(sensitive=True)
+
+    page = admin_client.get(reverse("admin:robust_mail_outboxmessage_change", args=[row.pk]))
+
+    text = page.content.decode()
+    assert "Body withheld" in text
+    assert "424242" not in text
+
+
+def test_a_failed_sensitive_message_cannot_be_retried_with_its_body_erased(admin_client: Client):
+    row = _queue(sensitive=True)
+    OutboxMessage.objects.filter(pk=row.pk).update(status="failed")
+
+    admin_client.post(
+        reverse("admin:robust_mail_outboxmessage_changelist"),
+        {"action": "retry_now", "_selected_action": [row.pk]},
+    )
+
+    row.refresh_from_db()
+    assert row.status == "failed"
+
+
+def test_outbox_actions_need_the_change_permission(django_user_model: Any):
+    viewer = django_user_model.objects.create_user("viewer", password="pw-viewer-1", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_outboxmessage"))
+    client = Client()
+    client.force_login(viewer)
+    row = _queue(sensitive=False)
+
+    page = client.get(reverse("admin:robust_mail_outboxmessage_changelist")).content.decode()
+    client.post(
+        reverse("admin:robust_mail_outboxmessage_changelist"),
+        {"action": "cancel", "_selected_action": [row.pk]},
+    )
+
+    assert "retry_now" not in page and 'value="cancel"' not in page
+    row.refresh_from_db()
+    assert row.status == "queued"
