@@ -3,8 +3,10 @@
     python -m benchmarks              # the full run (make bench), a few minutes on 2 cores
     python -m benchmarks --quick      # a smoke run with few messages; writes to benchmarks/results/
     python -m benchmarks --no-outbox  # skip the outbox benchmark (and its peers' venv)
+    python -m benchmarks --render-only  # rewrite the report from the last raw results
 
-Raw figures of every run also go to benchmarks/results/latest.json (not committed).
+Raw figures also go to benchmarks/results/latest.json (quick.json with --quick; not
+committed); --render-only rewrites the report from latest.json.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +45,23 @@ def _trust_bundle(ca_file: str, directory: str) -> str:
     return bundle
 
 
+def _render_only(output: Path) -> int:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
+    import django
+
+    django.setup()
+    from benchmarks import reload, report
+    from benchmarks.servers import find_smtp_sink
+
+    sink = None if find_smtp_sink() else "smtp-sink not found"
+    results = reload.load(
+        ROOT / "benchmarks" / "results" / "latest.json", smtp_sink_problem=sink, proxy_delay=0.02
+    )
+    markdown, png = report.write(results, output)
+    log(f"wrote {markdown} and {png} from benchmarks/results/latest.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="few messages, one repeat")
@@ -53,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="directory for performance.md/.png (docs/; benchmarks/results/ with --quick)",
     )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the report from benchmarks/results/latest.json without measuring",
+    )
     args = parser.parse_args(argv)
+    if args.render_only:
+        return _render_only(args.output or ROOT / "docs")
     scale = 0.1 if args.quick else 1.0
     repeats = args.repeats or (1 if args.quick else 3)
     output = args.output or (ROOT / "benchmarks" / "results" if args.quick else ROOT / "docs")
@@ -64,6 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
     started = time.monotonic()
 
+    try:
+        return _run(args, scale, repeats, output, workdir, started)
+    finally:
+        # The SQLite databases and the CA bundle of this run.
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    scale: float,
+    repeats: int,
+    output: Path,
+    workdir: str,
+    started: float,
+) -> int:
     with ServerFarm() as farm:
         os.environ["SSL_CERT_FILE"] = _trust_bundle(farm.ca_file, workdir)
         import django
@@ -118,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         raw = ROOT / "benchmarks" / "results"
         raw.mkdir(exist_ok=True)
-        (raw / "latest.json").write_text(json.dumps(results.as_dict(), indent=1))
+        (raw / ("quick.json" if args.quick else "latest.json")).write_text(
+            json.dumps(results.as_dict(), indent=1)
+        )
         markdown, png = report.write(results, output)
         log(f"wrote {markdown} and {png} in {elapsed:.0f} s")
         for line in report.target_lines(results):

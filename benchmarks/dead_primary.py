@@ -45,6 +45,9 @@ class DeadPrimaryResult:
     transition: list[float] = field(default_factory=list)  # seconds per message until open
     opened: bool = False
     while_open: Cell | None = None
+    # The backup-alone run made right after each run of while_open: paired, so that a slow
+    # spell of the machine hits both sides of a comparison alike.
+    paired_backup: Cell | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -54,6 +57,7 @@ class DeadPrimaryResult:
             "transition": self.transition,
             "opened": self.opened,
             "while_open": self.while_open.as_dict() if self.while_open else None,
+            "paired_backup": self.paired_backup.as_dict() if self.paired_backup else None,
             "error": self.error,
         }
 
@@ -101,12 +105,15 @@ def run_dead_primary(
                 with override_settings(**settings):
                     _transition(result)
                     result.while_open = Cell("dead-primary", f"{mode}, {variant}")
+                    result.paired_backup = Cell("dead-primary", f"backup alone, paired ({mode})")
                     for _ in range(repeats):
                         if not _breaker_open("primary"):
                             raise RuntimeError("the primary's breaker closed during the run")
                         result.while_open.runs.append(timed_run(lambda i: send_one(), n, warmup))
                         with override_settings(**robust_settings(backup)):
-                            backup_alone.runs.append(timed_run(lambda i: send_one(), n, warmup))
+                            run = timed_run(lambda i: send_one(), n, warmup)
+                        backup_alone.runs.append(run)
+                        result.paired_backup.runs.append(run)
             except Exception as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
             first = result.transition[0] if result.transition else float("nan")

@@ -14,10 +14,12 @@ From a closed breaker, messages are sent one at a time until the primary's break
 (every one of them pays for the dead primary: connect or greeting timeout, retries and their
 backoff); then messages are timed while it is open ({shape}), against the same messages sent by
 robust_mail configured with the backup alone (repeats interleaved). "Extra until open" is
-the time those first messages took beyond the backup's p50 each; "extra p50" (what the
-target is judged on) and "extra mean" compare the messages sent while the breaker is open
-with the backup alone. The backup's pooled connection is opened before the first
-message, so the first message's cost is the dead primary's, not the backup's handshake."""
+the time those first messages took beyond the backup's p50 each. "Extra p50" (what the
+target is judged on) and "extra mean" compare each run made while the breaker is open with
+the backup-alone run made right after it, and give the median of those differences, so that
+a slow spell of the machine moves both sides of a pair. The backup's pooled connection is
+opened before the first message, so the first message's cost is the dead primary's, not
+the backup's handshake."""
 
 OUTBOX_PLACEHOLDER = """\
 *Placeholder: the outbox benchmark (issue 4) did not run in this run (`--no-outbox`, or the

@@ -122,8 +122,9 @@ class OutboxResults:
             f"Drain throughput: the queue filled, then the sender timed until it is empty "
             f"(robust_mail: `robust_mail_worker --once --concurrency {self.concurrency}`; "
             f"django-post-office: `send_queued_mail`, 1 process x {self.concurrency} threads; "
-            "django-mailer: `send_mail`, which sends one message at a time on one reused "
-            "connection and has no concurrency setting):",
+            "django-mailer: `send_mail`, one message at a time and no concurrency setting; it "
+            "passes one backend instance to every message but never opens it, so Django's "
+            "backend connects and disconnects for each message):",
             "",
             "| server | contender | messages | messages/s (median; min-max) "
             "| CPU ms/message | delivered |",

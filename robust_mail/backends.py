@@ -23,7 +23,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from robust_mail.conf import TOP_LEVEL_KEYS, ConfigurationError, RobustMailConfig, get_config
 from robust_mail.dispatch import Dispatcher
-from robust_mail.envelope import build_envelope, release_pins
+from robust_mail.envelope import release_pins
 from robust_mail.exceptions import InvalidMessage, RobustMailError
 from robust_mail.fallback import apply_fallback, queue_in_outbox
 from robust_mail.results import DeliveryResult, DeliveryStatus
@@ -173,5 +173,4 @@ class OutboxEmailBackend(_RobustBackendBase):
         self, message: EmailMessage, *, config: RobustMailConfig | None = None
     ) -> DeliveryResult:
         release_pins(message)
-        build_envelope(message)  # validates (and pins) before anything is stored
-        return queue_in_outbox(message)
+        return queue_in_outbox(message)  # enqueue validates before anything is stored

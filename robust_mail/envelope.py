@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.errors
 import email.policy
+import functools
 import inspect
 from dataclasses import dataclass
 from email.headerregistry import Address, AddressHeader
@@ -131,9 +132,15 @@ def _message_bytes(message: EmailMessage) -> bytes:
     # 5.2 takes no argument and needs linesep given to as_bytes(). Typed as Any: each
     # Django's stubs know only one of the two signatures.
     build: Any = message.message
-    if "policy" in inspect.signature(build).parameters:
+    if _takes_policy(type(message)):
         return bytes(build(policy=email.policy.SMTP).as_bytes())
     return bytes(build().as_bytes(linesep="\r\n"))
+
+
+@functools.cache
+def _takes_policy(cls: type) -> bool:
+    # Once per message class: inspect.signature costs more than building a small message.
+    return "policy" in inspect.signature(cls.message).parameters
 
 
 def build_envelope(message: EmailMessage) -> Envelope:

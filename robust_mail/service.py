@@ -104,8 +104,7 @@ class EmailService:
         """
         if background:
             release_pins(message)
-            build_envelope(message)
-            return queue_in_outbox(message)
+            return queue_in_outbox(message)  # enqueue validates before storing
         backend = default_backend()
         if isinstance(backend, _RobustBackendBase):
             return backend.deliver(message)
