@@ -37,7 +37,7 @@ from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.retry import RetryPolicy
 from robust_mail.signals import emit, message_sent, provider_failed
 from robust_mail.state import get_breaker
-from robust_mail.transport import SMTPConnection
+from robust_mail.transport import SMTPConnection, cut_by_deadline
 
 __all__ = ["DeliveryResult", "DeliveryStatus", "Dispatcher", "pin_message"]
 
@@ -63,6 +63,8 @@ class _Attempts:
     errors: list[ProviderError] = field(default_factory=list)
     ambiguous: bool = False
     busy_locally: bool = False
+    #: The last provider failed only because the deadline cut its attempts short.
+    out_of_time: bool = False
     last_step: str = ""
 
 
@@ -105,6 +107,8 @@ class Dispatcher:
     # -- internals ------------------------------------------------------------------------
 
     def _deliver(self, message: EmailMessage, envelope: Envelope) -> DeliveryResult:
+        # The clock starts before anything that may wait (the rate limits ask the cache).
+        deadline = self.clock() + self.config.retry.deadline
         try:
             check_message_rates(
                 list(envelope.recipients), self.config.rate_limits, self.config.cache
@@ -119,7 +123,6 @@ class Dispatcher:
                 classification=Classification.TRANSIENT,
                 errors=(ProviderError("-", Classification.TRANSIENT, "rate_limit", str(exc)),),
             )
-        deadline = self.clock() + self.config.retry.deadline
         attempts = _Attempts()
         last: Classification | None = None
         retry_at: float | None = None
@@ -137,8 +140,11 @@ class Dispatcher:
                 continue
             if index > 0 and attempts.count:
                 metrics.incr(provider.name, "failed_over")
+            last_chance = index == len(self.config.providers) - 1
             try:
-                outcome = self._try_provider(provider, envelope, message, deadline, attempts)
+                outcome = self._try_provider(
+                    provider, envelope, message, deadline, attempts, last_chance=last_chance
+                )
             except BaseException:
                 # Interrupted (worker timeout, KeyboardInterrupt, a bad message): a
                 # half-open trial this call holds must not stay reserved.
@@ -152,9 +158,10 @@ class Dispatcher:
                 # The provider is up and answered: the message, not the provider, is at fault.
                 breaker.record_success()
                 break
-            if attempts.busy_locally:
-                # Our own pool was exhausted: says nothing about the provider's health.
-                attempts.busy_locally = False
+            if attempts.busy_locally or attempts.out_of_time:
+                # Our own pool was exhausted, or our own deadline cut the provider short:
+                # neither says anything about the provider's health.
+                attempts.busy_locally = attempts.out_of_time = False
                 breaker.release()
                 continue
             # Only a failure of the provider itself (TLS, auth, refusing us as a sender)
@@ -174,16 +181,25 @@ class Dispatcher:
         message: EmailMessage,
         deadline: float,
         attempts: _Attempts,
+        *,
+        last_chance: bool = True,
     ) -> dict[str, tuple[int, str]] | Classification:
         """Send through one provider with retries; the refused recipients, or why it failed."""
         tries = 0
+        cut_only = True  # every failure here so far came from our own deadline
 
         def once() -> dict[str, tuple[int, str]]:
-            nonlocal tries
+            nonlocal tries, cut_only
             tries += 1
             attempts.count += 1
             started = time.perf_counter()
-            refused = self._send_once(provider, envelope, message)
+            try:
+                refused = self._send_once(
+                    provider, envelope, message, deadline, last_chance=last_chance
+                )
+            except Exception as exc:
+                cut_only = cut_only and cut_by_deadline(exc)
+                raise
             metrics.observe(provider.name, time.perf_counter() - started)
             logger.info(
                 "message %s: attempt %d via %s accepted",
@@ -204,6 +220,7 @@ class Dispatcher:
         except Exception as exc:
             classification = classify(exc)
             attempts.busy_locally = isinstance(exc, PoolTimeout)
+            attempts.out_of_time = cut_only
             attempts.last_step = str(getattr(exc, "step", ""))
             if classification is Classification.AMBIGUOUS:
                 attempts.ambiguous = True
@@ -223,7 +240,13 @@ class Dispatcher:
             return classification
 
     def _send_once(
-        self, provider: ProviderConfig, envelope: Envelope, message: EmailMessage
+        self,
+        provider: ProviderConfig,
+        envelope: Envelope,
+        message: EmailMessage,
+        deadline: float,
+        *,
+        last_chance: bool = True,
     ) -> dict[str, tuple[int, str]]:
         if provider.mailer:
             return _send_via_mailer(provider, message)
@@ -235,15 +258,26 @@ class Dispatcher:
             idle_timeout=self.config.pool.idle_timeout,
             max_messages=self.config.pool.max_messages,
         )
+        # The pool and the transport measure time with time.monotonic(); ours is injectable.
+        left = deadline - self.clock()
+        until = time.monotonic() + left
+        # A busy local pool may hold the message for at most half the time left when a
+        # later provider could take it: waiting must not use up the whole deadline.
+        max_wait = None if last_chance else max(0.0, left / 2)
         # A pooled connection the server closed while idle fails at MAIL, before any of
         # the message left: send on a fresh connection instead, without counting an attempt.
         for _ in range(self.config.pool.size + 1):
             reused = False
             asked_at = time.monotonic()
             try:
-                with pool.connection() as conn:
+                with pool.connection(until, max_wait=max_wait) as conn:
                     reused = conn.opened_at is not None and conn.opened_at < asked_at
-                    return conn.send(envelope.from_addr, list(envelope.recipients), envelope.data)
+                    return conn.send(
+                        envelope.from_addr,
+                        list(envelope.recipients),
+                        envelope.data,
+                        deadline=until,
+                    )
             except TransportError as exc:
                 if not (reused and _closed_while_idle(exc)):
                     raise
@@ -331,8 +365,9 @@ def _retryable(exc: BaseException) -> bool:
     # An ambiguous failure (no reply after the final dot) is not retried on the same
     # provider, which most likely has the message already; the next provider still gets
     # it with the same Message-ID, since at-least-once beats a silent loss. A busy local
-    # pool is not retried either: waiting again would only burn the deadline.
-    if isinstance(exc, PoolTimeout):
+    # pool is not retried either: waiting again would only burn the deadline. Nor is an
+    # attempt the deadline cut short: there is no time left for another.
+    if isinstance(exc, PoolTimeout) or cut_by_deadline(exc):
         return False
     return classify(exc) is Classification.TRANSIENT
 

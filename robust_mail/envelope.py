@@ -138,7 +138,7 @@ def _message_bytes(message: EmailMessage) -> bytes:
 
 
 @functools.cache
-def _takes_policy(cls: type) -> bool:
+def _takes_policy(cls: Any) -> bool:
     # Once per message class: inspect.signature costs more than building a small message.
     return "policy" in inspect.signature(cls.message).parameters
 

@@ -36,7 +36,7 @@ from django.utils.module_loading import import_string
 
 from robust_mail import serialization
 from robust_mail.conf import OTPConfig, get_config
-from robust_mail.envelope import build_envelope
+from robust_mail.envelope import build_envelope, pin_message
 from robust_mail.exceptions import DeliveryFailed, RateLimited
 from robust_mail.otp_cache_store import CacheOTPStore
 from robust_mail.otp_codes import (
@@ -397,14 +397,16 @@ def rehearse_queueing(message: EmailMessage, now: datetime) -> None:
     """Do the work of queueing ``message`` in the outbox, but queue nothing.
 
     For requests about addresses without an account, so they take as long as requests
-    about addresses with one. Mirrors :meth:`EmailService.send` with ``background=True``
-    and :func:`robust_mail.outbox.enqueue`: build the message (the service checks it
-    can be), serialise it to the outbox's JSON payload, build it again (enqueue checks
-    once more), and insert one row in a transaction of its own — a decoy row in the code
-    table (:func:`~robust_mail.otp_store.write_decoy`) where enqueue inserts the outbox
-    row. Nothing is kept: the payload is dropped and the decoy can never be used.
+    about addresses with one. Mirrors :meth:`EmailService.send` with ``background=True``,
+    i.e. :func:`robust_mail.outbox.enqueue`: pin the Message-ID and Date, serialise the
+    message to the outbox's JSON payload, build it once (enqueue checks it can be sent),
+    and insert one row in a transaction of its own — a decoy row in the code table
+    (:func:`~robust_mail.otp_store.write_decoy`) where enqueue inserts the outbox row.
+    Nothing is kept: the payload is dropped and the decoy can never be used.
+    ``tests/test_password_reset.py`` checks that both paths build and serialise the
+    message as often, and run the same statements: keep this in step with ``enqueue``.
     """
-    build_envelope(message)
+    pin_message(message)
     serialization.message_to_data(message)
     build_envelope(message)
     write_decoy(now)

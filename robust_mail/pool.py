@@ -44,9 +44,11 @@ class PooledConnection(Protocol):
     """What the pool needs of a connection (``robust_mail.transport.SMTPConnection``).
 
     ``open()`` raises on failure and leaves nothing open. ``noop()`` returns False (and
-    closes) when the session is dead. ``close()`` never raises, also on a dead socket.
-    ``reusable`` is True only while the session is ready for the next message. An optional
-    ``detach()`` closes this process's socket without sending anything (used after fork).
+    closes) when the session is dead. Both take an absolute ``deadline``
+    (``time.monotonic()``, or None) that bounds their network I/O. ``close()`` never
+    raises, also on a dead socket. ``reusable`` is True only while the session is ready
+    for the next message. An optional ``detach()`` closes this process's socket without
+    sending anything (used after fork).
     """
 
     @property
@@ -55,9 +57,9 @@ class PooledConnection(Protocol):
     reusable: bool
     messages_sent: int
 
-    def open(self) -> object: ...
+    def open(self, *, deadline: float | None = None) -> object: ...
 
-    def noop(self) -> bool: ...
+    def noop(self, *, deadline: float | None = None) -> bool: ...
 
     def reset(self) -> None: ...
 
@@ -67,12 +69,15 @@ class PooledConnection(Protocol):
 class PoolTimeout(RobustMailError, TimeoutError):
     """Every connection of a pool stayed busy for longer than the pool's ``wait_timeout``."""
 
-    def __init__(self, pool: str, size: int, waited: float) -> None:
+    def __init__(self, pool: str, size: int, waited: float, *, cut_short: bool = False) -> None:
+        why = " (as long as the caller could wait)" if cut_short else ""
         super().__init__(
-            f"connection pool {pool!r}: all {size} connections stayed busy for {waited:.1f} s"
+            f"connection pool {pool!r}: all {size} connections stayed busy for {waited:.1f} s{why}"
         )
         self.pool = pool
         self.size = size
+        #: True when the caller's deadline or ``max_wait``, not ``wait_timeout``, ended the wait.
+        self.cut_short = cut_short
 
 
 C = TypeVar("C", bound=PooledConnection)
@@ -151,14 +156,18 @@ class ConnectionPool(Generic[C]):
             return len(self._idle)
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[C]:
+    def connection(
+        self, deadline: float | None = None, *, max_wait: float | None = None
+    ) -> Iterator[C]:
         """An open connection for the duration of the ``with`` block.
 
         Blocks while all ``size`` connections are in use, for at most ``wait_timeout``
-        seconds, then raises :class:`PoolTimeout`. Errors opening a fresh connection
-        propagate (``TransportError`` from the transport) and free the slot.
+        seconds, at most ``max_wait`` seconds and never past ``deadline`` (absolute
+        ``time.monotonic()``), then raises :class:`PoolTimeout`. ``deadline`` also bounds
+        the liveness check and the opening of a fresh connection. Errors opening a fresh
+        connection propagate (``TransportError`` from the transport) and free the slot.
         """
-        conn, generation = self._checkout()
+        conn, generation = self._checkout(deadline, max_wait)
         pid = os.getpid()
         try:
             yield conn
@@ -205,9 +214,14 @@ class ConnectionPool(Generic[C]):
         self._stats["expired"] += len(expired)
         return expired
 
-    def _checkout(self) -> tuple[C, int]:
+    def _checkout(self, limit: float | None, max_wait: float | None) -> tuple[C, int]:
         # Waiting uses the real monotonic clock: Condition.wait does, whatever self.clock is.
-        deadline = time.monotonic() + self.wait_timeout
+        started = time.monotonic()
+        wait = self.wait_timeout if max_wait is None else min(self.wait_timeout, max_wait)
+        deadline = started + wait
+        cut_short = wait < self.wait_timeout
+        if limit is not None and limit < deadline:
+            deadline, cut_short = limit, True
         expired: list[C] = []
         item: _Idle[C] | None = None
         granted = False
@@ -230,23 +244,24 @@ class ConnectionPool(Generic[C]):
             generation = self._generation
         _close_all(expired)
         if not granted:
-            raise PoolTimeout(self.name, self.size, self.wait_timeout)
+            waited = time.monotonic() - started
+            raise PoolTimeout(self.name, self.size, waited, cut_short=cut_short)
         try:
-            return self._ready(item), generation
+            return self._ready(item, limit), generation
         except BaseException:
             with self._cond:
                 self._busy -= 1
                 self._cond.notify()
             raise
 
-    def _ready(self, item: _Idle[C] | None) -> C:
+    def _ready(self, item: _Idle[C] | None, deadline: float | None) -> C:
         """The idle connection if it is still alive, else a freshly opened one."""
         if item is not None:
             conn = item.conn
             alive = conn.is_open
             if alive and self.clock() - item.since > self.check_after:
                 try:
-                    alive = bool(conn.noop())
+                    alive = bool(conn.noop(deadline=deadline))
                 except Exception:
                     alive = False
             if alive:
@@ -257,7 +272,7 @@ class ConnectionPool(Generic[C]):
             _close_all([conn])
         conn = self.factory()
         try:
-            conn.open()
+            conn.open(deadline=deadline)
         except BaseException:
             _close_all([conn])
             raise

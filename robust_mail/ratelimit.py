@@ -77,8 +77,8 @@ def parse_rate(text: str) -> Rate:
     return Rate(limit=limit, seconds=_UNITS[match.group(2)])
 
 
-#: The IPv6 prefix a per-address limit counts as one client. A /64 is the smallest
-#: network an ISP hands out (and one LAN): a single host can pick any of its 2**64
+#: The IPv6 prefix a per-address limit counts as one client. A /64 is one IPv6 subnet
+#: (one LAN; the least an ISP hands a customer): a single host can pick any of its 2**64
 #: addresses — privacy extensions do so all the time — so counting full IPv6 addresses
 #: would give every attacker an unlimited supply of fresh ones.
 IPV6_PREFIX = 64
@@ -91,8 +91,8 @@ def ip_bucket(address: str | None) -> str | None:
     IPv4-mapped IPv6 (``::ffff:192.0.2.1``) counts as the IPv4 address; a zone index is
     dropped. None or empty gives None. Anything that is not an IP address is returned
     stripped but otherwise unchanged (it is still a key, just not one we can group).
-    The result is itself a valid address, so it can be stored in a
-    ``GenericIPAddressField``, and ``ip_bucket(ip_bucket(x)) == ip_bucket(x)``.
+    For an IP address the result is itself a valid address, so it can be stored in a
+    ``GenericIPAddressField``; and ``ip_bucket(ip_bucket(x)) == ip_bucket(x)``.
     """
     if not address:
         return None

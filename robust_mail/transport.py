@@ -13,9 +13,14 @@ message-fatal / ambiguous. The DATA phase is driven here rather than by
 (``DATA``) is told apart from a failure while waiting for the reply to the
 final dot (``DATA_END``), where the server may already have the message.
 
-Every network step is bounded by ``provider.timeout`` (the socket timeout,
-which also covers TLS handshakes). Logs go to ``robust_mail.transport``:
-provider, step and timing, never a password or a message body.
+Every network operation is bounded by ``provider.timeout`` (the socket timeout,
+which also covers TLS handshakes). ``open()`` and ``send()`` also take an optional
+absolute ``deadline`` (a ``time.monotonic()`` value): before each command, reply,
+chunk of content, connect and handshake the socket timeout is set to the smaller of
+``provider.timeout`` and the time left, and once the time is up the session fails
+with :class:`DeadlineReached` instead of starting another step. Logs go to
+``robust_mail.transport``: provider, step and timing, never a password or a message
+body.
 
 Imports nothing from Django.
 """
@@ -32,11 +37,12 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from robust_mail.exceptions import (
     InvalidMessage,
     ResolutionError,
+    RobustMailError,
     StartTLSUnavailable,
     Step,
     TransportError,
@@ -44,10 +50,18 @@ from robust_mail.exceptions import (
 from robust_mail.tls import clear_tls_contexts, tls_context
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from robust_mail.providers import ProviderConfig
     from robust_mail.resolver import Resolver
 
-__all__ = ["SMTPConnection", "clear_tls_contexts", "tls_context"]
+__all__ = [
+    "DeadlineReached",
+    "SMTPConnection",
+    "clear_tls_contexts",
+    "cut_by_deadline",
+    "tls_context",
+]
 
 logger = logging.getLogger("robust_mail.transport")
 
@@ -69,6 +83,25 @@ _FORBIDDEN_IN_ADDRESS = ("\r", "\n", "\0", "<", ">")
 #: ValueError covers encoding problems and smtplib's refusal of line breaks in commands.
 _STEP_ERRORS = (OSError, ValueError)
 
+#: A failure this close to the deadline, in a step whose timeout the deadline shortened,
+#: is put down to the deadline (socket timeouts never fire early; this is rounding slack).
+_DEADLINE_SLACK = 0.01
+
+
+class DeadlineReached(RobustMailError, TimeoutError):
+    """The caller's delivery deadline ran out before or during a step.
+
+    A ``TimeoutError``, so it classifies like any timeout: transient before the final dot
+    of DATA, ambiguous while waiting for its reply. It says the *caller* ran out of time,
+    not that the provider took longer than its own ``timeout``.
+    """
+
+
+def cut_by_deadline(exc: BaseException) -> bool:
+    """Whether ``exc`` (a TransportError or its cause) failed only because time ran out."""
+    cause = exc.cause if isinstance(exc, TransportError) else exc
+    return isinstance(cause, DeadlineReached)
+
 
 @functools.cache
 def default_local_hostname() -> str:
@@ -82,16 +115,74 @@ def default_local_hostname() -> str:
     return name if name and " " not in name else "localhost"
 
 
+class _ArmedReader:
+    """The session's reader: re-arms the socket timeout before every line it reads.
+
+    smtplib reads a multi-line reply (EHLO) line by line; arming once per reply would let
+    a server dripping one line at a time stretch a single reply far past the deadline.
+    An ``OSError`` from here (``DeadlineReached`` included) is reported by smtplib as a
+    disconnect, which :meth:`SMTPConnection._blame` puts back down to the deadline.
+    """
+
+    def __init__(self, raw: IO[bytes], arm: Callable[[], None]) -> None:
+        self._raw = raw
+        self._arm = arm
+
+    def readline(self, size: int = -1) -> bytes:
+        self._arm()
+        return self._raw.readline(size)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
 class _Session(smtplib.SMTP):
-    """smtplib's command/reply machinery on a socket this module connected itself."""
+    """smtplib's command/reply machinery on a socket this module connected itself.
+
+    Every command sent and every reply awaited first re-arms the socket timeout with
+    :meth:`arm`, so a ``deadline`` bounds multi-command steps (AUTH) too.
+    """
+
+    #: Absolute ``time.monotonic()`` by which the current operation must end, or None.
+    deadline: float | None = None
+    #: Whether the last :meth:`arm` shortened the timeout to meet the deadline.
+    cut_short = False
 
     def attach(self, sock: socket.socket) -> None:
         self.sock = sock
         self.file = None
 
+    def arm(self) -> None:
+        """Set the socket timeout for the next network operation.
+
+        ``self.timeout`` (the provider's), or the time left before ``deadline`` when that
+        is shorter. Raises :class:`DeadlineReached` when no time is left.
+        """
+        timeout = float(self.timeout)
+        self.cut_short = False
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.cut_short = True
+                raise DeadlineReached("the delivery deadline was reached")
+            if left < timeout:
+                timeout, self.cut_short = left, True
+        if self.sock is not None:
+            self.sock.settimeout(timeout)
+
+    def send(self, s: str | Buffer) -> None:
+        self.arm()
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _ArmedReader(self.sock.makefile("rb"), self.arm)
+        return super().getreply()
+
     def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         """Wrap the socket after a 220 reply to STARTTLS (handshake bounded by the timeout)."""
         assert self.sock is not None
+        self.arm()
         if self.file is not None:
             # Drop the plaintext reader first so no buffered plaintext survives the upgrade.
             self.file.close()
@@ -161,12 +252,13 @@ class SMTPConnection:
 
     # --- opening ------------------------------------------------------------------------
 
-    def open(self) -> bool:
+    def open(self, *, deadline: float | None = None) -> bool:
         """Open the session; return False if it was already open.
 
         resolve → connect (each address in turn) → [implicit TLS] → greeting → EHLO →
         [STARTTLS → EHLO] → [AUTH]. Raises :class:`TransportError`; nothing is left
-        open on failure.
+        open on failure. ``deadline`` (absolute ``time.monotonic()``) bounds every step
+        after resolution: the cause is :class:`DeadlineReached` when it runs out.
         """
         if self.is_open:
             return False
@@ -174,12 +266,15 @@ class SMTPConnection:
         started = time.monotonic()
         context = self._context() if provider.use_ssl or provider.use_tls else None
         with self._step(Step.RESOLVE):
+            # The resolver bounds itself (DNS TIMEOUT); it is only not started late.
+            _check_deadline(deadline)
             addresses = self.resolver.resolve(provider.host, ipv4_only=provider.force_ipv4)
             if not addresses:
                 raise ResolutionError(provider.host, "no address to connect to")
-        sock, address = self._connect(addresses)
+        sock, address = self._connect(addresses, deadline)
         smtp = _Session(local_hostname=self.local_hostname, timeout=provider.timeout)
         smtp.attach(sock)
+        smtp.deadline = deadline
         self._smtp = smtp
         self.reusable, self.tls, self.address = False, False, address
         self.messages_sent = 0
@@ -190,6 +285,8 @@ class SMTPConnection:
             # KeyboardInterrupt) must not leave a half-open socket behind either.
             self.detach()
             raise
+        finally:
+            smtp.deadline = None
         self.reusable = True
         self.opened_at = self.last_used = time.monotonic()
         logger.info(
@@ -210,6 +307,7 @@ class SMTPConnection:
             assert context is not None
             with self._step(Step.CONNECT):
                 assert smtp.sock is not None
+                smtp.arm()  # the handshake inherits the socket's timeout
                 smtp.attach(context.wrap_socket(smtp.sock, server_hostname=provider.host))
             self.tls = True
         with self._step(Step.GREETING):
@@ -247,14 +345,23 @@ class SMTPConnection:
             error = ssl.SSLError(f"cannot load the TLS certificates: {exc}")
             raise TransportError(step, error, provider=self.provider.name) from exc
 
-    def _connect(self, addresses: Sequence[str]) -> tuple[socket.socket, str]:
+    def _connect(
+        self, addresses: Sequence[str], deadline: float | None
+    ) -> tuple[socket.socket, str]:
         provider = self.provider
         failures: list[tuple[str, OSError]] = []
         first = time.monotonic()
+        out_of_time = False
         for address in addresses:
             started = time.monotonic()
+            timeout = provider.timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - started)
+                if timeout <= 0:
+                    out_of_time = True
+                    break
             try:
-                sock = socket.create_connection((address, provider.port), provider.timeout)
+                sock = socket.create_connection((address, provider.port), timeout)
             except OSError as exc:
                 failures.append((address, exc))
                 logger.debug(
@@ -265,6 +372,11 @@ class SMTPConnection:
                     (time.monotonic() - started) * 1000,
                     exc or type(exc).__name__,
                 )
+                if timeout < provider.timeout and time.monotonic() >= (
+                    started + timeout - _DEADLINE_SLACK
+                ):
+                    out_of_time = True  # the deadline, not the provider, cut it short
+                    break
                 continue
             logger.debug(
                 "%s: connect to %s:%s ok in %.1f ms",
@@ -276,11 +388,18 @@ class SMTPConnection:
             if self.on_step is not None:
                 self.on_step(Step.CONNECT, time.monotonic() - first, None)
             return sock, address
-        if len(failures) == 1:
+        detail = "; ".join(f"{a}: {e or type(e).__name__}" for a, e in failures)
+        cause: OSError
+        if out_of_time:
+            cause = DeadlineReached(
+                f"the delivery deadline was reached while connecting to {provider.host}"
+                + (f" ({detail})" if detail else "")
+            )
+        elif len(failures) == 1:
             cause = failures[0][1]
         else:
-            detail = "; ".join(f"{a}: {e or type(e).__name__}" for a, e in failures)
             cause = OSError(f"no address of {provider.host} accepted a connection ({detail})")
+        if failures and cause is not failures[-1][1]:
             cause.__cause__ = failures[-1][1]
         logger.info("%s: connect failed: %s", provider.name, cause or type(cause).__name__)
         if self.on_step is not None:
@@ -318,7 +437,12 @@ class SMTPConnection:
     # --- sending ------------------------------------------------------------------------
 
     def send(
-        self, from_addr: str, recipients: Sequence[str], data: bytes
+        self,
+        from_addr: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        deadline: float | None = None,
     ) -> dict[str, tuple[int, str]]:
         """Send one message; return the refused recipients as ``{address: (code, reply)}``.
 
@@ -327,6 +451,8 @@ class SMTPConnection:
         accepted. Raises :class:`TransportError` when no recipient was accepted
         (``step=RCPT``, ``refused`` filled in) or any step failed. Addresses that cannot
         be sent (line breaks, non-ASCII without SMTPUTF8) fail before any traffic.
+        ``deadline`` (absolute ``time.monotonic()``) bounds every network operation; a
+        send called after it fails at MAIL before any traffic and keeps the connection.
         """
         smtp = self._smtp
         if smtp is None or smtp.sock is None:
@@ -338,6 +464,26 @@ class SMTPConnection:
         recipients = list(recipients)
         options = self._mail_options(smtp, from_addr, recipients, data)
         wire = _wire_data(data)
+        try:
+            _check_deadline(deadline)
+        except DeadlineReached as exc:
+            raise TransportError(Step.MAIL, exc, provider=self.provider.name) from exc
+        smtp.deadline = deadline
+        try:
+            return self._transaction(smtp, from_addr, recipients, data, wire, options)
+        finally:
+            smtp.deadline = None
+
+    def _transaction(
+        self,
+        smtp: _Session,
+        from_addr: str,
+        recipients: list[str],
+        data: bytes,
+        wire: bytes,
+        options: list[str],
+    ) -> dict[str, tuple[int, str]]:
+        """MAIL → RCPT… → DATA → content → final dot, on an open session."""
         started = time.monotonic()
 
         with self._step(Step.MAIL):
@@ -370,6 +516,7 @@ class SMTPConnection:
             view = memoryview(wire)
             try:
                 for offset in range(0, len(view), _CHUNK):
+                    smtp.arm()
                     sock.sendall(view[offset : offset + _CHUNK])
             except ssl.SSLError as exc:
                 # A TLS error after the handshake is a broken connection, not a TLS policy
@@ -431,16 +578,22 @@ class SMTPConnection:
 
     # --- session upkeep -----------------------------------------------------------------
 
-    def noop(self) -> bool:
-        """True when the server answers NOOP with 250; otherwise close quietly and return False."""
+    def noop(self, *, deadline: float | None = None) -> bool:
+        """True when the server answers NOOP with 250; otherwise close quietly and return False.
+
+        ``deadline`` (absolute ``time.monotonic()``) bounds the wait like in :meth:`send`.
+        """
         smtp = self._smtp
         if smtp is None or smtp.sock is None:
             return False
+        smtp.deadline = deadline
         try:
             code, _ = smtp.noop()
         except _STEP_ERRORS as exc:
             logger.debug("%s: NOOP failed: %s", self.provider.name, exc)
             code = -1
+        finally:
+            smtp.deadline = None
         if code == 250:
             return True
         self._abort()
@@ -464,12 +617,18 @@ class SMTPConnection:
             if code != 250:
                 raise smtplib.SMTPResponseException(code, reply)
 
-    def close(self) -> None:
-        """Send QUIT if the session is healthy, then close the socket. Never raises."""
+    def close(self, *, timeout: float | None = None) -> None:
+        """Send QUIT if the session is healthy, then close the socket. Never raises.
+
+        ``timeout`` bounds the wait for the reply to QUIT when it is shorter than the
+        provider's (e.g. at interpreter exit, where a hung server must not hold us up).
+        """
         smtp, self._smtp = self._smtp, None
         reusable, self.reusable = self.reusable, False
         if smtp is None:
             return
+        if timeout is not None:
+            smtp.deadline = time.monotonic() + timeout
         try:
             if reusable and smtp.sock is not None:
                 with contextlib.suppress(Exception):
@@ -517,21 +676,39 @@ class SMTPConnection:
             raise
         except _STEP_ERRORS as exc:
             elapsed = (time.monotonic() - started) * 1000
-            self._settle(step, exc)
+            cause = self._blame(step, exc)
+            self._settle(step, cause)
             if self.on_step is not None:
-                self.on_step(step, elapsed / 1000, exc)
+                self.on_step(step, elapsed / 1000, cause)
             logger.info(
                 "%s: %s failed after %.1f ms: %s",
                 self.provider.name,
                 step,
                 elapsed,
-                exc or type(exc).__name__,
+                cause or type(cause).__name__,
             )
-            raise TransportError(step, exc, provider=self.provider.name) from exc
+            raise TransportError(step, cause, provider=self.provider.name) from exc
         elapsed = time.monotonic() - started
         if self.on_step is not None:
             self.on_step(step, elapsed, None)
         logger.debug("%s: %s ok in %.1f ms", self.provider.name, step, elapsed * 1000)
+
+    def _blame(self, step: Step, exc: BaseException) -> BaseException:
+        """``exc``, or :class:`DeadlineReached` when the deadline cut this step short.
+
+        A read that timed out (smtplib reports it as a disconnect) after the deadline
+        shortened its timeout says nothing about the provider: report it as ours.
+        """
+        smtp = self._smtp
+        if isinstance(exc, DeadlineReached) or smtp is None or not isinstance(exc, OSError):
+            return exc
+        if not smtp.cut_short or smtp.deadline is None:
+            return exc
+        if time.monotonic() < smtp.deadline - _DEADLINE_SLACK:
+            return exc
+        blamed = DeadlineReached(f"the delivery deadline was reached during {step}")
+        blamed.__cause__ = exc
+        return blamed
 
     def _settle(self, step: Step, exc: BaseException) -> None:
         """Leave the session reusable after a clean negative reply, closed otherwise."""
@@ -555,6 +732,11 @@ class SMTPConnection:
             # A failure while opening: the session is fine but useless. Say goodbye.
             self.reusable = True
             self.close()
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineReached("the delivery deadline was reached")
 
 
 def _check_address(address: str, step: Step, provider: str, *, allow_empty: bool = False) -> None:

@@ -19,7 +19,14 @@ from robust_mail.otp import (
     code_keys,
     purge_expired,
 )
-from tests.test_otp_support import Clock, code_from, html_body, mail_server, text_body
+from tests.test_otp_support import (
+    Clock,
+    close_cache,
+    code_from,
+    html_body,
+    mail_server,
+    text_body,
+)
 
 __all__ = ["mail_server"]  # the fixture, imported for the tests below
 
@@ -522,6 +529,38 @@ def test_ipv6_issue_limit_and_stored_address_use_the_slash_64(mail_server):
 
     stored = set(OneTimePassword.objects.values_list("ip_address", flat=True))
     assert stored == {"2001:db8:9:9::", "192.0.2.77"}
+
+
+def test_verify_limit_per_address_fails_open_when_its_cache_is_down(mail_server, settings):
+    # Documented trade-off (docs/otp.md, Limits): a dead cache must not lock everyone out;
+    # the per-code attempt limit, kept in the store, still holds.
+    mail_server(OTP={"MAX_PER_IP_PER_HOUR": 1, "MAX_ATTEMPTS": 3, "COOLDOWN": 0})
+    settings.CACHES = {
+        **settings.CACHES,
+        "dead": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        },
+    }
+    otp = OTPService(clock=Clock(), cache_alias="dead")
+    codes = {n: str(otp.issue(f"user{n}@example.com", send=False).code) for n in range(2)}
+    wrong = {n: "000000" if code != "000000" else "111111" for n, code in codes.items()}
+
+    try:
+        guesses = [
+            otp.verify(f"user{n}@example.com", wrong[n], ip_address="203.0.113.9").reason
+            for n in range(2)
+            for _ in range(4)
+        ]
+    finally:
+        close_cache("dead")
+
+    # With the cache up, one address would get 1 x 3 tries an hour; down, each code
+    # still allows only its own 3.
+    assert guesses == [Reason.INVALID] * 3 + [Reason.LOCKED] + [Reason.INVALID] * 3 + [
+        Reason.LOCKED
+    ]
 
 
 # --- purge -----------------------------------------------------------------------------

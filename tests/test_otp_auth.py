@@ -6,9 +6,12 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import authenticate
+from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from robust_mail.auth_backends import EmailCodeBackend, send_login_code
+from robust_mail.models import OneTimePassword
 from robust_mail.models.outbox import OutboxMessage
 from robust_mail.otp import OTPService
 from robust_mail.outbox import process_pk
@@ -90,6 +93,24 @@ def test_unknown_address_gets_no_email(mail_server):
     deliver_outbox()
 
     assert server.messages == []
+
+
+def test_unknown_address_does_the_same_database_work(mail_server, staff):
+    mail_server()
+
+    def statements(email: str) -> list[str]:
+        with CaptureQueriesContext(connection) as queries:
+            send_login_code(email)
+        return [q["sql"] for q in queries.captured_queries]
+
+    known = statements(EMAIL)
+    unknown = statements("nobody@example.com")
+
+    # The same statements in the same order; the outbox INSERT of the known address is
+    # a decoy INSERT into the code table for the unknown one (see docs/otp.md, Timing).
+    assert [q.split()[0] for q in known] == [q.split()[0] for q in unknown]
+    assert OutboxMessage.objects.count() == 1
+    assert OneTimePassword._base_manager.filter(purpose="").count() == 1
 
 
 def test_staff_signs_into_the_admin_with_a_code(mail_server, staff, client):

@@ -176,9 +176,30 @@ def test_codes_go_to_the_stored_address_never_the_typed_one(server, victim):
     assert authenticate(None, email=VICTIM, code=code_from(received)) == victim
 
 
+@pytest.mark.parametrize(
+    "typed",
+    ["jose@exa\u0308mple.com", "JOSE@EX\u00c4MPLE.com", "jose@\uff45x\u00e4mple.com"],
+    ids=["decomposed-umlaut", "upper-case", "full-width-e"],
+)
+def test_other_spellings_of_the_stored_address_find_it(server, account_db, typed):
+    user = (
+        get_user_model()
+        ._default_manager.db_manager(account_db)
+        .create_user("jose", "jose@ex\u00e4mple.com", "a-password-long-enough-1")
+    )
+
+    send_login_code(typed, background=False)
+
+    (received,) = server.messages
+    assert received.rcpt_tos == ["jose@xn--exmple-cua.com"]  # the stored domain, IDNA
+    assert authenticate(None, email=typed, code=code_from(received)) == user
+
+
 def test_stored_spelling_is_kept_when_the_typed_case_differs(server, account_db):
-    user = get_user_model()._default_manager.db_manager(account_db).create_user(
-        "chef", "Chef@Example.COM", "a-password-long-enough-1"
+    user = (
+        get_user_model()
+        ._default_manager.db_manager(account_db)
+        .create_user("chef", "Chef@Example.COM", "a-password-long-enough-1")
     )
     stored = user.email  # "Chef@example.com": Django lower-cases the domain only
     reset = PasswordResetService(background=False)

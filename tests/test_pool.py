@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -28,17 +29,20 @@ class FakeConnection:
         self.messages_sent = 0
         self.alive = True
         self.events: list[str] = []
+        self.deadlines: list[float | None] = []  # passed to open() and noop()
         self.in_use = False
         if detachable:
             self.detach = self._detach
 
-    def open(self) -> bool:
+    def open(self, *, deadline: float | None = None) -> bool:
         self.events.append("open")
+        self.deadlines.append(deadline)
         self.is_open = self.reusable = True
         return True
 
-    def noop(self) -> bool:
+    def noop(self, *, deadline: float | None = None) -> bool:
         self.events.append("noop")
+        self.deadlines.append(deadline)
         if not self.alive:
             self.close()
         return self.alive
@@ -70,7 +74,7 @@ class Factory:
         if self.fail:
             self.fail -= 1
 
-            def broken_open() -> bool:
+            def broken_open(*, deadline: float | None = None) -> bool:
                 conn.events.append("open-failed")
                 raise ConnectionRefusedError("refused")
 
@@ -319,6 +323,40 @@ def test_waiting_is_bounded_and_the_error_names_the_pool(make_pool) -> None:
     assert isinstance(info.value, TimeoutError)
     assert "'primary'" in str(info.value)
     assert pool.open_connections == 1
+
+
+def test_wait_ends_at_the_callers_deadline_not_the_pools_wait_timeout(make_pool) -> None:
+    # A wait_timeout this long would make the test time out if the deadline were ignored.
+    pool = make_pool(size=1, wait_timeout=600.0)
+    soon = time.monotonic() + 0.05
+    with pool.connection(), pytest.raises(PoolTimeout) as info, pool.connection(soon):
+        pass
+
+    assert info.value.cut_short
+    assert "as long as the caller could wait" in str(info.value)
+
+
+def test_max_wait_caps_one_callers_wait(make_pool) -> None:
+    pool = make_pool(size=1, wait_timeout=600.0)
+    with pool.connection(), pytest.raises(PoolTimeout) as info, pool.connection(max_wait=0.05):
+        pass
+
+    assert info.value.cut_short
+
+
+def test_deadline_is_passed_to_open_and_to_the_liveness_check(
+    make_pool, factory: Factory, clock: Clock
+) -> None:
+    pool = make_pool(check_after=1.0)
+    deadline = time.monotonic() + 30
+    with pool.connection(deadline):
+        pass
+    clock.now += 5
+    with pool.connection(deadline):
+        pass
+
+    assert factory.made[0].events == ["open", "noop"]
+    assert factory.made[0].deadlines == [deadline, deadline]
 
 
 def test_close_closes_idle_now_and_in_use_when_handed_back(make_pool) -> None:
