@@ -13,6 +13,7 @@ import email.errors
 import email.policy
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.headerregistry import Address, AddressHeader
 from email.utils import formatdate, make_msgid
@@ -132,15 +133,15 @@ def _message_bytes(message: EmailMessage) -> bytes:
     # 5.2 takes no argument and needs linesep given to as_bytes(). Typed as Any: each
     # Django's stubs know only one of the two signatures.
     build: Any = message.message
-    if _takes_policy(type(message)):
+    if _takes_policy(type(message).message):
         return bytes(build(policy=email.policy.SMTP).as_bytes())
     return bytes(build().as_bytes(linesep="\r\n"))
 
 
 @functools.cache
-def _takes_policy(cls: Any) -> bool:
+def _takes_policy(method: Callable[..., Any]) -> bool:
     # Once per message class: inspect.signature costs more than building a small message.
-    return "policy" in inspect.signature(cls.message).parameters
+    return "policy" in inspect.signature(method).parameters
 
 
 def build_envelope(message: EmailMessage) -> Envelope:
