@@ -35,6 +35,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from robust_mail import serialization
+from robust_mail.classcall import class_or_instance
 from robust_mail.conf import OTPConfig, get_config
 from robust_mail.envelope import build_envelope, pin_message
 from robust_mail.exceptions import DeliveryFailed, RateLimited
@@ -187,6 +188,7 @@ class OTPService:
             per_ip_per_hour=c.max_per_ip_per_hour,
         )
 
+    @class_or_instance
     def issue(
         self,
         identifier: Any,
@@ -324,6 +326,7 @@ class OTPService:
 
     # -- verify ---------------------------------------------------------------------------
 
+    @class_or_instance
     def verify(
         self,
         identifier: Any,

@@ -38,6 +38,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.utils.crypto import constant_time_compare, salted_hmac
 
+from robust_mail.classcall import class_or_instance
 from robust_mail.exceptions import RobustMailError
 from robust_mail.otp import IssuedCode, OTPService, mask, normalize_identifier
 
@@ -158,6 +159,7 @@ class PasswordResetService:
         self.token_max_age = token_max_age or self.otp.config.ttl
         self.background = background
 
+    @class_or_instance
     def initiate(self, email: str, *, ip_address: str | None = None, user_agent: str = "") -> None:
         """Email a reset code if an account has ``email``. Returns None either way.
 
@@ -173,6 +175,7 @@ class PasswordResetService:
             background=self.background,
         )
 
+    @class_or_instance
     def verify(self, email: str, code: object, *, ip_address: str | None = None) -> str | None:
         """A single-use reset token when ``code`` is right, else None (never raises).
 
@@ -222,6 +225,7 @@ class PasswordResetService:
             raise ResetTokenInvalid("the reset link or code is invalid or has expired")
         return user
 
+    @class_or_instance
     def complete(self, token: str, new_password: str) -> Any:
         """Validate and set ``new_password``; the token and every old session die with it.
 

@@ -586,3 +586,17 @@ def test_text_and_html_templates_say_how_long_the_code_lasts(mail_server):
 
     assert "15 minutes" in text_body(server.messages[0])
     assert "15 minutes" in html_body(server.messages[0])
+
+
+def test_services_can_be_called_on_the_class_as_design_md_spells_them(smtp_server, robust):
+    # DESIGN.md: OTPService.issue(identifier, ...) / .verify(...), without an instance.
+    from robust_mail.otp import OTPService
+    from tests.conftest import provider
+
+    server = smtp_server()
+    robust([provider(server, "only")])
+
+    issued = OTPService.issue("class-call@example.com", send=False)
+    result = OTPService.verify("class-call@example.com", str(issued.code))
+
+    assert result.ok
