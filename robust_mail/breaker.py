@@ -18,8 +18,11 @@ the caller sends, then reports with ``record_success()`` / ``record_failure()``.
 from __future__ import annotations
 
 import enum
+import os
+import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
@@ -76,6 +79,7 @@ class MemoryStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._data: dict[str, tuple[Any, float | None]] = {}
+        _memory_stores.add(self)
 
     def _expires(self, timeout: float | None) -> float | None:
         return None if timeout is None else self._clock() + timeout
@@ -108,6 +112,12 @@ class MemoryStore:
         with self._lock:
             self._data.pop(key, None)
 
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
+        """The values of the present keys (see :class:`CircuitBreaker` for why)."""
+        with self._lock:
+            found = {key: self._live(key) for key in keys}
+        return {key: item[0] for key, item in found.items() if item is not None}
+
     def incr(self, key: str, delta: int, timeout: float | None) -> int:
         with self._lock:
             item = self._live(key)
@@ -123,6 +133,21 @@ class MemoryStore:
             self._data.clear()
 
 
+#: Every MemoryStore of this process, so that a forked child can give each a fresh lock.
+_memory_stores: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock another thread of the parent held at fork() stays held forever in the child,
+    # where that thread does not exist: replace them (the child has a single thread now).
+    for store in list(_memory_stores):
+        store._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class CircuitBreaker:
     """Decides whether a provider may be tried, from failures reported by every process.
 
@@ -134,8 +159,17 @@ class CircuitBreaker:
     ``on_change(name, old, new)`` fires in the process that made a transition, once per
     transition.
 
-    Cost: ``allow()`` on a closed or open breaker is one ``store.get``; a half-open breaker
-    adds one ``store.add``. ``record_success()`` is a ``get`` and a ``delete``.
+    Cost: ``allow()`` is one store read (``get_many`` of the state and the failure count,
+    when the store has it, else ``get``); a half-open breaker adds one ``store.add``. After
+    an ``allow()`` that found the breaker closed with no failures counted,
+    ``record_success()`` in the same thread costs nothing: there is nothing to reset.
+    Otherwise it is a ``delete``, a ``get`` and, if the breaker was open, two ``delete``.
+
+    Why skipping that reset is safe across processes: the caller's send ran from its
+    ``allow()`` to its report, so its success may be placed at the moment ``allow()`` read
+    the store, when there was nothing to reset. Failures another process reported after
+    that read are concurrent with this send and stay counted — as they would had they
+    been reported a moment later. A stale reading can only cost an extra ``delete``.
     """
 
     def __init__(
@@ -166,6 +200,10 @@ class CircuitBreaker:
         self._state_key = prefix + ":state"
         self._failures_key = prefix + ":failures"
         self._trial_key = prefix + ":trial"
+        # Per thread, between an allow() that returned True and the report that follows:
+        # whether that allow() found the breaker closed with no failures counted, and the
+        # token of the half-open trial it won, if it won one.
+        self._seen = threading.local()
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.state}>"
@@ -208,49 +246,93 @@ class CircuitBreaker:
         for exactly one caller across every process sharing the store (the trial), which
         must report its outcome with ``record_success`` or ``record_failure``.
         """
-        record = self._open_record()
+        record, clean = self._read()
+        # A trial this thread won and has not reported yet stays its own until reported.
+        self._seen.clean = False
         if record is None:
+            self._seen.clean = clean
             return True
         if self.clock() < record["retry_at"]:
             return False
-        if not self.store.add(self._trial_key, self.clock(), self.trial_timeout):
+        # The token tells this trial from a later one (after ours expired): a report only
+        # ever frees the trial its own allow() won.
+        token = secrets.token_hex(8)
+        if not self.store.add(self._trial_key, token, self.trial_timeout):
             return False
+        self._seen.trial = token
         self._changed(BreakerState.OPEN, BreakerState.HALF_OPEN)
         return True
+
+    def _read(self) -> tuple[dict[str, float] | None, bool]:
+        """The open record, and whether no failures are counted (False when unknown)."""
+        get_many = getattr(self.store, "get_many", None)
+        if get_many is None:
+            return self._open_record(), False
+        values = get_many([self._state_key, self._failures_key])
+        record = values.get(self._state_key)
+        if not (isinstance(record, dict) and "retry_at" in record):
+            record = None
+        return record, not values.get(self._failures_key)
+
+    def _take_seen(self) -> tuple[bool, str | None]:
+        """Consume what this thread's last ``allow()`` saw: (closed with no failures,
+        the token of the trial it won or None)."""
+        clean = bool(getattr(self._seen, "clean", False))
+        trial = getattr(self._seen, "trial", None)
+        self._seen.clean, self._seen.trial = False, None
+        return clean, trial
+
+    def _free_trial(self, token: str | None) -> None:
+        """Free the half-open trial ``token`` won, unless it expired and is someone else's."""
+        if token is not None and self.store.get(self._trial_key) == token:
+            self.store.delete(self._trial_key)
 
     # -- reporting -------------------------------------------------------------------------
 
     def record_success(self) -> None:
         """The provider accepted a message (or refused it for message reasons: it is up)."""
+        clean, trial = self._take_seen()
+        if clean and trial is None:
+            return  # nothing to reset (see the class docstring for why this is safe)
         self.store.delete(self._failures_key)
         record = self._open_record()
         if record is None:
+            self._free_trial(trial)  # closed meanwhile by another caller's success
             return
+        # Any success closes it, also one of a send that started before it opened: the
+        # provider is up. A trial in flight is moot then (everyone may send again).
         old = self._open_state(record)
         self.store.delete(self._state_key)
         self.store.delete(self._trial_key)
         self._changed(old, BreakerState.CLOSED)
 
     def record_failure(self, *, fatal: bool = False) -> None:
-        """The provider failed. ``fatal`` (auth, TLS) opens the breaker at once."""
+        """The provider failed. ``fatal`` (auth, TLS) opens the breaker at once.
+
+        While open or half-open, only the caller holding the half-open trial changes
+        anything: its failure re-opens the breaker with a fresh timeout. A failure of a
+        send that started before the breaker opened was already accounted for, and must
+        neither re-open it nor free another caller's trial (which would let a second
+        trial start while the first is in flight).
+        """
+        _, trial = self._take_seen()
         record = self._open_record()
         if record is not None:
-            if self._open_state(record) is BreakerState.HALF_OPEN:
-                # The half-open trial failed: back to open with a fresh timeout.
+            if trial is not None and self._open_state(record) is BreakerState.HALF_OPEN:
+                # This caller's half-open trial failed: back to open with a fresh timeout.
                 self.store.set(self._state_key, self._new_record(), None)
-                self.store.delete(self._trial_key)
                 self._changed(BreakerState.HALF_OPEN, BreakerState.OPEN)
-            # Otherwise a send that started before the breaker opened: already counted.
+            self._free_trial(trial)
             return
         failures = self.store.incr(self._failures_key, 1, None)
         if fatal or failures >= self.failure_threshold:
             self.trip()
 
     def release(self) -> None:
-        """Report no outcome (the attempt never reached the provider): free a held trial."""
-        record = self._open_record()
-        if record is not None and self._open_state(record) is BreakerState.HALF_OPEN:
-            self.store.delete(self._trial_key)
+        """Report no outcome (the attempt never reached the provider): free the half-open
+        trial this caller's ``allow()`` won, if any. Never frees another caller's."""
+        _, trial = self._take_seen()
+        self._free_trial(trial)
 
     def trip(self) -> None:
         """Open a closed breaker now. Only one process wins the transition."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import smtplib
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.retry import RetryPolicy
 from robust_mail.signals import emit, message_sent, provider_failed
 from robust_mail.state import get_breaker
-from robust_mail.transport import SMTPConnection, cut_by_deadline
+from robust_mail.transport import SMTPConnection, cut_by_deadline, incapable
 
 __all__ = ["DeliveryResult", "DeliveryStatus", "Dispatcher", "pin_message"]
 
@@ -55,6 +56,12 @@ def resolver_for(dns: DNSConfig) -> Resolver:
     )
 
 
+if hasattr(os, "register_at_fork"):
+    # A resolver's lock may have been held by another thread of the parent at fork(),
+    # and would stay held in the child: a forked child makes its own resolvers.
+    os.register_at_fork(after_in_child=resolver_for.cache_clear)
+
+
 @dataclass
 class _Attempts:
     """Mutable bookkeeping for one ``deliver`` call."""
@@ -65,6 +72,11 @@ class _Attempts:
     busy_locally: bool = False
     #: The last provider failed only because the deadline cut its attempts short.
     out_of_time: bool = False
+    #: The last provider lacks what this message needs (SMTPUTF8, a large enough SIZE).
+    incapable: bool = False
+    #: Some provider lacked what this message needs / some provider was skipped.
+    any_incapable: bool = False
+    any_skipped: bool = False
     last_step: str = ""
 
 
@@ -153,6 +165,12 @@ class Dispatcher:
             if isinstance(outcome, dict):
                 breaker.record_success()
                 return self._success(provider, envelope, outcome, attempts)
+            if attempts.incapable:
+                # This provider cannot take this message (no SMTPUTF8, too small a size
+                # limit) but another may: try it. Says nothing about the provider's health.
+                attempts.incapable, attempts.any_incapable = False, True
+                breaker.release()
+                continue
             last = outcome
             if outcome is Classification.MESSAGE_FATAL:
                 # The provider is up and answered: the message, not the provider, is at fault.
@@ -172,6 +190,9 @@ class Dispatcher:
                 fatal=outcome is Classification.PROVIDER_FATAL
                 and attempts.last_step in _PROVIDER_STEPS
             )
+        if last is None and attempts.any_incapable and not attempts.any_skipped:
+            # Every provider was asked and none can take this message as it is.
+            last = Classification.MESSAGE_FATAL
         return self._failure(message, envelope, attempts, last, retry_at)
 
     def _try_provider(
@@ -221,11 +242,15 @@ class Dispatcher:
             classification = classify(exc)
             attempts.busy_locally = isinstance(exc, PoolTimeout)
             attempts.out_of_time = cut_only
+            attempts.incapable = incapable(exc)
             attempts.last_step = str(getattr(exc, "step", ""))
             if classification is Classification.AMBIGUOUS:
                 attempts.ambiguous = True
                 metrics.incr(provider.name, "ambiguous")
-            self._log_failure(provider, envelope, tries, exc, "giving up on this provider")
+            then = (
+                "trying the next provider" if attempts.incapable else "giving up on this provider"
+            )
+            self._log_failure(provider, envelope, tries, exc, then)
             error = ProviderError(
                 provider=provider.name,
                 classification=classification,
@@ -288,6 +313,7 @@ class Dispatcher:
 
     def _skip(self, provider: ProviderConfig, attempts: _Attempts, why: str) -> None:
         logger.info("provider %s skipped: %s", provider.name, why)
+        attempts.any_skipped = True
         attempts.errors.append(
             ProviderError(provider.name, Classification.TRANSIENT, "skipped", why, attempts=0)
         )

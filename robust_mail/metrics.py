@@ -2,17 +2,27 @@
 
 Every process adds to the same counters (atomic cache ``incr``), so ``robust_mail_status``
 and the Prometheus collector see the whole deployment. When the cache fails, counts go to
-per-process memory (see :mod:`robust_mail.state`): metrics never stop or slow mail beyond a
-cache call, and never raise for a cache problem.
+per-process memory (see :mod:`robust_mail.state`): metrics never stop or slow mail, and
+never raise for a cache problem.
+
+Counts are added up in memory and written to the cache by a background thread every
+:data:`FLUSH_INTERVAL` seconds, by :func:`snapshot` (which flushes before it reads) and at
+interpreter exit, so recording a message's metrics costs no cache round trip: with Redis,
+Django's ``incr`` is two (EXISTS, INCRBY) per counter, six per message. The price: other
+processes see a count up to ``FLUSH_INTERVAL`` late, and a process killed outright loses at
+most that much of its counts.
 
 Counters (``incr``): see :data:`COUNTERS`. Latency (``observe``) is a histogram with fixed
-bucket bounds :data:`BUCKETS` in seconds; each observation costs two cache increments (its
-bucket and the running sum, kept in microseconds because cache counters are integers).
+bucket bounds :data:`BUCKETS` in seconds; each observation adds to two counters (its bucket
+and the running sum, kept in microseconds because cache counters are integers).
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -21,7 +31,22 @@ from urllib.parse import quote
 
 from robust_mail.state import CacheStore, get_store
 
-__all__ = ["BUCKETS", "COUNTERS", "incr", "observe", "percentile", "reset", "snapshot"]
+__all__ = [
+    "BUCKETS",
+    "COUNTERS",
+    "FLUSH_INTERVAL",
+    "flush",
+    "incr",
+    "observe",
+    "percentile",
+    "reset",
+    "snapshot",
+]
+
+logger = logging.getLogger("robust_mail.metrics")
+
+#: Seconds between writes of this process's counts to the shared cache.
+FLUSH_INTERVAL = 1.0
 
 #: What each counter counts, per provider.
 COUNTERS: dict[str, str] = {
@@ -45,6 +70,15 @@ _PROVIDERS_KEY = _PREFIX + "providers"
 _RECHECK = 60.0  # seconds between checks that a provider is still in the index
 _known: dict[tuple[str, str], float] = {}  # (alias, provider) -> when to check again
 _known_lock = threading.Lock()
+
+# Counts not yet written to the cache: (alias, key) -> amount, and the providers they
+# belong to. _flush_lock makes flushes (and reset) one at a time, so a count is never
+# written after a reset that should have discarded it.
+_pending: dict[tuple[str, str], int] = {}
+_pending_providers: set[tuple[str, str]] = set()
+_pending_lock = threading.Lock()
+_flush_lock = threading.Lock()
+_flusher: threading.Thread | None = None
 
 
 #: Cache key suffix (and snapshot label) of each bucket, the unbounded one last.
@@ -96,18 +130,58 @@ def incr(provider: str, name: str, amount: int = 1) -> None:
         raise ValueError(f"unknown metric {name!r}; expected one of {sorted(COUNTERS)}")
     if amount == 0:
         return
-    store = _store()
-    _register(store, provider)
-    store.incr(_key(provider, name), amount, None)
+    _add(provider, {_key(provider, name): amount})
 
 
 def observe(provider: str, seconds: float) -> None:
     """Record that one delivery through ``provider`` took ``seconds``."""
-    store = _store()
-    _register(store, provider)
     index = bisect.bisect_left(BUCKETS, seconds)
-    store.incr(_key(provider, "latency:" + _LABELS[index]), 1, None)
-    store.incr(_key(provider, "latency:sum_us"), max(0, round(seconds * 1_000_000)), None)
+    _add(
+        provider,
+        {
+            _key(provider, "latency:" + _LABELS[index]): 1,
+            _key(provider, "latency:sum_us"): max(0, round(seconds * 1_000_000)),
+        },
+    )
+
+
+def _add(provider: str, amounts: dict[str, int]) -> None:
+    global _flusher
+    alias = _alias()
+    with _pending_lock:
+        for key, amount in amounts.items():
+            _pending[(alias, key)] = _pending.get((alias, key), 0) + amount
+        _pending_providers.add((alias, provider))
+        start = _flusher is None
+        if start:
+            _flusher = threading.Thread(
+                target=_flush_forever, name="robust_mail metrics flusher", daemon=True
+            )
+    if start:
+        assert _flusher is not None
+        _flusher.start()
+
+
+def flush() -> None:
+    """Write the counts this process has added up to the shared cache now."""
+    with _flush_lock:
+        with _pending_lock:
+            counts, providers = dict(_pending), set(_pending_providers)
+            _pending.clear()
+            _pending_providers.clear()
+        for alias, provider in sorted(providers):
+            _register(get_store(alias), provider)
+        for (alias, key), amount in counts.items():
+            get_store(alias).incr(key, amount, None)
+
+
+def _flush_forever() -> None:
+    while True:
+        time.sleep(FLUSH_INTERVAL)
+        try:
+            flush()
+        except Exception:  # never let the flusher die: the next round may work
+            logger.warning("writing metrics to the cache failed", exc_info=True)
 
 
 def snapshot(providers: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
@@ -119,7 +193,10 @@ def snapshot(providers: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
             "count": 12, "sum": 0.84, "buckets": {"0.005": 0, ..., "+Inf": 12}}}}
 
     Buckets are cumulative (each counts observations up to its bound), as in Prometheus.
+    This process's pending counts are flushed first; other processes' are at most
+    :data:`FLUSH_INTERVAL` seconds behind.
     """
+    flush()
     store = _store()
     index = store.get(_PROVIDERS_KEY)
     names = set(index) if isinstance(index, list | set | tuple) else set()
@@ -163,16 +240,47 @@ def percentile(latency: dict[str, Any], q: float) -> float | None:
 
 
 def reset(providers: Iterable[str] = ()) -> None:
-    """Zero every counter of the known providers (and ``providers``); for tests and ops."""
-    store = _store()
-    index = store.get(_PROVIDERS_KEY)
-    names = set(index) if isinstance(index, list | set | tuple) else set()
-    names.update(providers)
-    keys = [_PROVIDERS_KEY]
-    for provider in names:
-        keys += [_key(provider, name) for name in COUNTERS]
-        keys += [_key(provider, "latency:" + label) for label in _LABELS]
-        keys.append(_key(provider, "latency:sum_us"))
-    store.delete_many(keys)
-    with _known_lock:
-        _known.clear()
+    """Zero every counter of the known providers (and ``providers``); for tests and ops.
+
+    Counts this process has not flushed yet are discarded too.
+    """
+    with _flush_lock:
+        with _pending_lock:
+            _pending.clear()
+            _pending_providers.clear()
+        store = _store()
+        index = store.get(_PROVIDERS_KEY)
+        names = set(index) if isinstance(index, list | set | tuple) else set()
+        names.update(providers)
+        keys = [_PROVIDERS_KEY]
+        for provider in names:
+            keys += [_key(provider, name) for name in COUNTERS]
+            keys += [_key(provider, "latency:" + label) for label in _LABELS]
+            keys.append(_key(provider, "latency:sum_us"))
+        store.delete_many(keys)
+        with _known_lock:
+            _known.clear()
+
+
+def _flush_at_exit() -> None:
+    try:
+        flush()
+    except Exception:  # at exit there is nobody left to tell but the log
+        logger.warning("writing metrics to the cache at exit failed", exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    # The parent flushes its own pending counts: the child must not count them again. A
+    # lock another thread held at fork() would stay held forever here: replace them all.
+    global _known_lock, _pending_lock, _flush_lock, _flusher
+    _known_lock = threading.Lock()
+    _pending_lock = threading.Lock()
+    _flush_lock = threading.Lock()
+    _pending.clear()
+    _pending_providers.clear()
+    _flusher = None  # the parent's thread does not exist here; started again when needed
+
+
+atexit.register(_flush_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -17,12 +17,15 @@ Lifecycle of a connection, all inside :meth:`ConnectionPool.connection`:
 
 Fork: the child forgets every connection inherited from the parent without any I/O on it
 (no QUIT, no TLS close), so the parent's sessions are untouched; the child opens its own.
-Exit: idle connections are closed (QUIT) by an ``atexit`` hook.
+Exit: idle connections are closed by an ``atexit`` hook, with a QUIT that waits at most
+half a second for its reply and a one-second budget for all of them together, so a hung
+provider cannot hold up the interpreter's exit.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
 import os
@@ -46,9 +49,10 @@ class PooledConnection(Protocol):
     ``open()`` raises on failure and leaves nothing open. ``noop()`` returns False (and
     closes) when the session is dead. Both take an absolute ``deadline``
     (``time.monotonic()``, or None) that bounds their network I/O. ``close()`` never
-    raises, also on a dead socket. ``reusable`` is True only while the session is ready
-    for the next message. An optional ``detach()`` closes this process's socket without
-    sending anything (used after fork).
+    raises, also on a dead socket; its ``timeout`` (seconds, or None for the connection's
+    own) bounds the goodbye (QUIT), 0 meaning none. ``reusable`` is True only while the
+    session is ready for the next message. An optional ``detach()`` closes this
+    process's socket without sending anything (used after fork).
     """
 
     @property
@@ -63,7 +67,7 @@ class PooledConnection(Protocol):
 
     def reset(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, timeout: float | None = None) -> None: ...
 
 
 class PoolTimeout(RobustMailError, TimeoutError):
@@ -89,12 +93,31 @@ class _Idle(Generic[C]):
     since: float
 
 
+class _Waiter(Generic[C]):
+    """A thread queued for a busy pool; granted a slot (and maybe an idle connection)."""
+
+    __slots__ = ("cond", "granted", "item")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.cond = threading.Condition(lock)
+        self.granted = False
+        self.item: _Idle[C] | None = None
+
+
 class ConnectionPool(Generic[C]):
     """At most ``size`` open connections made by ``factory``, each used by one thread at a time.
 
     ``wait_timeout`` bounds how long :meth:`connection` waits for a busy pool before raising
     :class:`PoolTimeout`. ``clock`` (monotonic) measures idle times. Thread-safe; the lock is
     never held during network I/O.
+
+    Fairness: callers that find the pool busy queue up and are served first come, first
+    served. A connection handed back goes straight to the longest waiter, so threads that
+    keep sending can never starve one that is waiting.
+
+    ``size`` counts every open socket: a connection being opened, in use, idle, or being
+    closed (retired after ``max_messages``, expired, broken) holds its slot until its socket
+    is closed, so the pool is never above ``size``, not even for a moment.
     """
 
     def __init__(
@@ -123,9 +146,11 @@ class ConnectionPool(Generic[C]):
         _all_pools.add(self)
 
     def _init_state(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._idle: list[_Idle[C]] = []  # most recently used last
-        self._busy = 0  # connections handed out, or being opened for a caller
+        # Slots held by connections handed out, being opened, or being closed.
+        self._busy = 0
+        self._waiters: collections.deque[_Waiter[C]] = collections.deque()
         self._generation = 0
         self._pid = os.getpid()
         self._stats = dict.fromkeys(("opened", "reused", "replaced", "discarded", "expired"), 0)
@@ -135,24 +160,30 @@ class ConnectionPool(Generic[C]):
 
     @property
     def open_connections(self) -> int:
-        """Connections currently open or being opened (idle + in use)."""
-        with self._cond:
+        """Connections currently open, being opened or being closed (idle + in use)."""
+        with self._lock:
             return self._busy + len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Callers queued for a connection right now."""
+        with self._lock:
+            return len(self._waiters)
 
     @property
     def stats(self) -> dict[str, int]:
         """Counts since the pool was made: connections ``opened``, ``reused``, ``replaced``
         (found dead before reuse), ``discarded`` (after an error), ``expired`` (idle)."""
-        with self._cond:
+        with self._lock:
             return dict(self._stats)
 
     def _count(self, name: str) -> None:
-        with self._cond:
+        with self._lock:
             self._stats[name] += 1
 
     @property
     def idle_connections(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._idle)
 
     @contextlib.contextmanager
@@ -163,9 +194,10 @@ class ConnectionPool(Generic[C]):
 
         Blocks while all ``size`` connections are in use, for at most ``wait_timeout``
         seconds, at most ``max_wait`` seconds and never past ``deadline`` (absolute
-        ``time.monotonic()``), then raises :class:`PoolTimeout`. ``deadline`` also bounds
-        the liveness check and the opening of a fresh connection. Errors opening a fresh
-        connection propagate (``TransportError`` from the transport) and free the slot.
+        ``time.monotonic()``), then raises :class:`PoolTimeout`. Waiters are served in
+        arrival order. ``deadline`` also bounds the liveness check and the opening of a
+        fresh connection. Errors opening a fresh connection propagate (``TransportError``
+        from the transport) and free the slot.
         """
         conn, generation = self._checkout(deadline, max_wait)
         pid = os.getpid()
@@ -184,35 +216,59 @@ class ConnectionPool(Generic[C]):
 
     def prune(self) -> int:
         """Close the connections idle for longer than ``idle_timeout``; return how many."""
-        with self._cond:
+        with self._lock:
             expired = self._take_expired()
-        _close_all(expired)
+        self._retire(expired)
         return len(expired)
 
-    def close(self) -> None:
-        """Close every idle connection. Connections in use are closed when handed back."""
-        with self._cond:
+    def close(self, *, until: float | None = None) -> None:
+        """Close every idle connection. Connections in use are closed when handed back.
+
+        ``until`` (absolute ``time.monotonic()``) bounds the goodbyes: each QUIT waits at
+        most :data:`QUIT_TIMEOUT_AT_EXIT` for its reply and none starts after ``until``.
+        """
+        with self._lock:
             idle, self._idle = [item.conn for item in self._idle], []
+            self._busy += len(idle)  # their slots stay taken until their sockets are closed
             self._generation += 1  # in-use connections are discarded on check-in
-            self._cond.notify_all()
-        _close_all(idle)
+        self._retire(idle, until=until)
 
     def configure(self, *, size: int, idle_timeout: float, max_messages: int | None = None) -> None:
         """Change the limits; they apply from the next check-out."""
-        with self._cond:
+        with self._lock:
             self.size, self.idle_timeout, self.max_messages = size, idle_timeout, max_messages
-            self._cond.notify_all()
+            self._grant()
 
     # -- internals -------------------------------------------------------------------------
 
     def _take_expired(self) -> list[C]:
-        # Caller holds the lock.
+        # Caller holds the lock. The expired connections keep their slots (counted busy)
+        # until _retire() has closed them.
         now = self.clock()
         keep = [item for item in self._idle if now - item.since < self.idle_timeout]
         expired = [item.conn for item in self._idle if now - item.since >= self.idle_timeout]
         self._idle = keep
+        self._busy += len(expired)
         self._stats["expired"] += len(expired)
         return expired
+
+    def _retire(self, conns: list[C], *, until: float | None = None) -> None:
+        """Close connections whose slots are counted busy, then free the slots."""
+        if not conns:
+            return
+        _close_all(conns, until=until)
+        with self._lock:
+            self._busy -= len(conns)
+            self._grant()
+
+    def _grant(self) -> None:
+        """Hand free capacity to queued waiters, oldest first. Caller holds the lock."""
+        while self._waiters and (self._idle or self._busy < self.size):
+            waiter = self._waiters.popleft()
+            waiter.item = self._idle.pop() if self._idle else None
+            waiter.granted = True
+            self._busy += 1
+            waiter.cond.notify()
 
     def _checkout(self, limit: float | None, max_wait: float | None) -> tuple[C, int]:
         # Waiting uses the real monotonic clock: Condition.wait does, whatever self.clock is.
@@ -222,37 +278,61 @@ class ConnectionPool(Generic[C]):
         cut_short = wait < self.wait_timeout
         if limit is not None and limit < deadline:
             deadline, cut_short = limit, True
-        expired: list[C] = []
-        item: _Idle[C] | None = None
-        granted = False
-        with self._cond:
-            while True:
-                # Expired ones are few and closed below, after the lock is released.
-                expired += self._take_expired()
-                if self._idle:
-                    item, granted = self._idle.pop(), True
-                elif self._busy < self.size:
-                    granted = True  # room to open a new one
-                if granted:
+        while True:
+            with self._lock:
+                # Expired ones are few; they are closed below, after the lock is released.
+                expired = self._take_expired()
+                if not expired:
+                    item, granted = self._acquire(deadline)
+                    generation = self._generation
                     break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            if granted:
-                self._busy += 1
-            generation = self._generation
-        _close_all(expired)
+            self._retire(expired)
         if not granted:
             waited = time.monotonic() - started
             raise PoolTimeout(self.name, self.size, waited, cut_short=cut_short)
         try:
             return self._ready(item, limit), generation
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._busy -= 1
-                self._cond.notify()
+                self._grant()
             raise
+
+    def _acquire(self, deadline: float) -> tuple[_Idle[C] | None, bool]:
+        """A slot (and an idle connection if there is one), or (None, False) at ``deadline``.
+
+        Caller holds the lock. Nobody jumps the queue: with waiters queued, a newcomer
+        queues behind them even if capacity just became free (it is theirs).
+        """
+        if not self._waiters:
+            if self._idle:
+                self._busy += 1
+                return self._idle.pop(), True
+            if self._busy < self.size:
+                self._busy += 1
+                return None, True  # room to open a new one
+        waiter: _Waiter[C] = _Waiter(self._lock)
+        self._waiters.append(waiter)
+        try:
+            while not waiter.granted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                waiter.cond.wait(remaining)
+        except BaseException:
+            # Interrupted while waiting (the lock is held again here): leave no trace.
+            if waiter.granted:
+                if waiter.item is not None:
+                    self._idle.append(waiter.item)
+                self._busy -= 1
+                self._grant()
+            else:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.granted:  # possibly at the last moment: a grant is never dropped
+            return waiter.item, True
+        self._waiters.remove(waiter)
+        return None, False
 
     def _ready(self, item: _Idle[C] | None, deadline: float | None) -> C:
         """The idle connection if it is still alive, else a freshly opened one."""
@@ -287,18 +367,18 @@ class ConnectionPool(Generic[C]):
         keep = conn.is_open and conn.reusable
         if keep and self.max_messages is not None and conn.messages_sent >= self.max_messages:
             keep = False
-        with self._cond:
-            self._busy -= 1
-            # A close() since check-out means this connection must not be pooled again.
-            if keep and generation == self._generation:
-                self._idle.append(_Idle(conn, self.clock()))
-            else:
-                keep = False
-            self._cond.notify()
-        if not keep:
-            if failed:
-                self._count("discarded")
-            _close_all([conn])
+        if keep:
+            with self._lock:
+                # A close() since check-out means this connection must not be pooled again.
+                if generation == self._generation:
+                    self._idle.append(_Idle(conn, self.clock()))
+                    self._busy -= 1
+                    self._grant()  # straight to the longest waiter, if any
+                    return
+        if failed:
+            self._count("discarded")
+        # Closed while still holding its slot: a waiter may open a new one only after.
+        self._retire([conn])
 
     def _after_fork_in_child(self) -> None:
         # The parent's connections share sockets (and TLS state) with the parent: drop them
@@ -309,10 +389,20 @@ class ConnectionPool(Generic[C]):
             _forget(conn)
 
 
-def _close_all(conns: Iterable[PooledConnection]) -> None:
+#: At interpreter exit, how long one idle connection may wait for the reply to its QUIT...
+QUIT_TIMEOUT_AT_EXIT = 0.5
+#: ...and how long all of them together may take; the rest are closed without a QUIT.
+CLOSE_BUDGET_AT_EXIT = 1.0
+
+
+def _close_all(conns: Iterable[PooledConnection], *, until: float | None = None) -> None:
     for conn in conns:
         try:
-            conn.close()
+            if until is None:
+                conn.close()
+            else:
+                left = max(0.0, until - time.monotonic())
+                conn.close(timeout=min(QUIT_TIMEOUT_AT_EXIT, left))
         except Exception:  # close() must not raise; never let a bad one stop the others
             logger.debug("closing a pooled connection raised", exc_info=True)
 
@@ -412,10 +502,13 @@ def _after_fork_in_child() -> None:
 
 
 def _close_at_exit() -> None:
+    # A provider that stopped answering must not hold up the interpreter's exit for a
+    # full TIMEOUT per idle connection: QUIT politely, but briefly.
     pid = os.getpid()
+    until = time.monotonic() + CLOSE_BUDGET_AT_EXIT
     for pool in list(_all_pools):
         if pool._pid == pid:
-            pool.close()
+            pool.close(until=until)
 
 
 if hasattr(os, "register_at_fork"):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +52,7 @@ class CacheGuard:
         self.probe_interval = probe_interval
         self.clock = clock
         self._lock = threading.Lock()
+        _all_guards.add(self)
         self._down_since: float | None = None
         self._next_probe = 0.0
         self._on_recover: list[Callable[[], None]] = []
@@ -183,6 +186,7 @@ def _cache_incr(cache: BaseCache, key: str, delta: int, timeout: float | None) -
 # -- registries --------------------------------------------------------------------------
 
 _lock = threading.Lock()
+_all_guards: weakref.WeakSet[CacheGuard] = weakref.WeakSet()
 _guards: dict[str, CacheGuard] = {}
 _stores: dict[str, CacheStore] = {}
 _breakers: dict[tuple[str, int, float, str], CircuitBreaker] = {}
@@ -265,3 +269,16 @@ def reset() -> None:
         _breakers.clear()
         _stores.clear()
         _guards.clear()
+
+
+def _after_fork_in_child() -> None:
+    # A lock another thread of the parent held at fork() stays held forever in the child:
+    # replace them (the child has a single thread now). MemoryStore does the same.
+    global _lock
+    _lock = threading.Lock()
+    for cache_guard in list(_all_guards):
+        cache_guard._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -3,7 +3,7 @@
 Loading the system CA bundle costs tens of milliseconds of CPU, so a context is
 built once per ``(ssl_cafile, ssl_certfile, ssl_keyfile)`` and reused for every
 connection and every message. An ``SSLContext`` is safe to share between threads
-once configured.
+once configured, and between a process and the children it forks.
 
 The context always verifies: system CAs plus the provider's ``ssl_cafile`` (an
 extra trust anchor, not a replacement), host name checking on, TLS 1.2 or newer.
@@ -15,7 +15,6 @@ Imports nothing from Django.
 from __future__ import annotations
 
 import ssl
-import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,9 +24,11 @@ __all__ = ["clear_tls_contexts", "tls_context"]
 
 _Key = tuple[str | None, str | None, str | None]
 
+# No lock: a single dict get / setdefault / clear is atomic, and a lock held while
+# building (tens of milliseconds loading CA files) would be inherited *held* by a child
+# forked meanwhile, whose first TLS connection would then wait forever. Two threads making
+# their first connection at the same moment may both build; the first one stored wins.
 _contexts: dict[_Key, ssl.SSLContext] = {}
-# Held while building, so concurrent first connections build one context, not several.
-_lock = threading.Lock()
 
 
 def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
@@ -35,20 +36,18 @@ def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
 
     Raises ``OSError`` (missing file) or ``ssl.SSLError`` (unusable file) if the
     files cannot be loaded; nothing is cached then, so a fixed file is picked up.
+    Safe to call from any thread and in a child process forked at any moment.
     """
     key = (provider.ssl_cafile, provider.ssl_certfile, provider.ssl_keyfile)
-    with _lock:
-        context = _contexts.get(key)
-        if context is None:
-            context = _build(*key)
-            _contexts[key] = context
-        return context
+    context = _contexts.get(key)
+    if context is None:
+        context = _contexts.setdefault(key, _build(*key))
+    return context
 
 
 def clear_tls_contexts() -> None:
     """Forget every cached context, e.g. after certificate files were replaced on disk."""
-    with _lock:
-        _contexts.clear()
+    _contexts.clear()
 
 
 def _build(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:

@@ -56,10 +56,12 @@ if TYPE_CHECKING:
     from robust_mail.resolver import Resolver
 
 __all__ = [
+    "CapabilityMissing",
     "DeadlineReached",
     "SMTPConnection",
     "clear_tls_contexts",
     "cut_by_deadline",
+    "incapable",
     "tls_context",
 ]
 
@@ -95,6 +97,24 @@ class DeadlineReached(RobustMailError, TimeoutError):
     of DATA, ambiguous while waiting for its reply. It says the *caller* ran out of time,
     not that the provider took longer than its own ``timeout``.
     """
+
+
+class CapabilityMissing(InvalidMessage):
+    """This provider cannot take this message, though another may.
+
+    The server lacks something this message needs: SMTPUTF8 for a non-ASCII address, or a
+    size limit (its ``SIZE``, or a ``552`` at MAIL) below the message's size. Classified
+    like any :class:`InvalidMessage` (message-fatal: retrying here is pointless), but the
+    dispatcher tries the next provider instead of failing the message, and does not hold
+    it against this provider's breaker. Raised before any of the message is sent; the
+    connection stays usable.
+    """
+
+
+def incapable(exc: BaseException) -> bool:
+    """Whether ``exc`` (a TransportError or its cause) says this provider can't take it."""
+    cause = exc.cause if isinstance(exc, TransportError) else exc
+    return isinstance(cause, CapabilityMissing)
 
 
 def cut_by_deadline(exc: BaseException) -> bool:
@@ -470,9 +490,58 @@ class SMTPConnection:
             raise TransportError(Step.MAIL, exc, provider=self.provider.name) from exc
         smtp.deadline = deadline
         try:
-            return self._transaction(smtp, from_addr, recipients, data, wire, options)
+            refused = self._transaction(smtp, from_addr, recipients, data, wire, options)
+            return self._send_the_rest(smtp, from_addr, recipients, refused, data, wire, options)
         finally:
             smtp.deadline = None
+
+    def _send_the_rest(
+        self,
+        smtp: _Session,
+        from_addr: str,
+        recipients: list[str],
+        refused: dict[str, tuple[int, str]],
+        data: bytes,
+        wire: bytes,
+        options: list[str],
+    ) -> dict[str, tuple[int, str]]:
+        """Recipients put off with a 4xx while others were accepted: another transaction.
+
+        RFC 5321 4.5.3.1.10: a server that limits the recipients of one transaction answers
+        ``452`` to those over the limit, and the client sends them in a new transaction.
+        Repeated while each transaction gets at least one more recipient accepted; the
+        message has been delivered to some already, so nothing here raises — whoever is
+        still put off (or lost with a failed transaction) is reported refused.
+        """
+        while self.is_open and self.reusable:
+            later = [r for r in recipients if r in refused and 400 <= refused[r][0] < 500]
+            if not later:
+                break
+            logger.info(
+                "%s: %d recipients put off (%s); sending them in another transaction",
+                self.provider.name,
+                len(later),
+                refused[later[0]][0],
+            )
+            try:
+                again = self._transaction(smtp, from_addr, later, data, wire, options)
+            except TransportError as exc:
+                if exc.step is Step.RCPT and exc.refused:
+                    refused.update(exc.refused)  # no progress: they stay refused
+                else:
+                    for recipient in later:
+                        refused[recipient] = (
+                            exc.code or 451,
+                            f"another transaction for this recipient failed: {exc.detail}",
+                        )
+                break
+            for recipient in later:
+                if recipient in again:
+                    refused[recipient] = again[recipient]
+                else:
+                    del refused[recipient]
+            recipients = later
+        return refused
 
     def _transaction(
         self,
@@ -486,10 +555,22 @@ class SMTPConnection:
         """MAIL → RCPT… → DATA → content → final dot, on an open session."""
         started = time.monotonic()
 
-        with self._step(Step.MAIL):
-            code, reply = smtp.mail(from_addr, options)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, reply, from_addr)
+        try:
+            with self._step(Step.MAIL):
+                code, reply = smtp.mail(from_addr, options)
+                if code != 250:
+                    raise smtplib.SMTPSenderRefused(code, reply, from_addr)
+        except TransportError as exc:
+            if exc.code != 552:
+                raise
+            # "Exceeded storage allocation" at MAIL: too big for this provider's limit
+            # (the session was reset by RSET and stays usable); another may take it.
+            too_big = CapabilityMissing(
+                f"{self.provider.host} refused a message of {len(data)} bytes at MAIL"
+            )
+            raise TransportError(
+                Step.MAIL, too_big, provider=self.provider.name, code=exc.code, reply=exc.reply
+            ) from exc
 
         refused: dict[str, tuple[int, str]] = {}
         with self._step(Step.RCPT):
@@ -560,6 +641,16 @@ class SMTPConnection:
             _check_address(recipient, Step.RCPT, self.provider.name)
         options: list[str] = []
         if smtp.has_extn("size"):
+            limit = _size_limit(smtp.esmtp_features.get("size", ""))
+            if limit and len(data) > limit:
+                raise TransportError(
+                    Step.MAIL,
+                    CapabilityMissing(
+                        f"the message of {len(data)} bytes is larger than the "
+                        f"{limit}-byte limit of {self.provider.host}"
+                    ),
+                    provider=self.provider.name,
+                )
             options.append(f"SIZE={len(data)}")
         if smtp.has_extn("8bitmime") and not data.isascii():
             options.append("BODY=8BITMIME")
@@ -567,7 +658,7 @@ class SMTPConnection:
             if not smtp.has_extn("smtputf8"):
                 raise TransportError(
                     Step.MAIL,
-                    InvalidMessage(
+                    CapabilityMissing(
                         f"{self.provider.host} does not support SMTPUTF8, "
                         "needed for a non-ASCII address"
                     ),
@@ -732,6 +823,14 @@ class SMTPConnection:
             # A failure while opening: the session is fine but useless. Say goodbye.
             self.reusable = True
             self.close()
+
+
+def _size_limit(value: str) -> int:
+    """The byte limit an EHLO ``SIZE`` keyword announces; 0 when none (RFC 1870)."""
+    try:
+        return max(0, int(value.split()[0])) if value.strip() else 0
+    except ValueError:
+        return 0
 
 
 def _check_deadline(deadline: float | None) -> None:

@@ -327,3 +327,171 @@ def test_release_frees_a_half_open_trial_without_reporting_an_outcome():
 
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.allow() is True  # the trial is free again
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that records which operations reached it."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.ops: list[str] = []
+
+    def get(self, key: str) -> object:
+        self.ops.append("get")
+        return super().get(key)
+
+    def get_many(self, keys: list[str]) -> dict[str, object]:
+        self.ops.append("get_many")
+        return super().get_many(keys)
+
+    def delete(self, key: str) -> None:
+        self.ops.append("delete")
+        super().delete(key)
+
+    def incr(self, key: str, delta: int, timeout: float | None) -> int:
+        self.ops.append("incr")
+        return super().incr(key, delta, timeout)
+
+
+@pytest.fixture
+def counted() -> tuple[CircuitBreaker, CountingStore]:
+    clock = FakeClock()
+    store = CountingStore(clock)
+    breaker = CircuitBreaker("primary", failure_threshold=3, store=store, clock=clock)
+    return breaker, store
+
+
+def test_success_on_a_clean_closed_breaker_costs_one_read_and_no_write(counted) -> None:
+    breaker, store = counted
+
+    assert breaker.allow()
+    breaker.record_success()
+
+    assert store.ops == ["get_many"]
+
+
+def test_success_after_failures_still_resets_them(counted) -> None:
+    breaker, store = counted
+    other = CircuitBreaker("primary", failure_threshold=3, store=store, clock=breaker.clock)
+    other.record_failure()  # another process
+    other.record_failure()
+
+    assert breaker.allow()
+    breaker.record_success()
+    other.record_failure()
+
+    assert breaker.failures == 1
+    assert breaker.state is CLOSED
+
+
+def test_success_without_a_preceding_allow_always_resets(counted) -> None:
+    breaker, _ = counted
+    assert breaker.allow()
+    breaker.record_success()  # consumes what allow() saw
+    breaker.record_failure()
+
+    breaker.record_success()
+
+    assert breaker.failures == 0
+
+
+def test_what_allow_saw_in_one_thread_does_not_skip_the_reset_in_another(counted) -> None:
+    breaker, _ = counted
+    assert breaker.allow()  # this thread saw a clean breaker...
+    breaker.record_failure()
+    breaker.record_failure()
+
+    worker = threading.Thread(target=breaker.record_success)  # ...that thread saw nothing
+    worker.start()
+    worker.join()
+
+    assert breaker.failures == 0
+
+
+def test_failures_reported_during_a_send_stay_counted_after_its_success(counted) -> None:
+    # The success may be placed when allow() read the store: a failure reported by another
+    # process while this send was in flight is concurrent with it, and stays counted.
+    breaker, store = counted
+    other = CircuitBreaker("primary", failure_threshold=3, store=store, clock=breaker.clock)
+    assert breaker.allow()
+    other.record_failure()
+
+    breaker.record_success()
+
+    assert breaker.failures == 1
+    other.record_failure()
+    other.record_failure()
+    assert breaker.state is OPEN  # the threshold still means consecutive failures
+
+
+def test_success_of_a_half_open_trial_still_closes(counted) -> None:
+    breaker, _ = counted
+    breaker.trip()
+    breaker.clock.advance(61)
+    assert breaker.allow()
+
+    breaker.record_success()
+
+    assert breaker.state is CLOSED
+
+
+# --- half-open trial hygiene: only the trial's holder changes it ------------------------------
+
+
+def _half_open_with_a_trial(h: Harness) -> tuple[CircuitBreaker, CircuitBreaker]:
+    """A caller whose send started while closed, and the caller now holding the trial."""
+    early = h.new()
+    assert early.allow()  # closed: its send starts...
+    open_breaker(h)  # ...others' failures open the breaker meanwhile
+    h.clock.advance(61)
+    trial = h.new()
+    assert trial.allow()
+    return early, trial
+
+
+def test_late_failure_of_an_earlier_send_leaves_the_trial_alone(h: Harness) -> None:
+    early, trial = _half_open_with_a_trial(h)
+
+    early.record_failure()  # arrives while the trial is in flight
+
+    assert not h.new().allow()  # no second trial
+    assert h.breaker.state is HALF_OPEN  # not re-opened by stale news
+    trial.record_success()
+    assert h.breaker.state is CLOSED
+
+
+def test_release_by_a_caller_without_the_trial_leaves_it_alone(h: Harness) -> None:
+    early, trial = _half_open_with_a_trial(h)
+
+    early.release()
+
+    assert not h.new().allow()
+    trial.record_failure()
+    assert h.breaker.state is OPEN
+
+
+def test_trial_holder_failure_reopens_and_frees_its_trial(h: Harness) -> None:
+    _, trial = _half_open_with_a_trial(h)
+
+    trial.record_failure()
+
+    assert h.breaker.state is OPEN
+    h.clock.advance(61)
+    assert h.new().allow()  # a fresh trial after the fresh timeout
+
+
+def test_a_trial_that_expired_does_not_free_its_successor() -> None:
+    h = Harness(trial_timeout=30.0)
+    open_breaker(h)
+    h.clock.advance(61)
+    stuck = h.new()
+    assert stuck.allow()
+    h.clock.advance(31)  # its reservation expired: another caller takes over
+    successor = h.new()
+    assert successor.allow()
+
+    stuck.release()  # the stuck one finally gives up
+
+    assert not h.new().allow()  # the successor's trial is still the only one
+    successor.record_success()
+    assert h.breaker.state is CLOSED

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
+import warnings
 from typing import Any
 
 import pytest
@@ -222,3 +225,55 @@ def test_registry_breaker_transitions_send_the_signal_and_count_opens() -> None:
     ]
     assert all(r["provider"] == "primary" and r["sender"] is CircuitBreaker for r in received)
     assert metrics.snapshot()["primary"]["breaker_opened"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_is_not_stuck_on_locks_another_thread_held_at_fork() -> None:
+    # Holding every process-wide lock of breakers, state, metrics and the dispatcher's
+    # resolvers across fork() is what the child sees when another thread held them then.
+    from robust_mail import metrics
+    from robust_mail.breaker import MemoryStore
+    from robust_mail.conf import DNSConfig
+    from robust_mail.dispatch import resolver_for
+
+    store = MemoryStore()
+    cache_guard = CacheGuard("default")
+    resolver = resolver_for(DNSConfig())
+
+    def use_everything() -> None:
+        get_breaker("forked", failure_threshold=2).record_failure()
+        store.set("key", 1, None)
+        cache_guard.call(_broken_cache, lambda: None)  # logs the outage under its lock
+        metrics.incr("forked", "sent")
+        resolver_for(DNSConfig()).resolve("localhost", ipv4_only=True)
+
+    with (
+        state._lock,
+        store._lock,
+        cache_guard._lock,
+        metrics._known_lock,
+        resolver._lock,
+    ):
+        status = _in_child(use_everything)
+
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def _broken_cache(cache: Any) -> None:
+    raise ConnectionError("cache down")
+
+
+def _in_child(fn: Any) -> int:
+    """Run ``fn`` in a forked child that SIGALRM kills if it hangs; the wait status."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        signal.alarm(5)
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]

@@ -155,6 +155,7 @@ def test_sending_side_keeps_working_when_redis_dies_mid_run(
     breaker = get_breaker("primary", failure_threshold=2, reset_timeout=60)
     breaker.record_failure()
     metrics.incr("primary", "sent")
+    metrics.flush()  # as the flusher does every FLUSH_INTERVAL: this one reaches Redis
 
     shared_cache.stop()
 
@@ -201,3 +202,65 @@ def test_a_blackholed_cache_costs_one_socket_timeout_per_probe_interval(settings
             conn.close()
     # One connection, one timeout, then per-process state until the next probe.
     assert len(attempts) == 1
+
+
+def test_a_delivered_message_costs_one_redis_round_trip(
+    shared_cache: RedisServer, smtp_server: Any, robust: Any
+) -> None:
+    import redis
+    from django.core.mail import send_mail
+
+    from tests.conftest import provider
+
+    server = smtp_server()
+    robust([provider(server, "primary")])
+    for _ in range(3):  # warm: pool, registries, counters created
+        send_mail("Hi", "Body", "from@example.com", ["to@example.com"])
+    metrics.flush()
+    client = redis.Redis.from_url(shared_cache.url)
+    try:
+        before = _commands(client)
+        with metrics._flush_lock:  # hold the background flush off while counting
+            for _ in range(20):
+                send_mail("Hi", "Body", "from@example.com", ["to@example.com"])
+            during = _commands(client)
+    finally:
+        client.close()
+
+    used = {name: n - before.get(name, 0) for name, n in during.items()}
+    # One read of the breaker (state and failure count together); nothing else per message.
+    assert {name: n for name, n in used.items() if n and name != "info"} == {"mget": 20}
+    assert metrics.snapshot()["primary"]["sent"] == 23
+    assert len(server.messages) == 23
+
+
+def _commands(client: Any) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_flush_its_parents_counts_again(
+    shared_cache: RedisServer,
+) -> None:
+    import warnings
+
+    with metrics._flush_lock:  # pending in the parent when it forks
+        metrics.incr("primary", "sent")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                metrics.incr("primary", "failed")  # the child's own count
+                metrics.flush()
+                code = 0
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+    snapshot = metrics.snapshot()["primary"]
+
+    assert (snapshot["sent"], snapshot["failed"]) == (1, 1)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from email import message_from_bytes
 from typing import Any
 
 import pytest
 from django.core import mail
 from django.core.mail import EmailMessage, send_mail
 
+from robust_mail.conf import get_config
 from robust_mail.exceptions import Classification, DeliveryFailed
 from robust_mail.results import DeliveryStatus
+from robust_mail.state import get_breaker
 from tests.conftest import provider
 
 
@@ -327,3 +333,238 @@ def test_pooled_connection_closed_by_the_server_is_replaced_transparently(smtp_s
     assert second.delivery_result.errors == ()
     assert [m.message["Subject"] for m in server.messages] == ["first", "second"]
     assert server.connections_total == 2
+
+
+# --- a provider that lacks what the message needs -------------------------------------------
+#
+# SMTPTestServer always offers SMTPUTF8 and a 40 MB SIZE, so these tests run aiosmtpd itself
+# (a real SMTP server on 127.0.0.1) with those capabilities taken away or scripted.
+
+
+class _Recorder:
+    """aiosmtpd handler: records messages; ``mail_reply`` (e.g. a 552) answers MAIL instead.
+
+    ``rcpt_limit`` recipients per transaction, the rest answered ``452 4.5.3``; recipients
+    in ``put_off`` are always answered ``450 4.2.1``; ``later_data_reply`` answers the final
+    dot of every transaction after the first.
+    """
+
+    def __init__(
+        self,
+        mail_reply: str | None = None,
+        rcpt_limit: int | None = None,
+        put_off: tuple[str, ...] = (),
+        later_data_reply: str | None = None,
+    ) -> None:
+        self.mail_reply = mail_reply
+        self.later_data_reply = later_data_reply
+        self.rcpt_limit = rcpt_limit
+        self.put_off = put_off
+        self.messages: list[bytes] = []
+        self.transactions: list[list[str]] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address in self.put_off:
+            return "450 4.2.1 Try again later"
+        if self.rcpt_limit is not None and len(envelope.rcpt_tos) >= self.rcpt_limit:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.transactions and self.later_data_reply:
+            return self.later_data_reply
+        self.messages.append(envelope.original_content)
+        self.transactions.append(list(envelope.rcpt_tos))
+        return "250 OK"
+
+
+@pytest.fixture
+def limited_server() -> Iterator[Callable[..., Any]]:
+    """Start aiosmtpd on 127.0.0.1: ``limited_server(enable_SMTPUTF8=False)`` etc."""
+    from aiosmtpd.controller import Controller
+
+    started: list[Any] = []
+
+    def start(
+        mail_reply: str | None = None,
+        *,
+        rcpt_limit: int | None = None,
+        put_off: tuple[str, ...] = (),
+        later_data_reply: str | None = None,
+        **options: Any,
+    ) -> Any:
+        with socket.socket() as probe:  # a free port: aiosmtpd's Controller needs one
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        handler = _Recorder(mail_reply, rcpt_limit, put_off, later_data_reply)
+        controller = Controller(handler, hostname="127.0.0.1", port=port, **options)
+        controller.start()
+        started.append(controller)
+        return controller
+
+    yield start
+    for controller in started:
+        controller.stop()
+
+
+def test_server_without_smtputf8_hands_a_non_ascii_address_to_the_next_provider(
+    smtp_server, robust, limited_server
+):
+    primary = limited_server(enable_SMTPUTF8=False)
+    backup = smtp_server()
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+    message = EmailMessage("Hi", "Body", "sender@example.com", ["jörg@example.com"])
+
+    assert message.send() == 1
+
+    result = message.delivery_result
+    assert (result.status, result.provider) == (DeliveryStatus.SENT, "backup")
+    (error,) = result.errors
+    assert (error.provider, error.step, error.attempts) == ("primary", "mail", 1)
+    assert "SMTPUTF8" in error.message
+    assert primary.handler.messages == []
+    assert backup.messages[0].rcpt_tos == ["jörg@example.com"]
+    breaker = get_breaker("primary", get_config())
+    assert (breaker.failures, breaker.state.value) == (0, "closed")  # not held against it
+
+
+def test_message_over_one_providers_size_limit_goes_to_one_with_room(
+    smtp_server, robust, limited_server
+):
+    primary = limited_server(data_size_limit=2000)
+    backup = smtp_server()
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+    message = EmailMessage("Big", "x" * 5000, "sender@example.com", ["rcpt@example.com"])
+
+    assert message.send() == 1
+
+    assert message.delivery_result.provider == "backup"
+    assert "2000-byte limit" in message.delivery_result.errors[0].message
+    assert primary.handler.messages == []
+    assert len(backup.messages) == 1
+    assert get_breaker("primary", get_config()).failures == 0
+
+
+def test_552_at_mail_fails_over_without_touching_the_breaker(smtp_server, robust, limited_server):
+    primary = limited_server(mail_reply="552 5.3.4 Message size exceeds fixed limit")
+    backup = smtp_server()
+    robust(
+        [provider(primary, "primary"), provider(backup, "backup")],
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 1, "RESET_TIMEOUT": 60},
+    )
+
+    first, second = _send("first"), _send("second")
+
+    assert [first.delivery_result.provider, second.delivery_result.provider] == ["backup"] * 2
+    error = first.delivery_result.errors[0]
+    assert (error.step, error.code) == ("mail", 552)
+    # With a threshold of 1 a single counted failure would have opened it: it was not counted.
+    assert second.delivery_result.errors[0].step == "mail"
+    assert get_breaker("primary", get_config()).state.value == "closed"
+
+
+def test_message_no_provider_can_take_fails_as_message_fatal(robust, limited_server):
+    first = limited_server(enable_SMTPUTF8=False)
+    second = limited_server(enable_SMTPUTF8=False)
+    robust([provider(first, "first"), provider(second, "second")])
+    message = EmailMessage("Hi", "Body", "sender@example.com", ["jörg@example.com"])
+
+    with pytest.raises(DeliveryFailed) as caught:
+        message.send()
+
+    result = message.delivery_result
+    assert result.status is DeliveryStatus.FAILED
+    assert caught.value.classification is Classification.MESSAGE_FATAL
+    assert [e.provider for e in result.errors] == ["first", "second"]
+    assert result.attempts == 2  # neither was retried
+
+
+def test_when_the_only_capable_provider_is_down_the_message_is_deferred(
+    smtp_server, robust, limited_server
+):
+    primary = limited_server(enable_SMTPUTF8=False)
+    backup = smtp_server("refuse")
+    robust([provider(primary, "primary"), provider(backup, "backup")])
+    message = EmailMessage("Hi", "Body", "sender@example.com", ["jörg@example.com"])
+
+    with pytest.raises(DeliveryFailed):
+        message.send()
+
+    # The backup may take it once it is back: not a message-fatal failure.
+    assert message.delivery_result.status is DeliveryStatus.DEFERRED
+
+
+def test_incapable_provider_frees_its_half_open_trial(smtp_server, robust, limited_server):
+    primary = limited_server(enable_SMTPUTF8=False)
+    backup = smtp_server()
+    robust(
+        [provider(primary, "primary"), provider(backup, "backup")],
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 1, "RESET_TIMEOUT": 0.01},
+    )
+    breaker = get_breaker("primary", get_config())
+    breaker.trip()
+    time.sleep(0.05)  # past RESET_TIMEOUT: the next message holds the half-open trial
+
+    message = EmailMessage("Hi", "Body", "sender@example.com", ["jörg@example.com"])
+    assert message.send() == 1
+
+    assert message.delivery_result.provider == "backup"
+    assert breaker.allow()  # the trial this message held was handed back
+
+
+# --- recipients put off with a 4xx while others were accepted ---------------------------------
+
+
+def test_recipients_over_a_per_transaction_limit_go_in_further_transactions(robust, limited_server):
+    server = limited_server(rcpt_limit=2)
+    robust([provider(server, "primary")])
+    to = ["a@example.com", "b@example.com", "c@example.com", "d@example.com", "e@example.com"]
+
+    message = _send(to=tuple(to))
+
+    result = message.delivery_result
+    assert (result.status, result.refused) == (DeliveryStatus.SENT, {})
+    assert server.handler.transactions == [to[:2], to[2:4], to[4:]]
+    ids = {message_from_bytes(m)["Message-ID"] for m in server.handler.messages}
+    assert ids == {result.message_id}  # the same message, in three transactions
+
+
+def test_a_recipient_still_put_off_is_reported_refused_with_its_4xx(robust, limited_server):
+    server = limited_server(put_off=("later@example.com",))
+    robust([provider(server, "primary")])
+
+    message = _send(to=("now@example.com", "later@example.com"))
+
+    result = message.delivery_result
+    assert result.status is DeliveryStatus.PARTIAL
+    assert list(result.refused) == ["later@example.com"]
+    assert result.refused["later@example.com"][0] == 450
+    assert server.handler.transactions == [["now@example.com"]]  # tried again, still put off
+
+
+def test_a_failed_further_transaction_reports_its_recipients_and_never_resends_the_first(
+    robust, limited_server
+):
+    server = limited_server(rcpt_limit=1, later_data_reply="554 5.6.0 Rejected")
+    robust([provider(server, "primary")])
+
+    message = _send(to=("a@example.com", "b@example.com"))
+
+    result = message.delivery_result
+    assert result.status is DeliveryStatus.PARTIAL  # a@ has it: no retry, no failover
+    assert result.attempts == 1
+    code, reply = result.refused["b@example.com"]
+    assert code == 554 and "another transaction" in reply
+    assert server.handler.transactions == [["a@example.com"]]

@@ -77,6 +77,37 @@ def test_concurrent_increments_are_all_counted() -> None:
     assert metrics.snapshot()["primary"]["sent"] == 2000
 
 
+def test_counts_reach_the_cache_in_batches_and_snapshot_flushes_first() -> None:
+    with metrics._flush_lock:  # hold the background flush off
+        metrics.incr("primary", "sent")
+        metrics.observe("primary", 0.02)
+        assert caches["default"].get("robust_mail:metrics:primary:sent") is None
+
+    snapshot = metrics.snapshot()
+
+    assert snapshot["primary"]["sent"] == 1
+    assert snapshot["primary"]["latency"]["count"] == 1
+    assert caches["default"].get("robust_mail:metrics:primary:sent") == 1
+
+
+def test_the_background_flush_writes_counts_without_being_asked() -> None:
+    metrics.incr("primary", "sent", 7)
+
+    for _ in range(200):  # the flusher runs every FLUSH_INTERVAL (1 s)
+        if caches["default"].get("robust_mail:metrics:primary:sent") == 7:
+            break
+        threading.Event().wait(0.05)
+    assert caches["default"].get("robust_mail:metrics:primary:sent") == 7
+
+
+def test_reset_discards_counts_not_flushed_yet() -> None:
+    with metrics._flush_lock:
+        metrics.incr("primary", "sent")
+    metrics.reset()
+
+    assert metrics.snapshot() == {}
+
+
 def test_latency_histogram_buckets_are_cumulative() -> None:
     for seconds in (0.003, 0.005, 0.04, 0.3, 0.3, 90.0):
         metrics.observe("primary", seconds)
@@ -137,8 +168,10 @@ def test_metrics_never_raise_when_the_cache_is_down() -> None:
     metrics.reset()
 
 
-@override_settings(ROBUST_MAIL={"CACHE": "metrics"})
 def test_metrics_use_the_configured_cache(settings: Any) -> None:
+    # Both through the settings fixture: mixing it with an @override_settings decorator
+    # restores them out of order and leaks CACHE="metrics" into every later test.
+    settings.ROBUST_MAIL = {"CACHE": "metrics"}
     settings.CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
         "metrics": {
@@ -147,6 +180,7 @@ def test_metrics_use_the_configured_cache(settings: Any) -> None:
         },
     }
     metrics.incr("primary", "sent")
+    metrics.flush()  # counts reach the cache in batches (snapshot() flushes by itself)
 
     assert caches["metrics"].get("robust_mail:metrics:primary:sent") == 1
     assert caches["default"].get("robust_mail:metrics:primary:sent") is None

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -50,8 +50,8 @@ class FakeConnection:
     def reset(self) -> None:
         self.events.append("reset")
 
-    def close(self) -> None:
-        self.events.append("close")
+    def close(self, *, timeout: float | None = None) -> None:
+        self.events.append("close" if timeout is None else f"close within {timeout:g}")
         self.is_open = self.reusable = False
 
     def _detach(self) -> None:
@@ -290,6 +290,136 @@ def test_never_more_than_size_connections_and_one_thread_each(make_pool, factory
     assert len(factory.made) <= 3
     assert peak <= 3
     assert sum(c.messages_sent for c in factory.made) == 1600
+
+
+def _wait_until(condition: Callable[[], bool]) -> None:
+    for _ in range(2000):
+        if condition():
+            return
+        time.sleep(0.005)
+    raise AssertionError("condition never became true")
+
+
+def test_waiters_are_served_in_arrival_order_even_against_a_thread_retaking(
+    make_pool,
+) -> None:
+    # The holder hands its connection back and asks again at once, while two threads are
+    # queued: they are served first, in the order they came.
+    pool = make_pool(size=1, wait_timeout=30.0)
+    order: list[str] = []
+    release = threading.Event()
+
+    def use(name: str) -> None:
+        with pool.connection():
+            order.append(name)
+
+    def holder() -> None:
+        with pool.connection():
+            order.append("holder")
+            release.wait(30)
+        use("holder again")
+
+    first = threading.Thread(target=holder)
+    first.start()
+    _wait_until(lambda: order == ["holder"])
+    waiters = [threading.Thread(target=use, args=(name,)) for name in ("a", "b")]
+    waiters[0].start()
+    _wait_until(lambda: pool.waiting == 1)
+    waiters[1].start()
+    _wait_until(lambda: pool.waiting == 2)
+    release.set()
+    for thread in (first, *waiters):
+        thread.join()
+
+    assert order == ["holder", "a", "b", "holder again"]
+
+
+def test_a_waiter_that_times_out_leaves_the_queue(make_pool) -> None:
+    pool = make_pool(size=1, wait_timeout=0.05)
+    with pool.connection(), pytest.raises(PoolTimeout), pool.connection():
+        pass
+
+    assert pool.waiting == 0
+    with pool.connection() as conn:  # its slot was not leaked either
+        assert conn.is_open
+
+
+class CountingFactory(Factory):
+    """Counts sockets open at once; close() takes a moment, to widen any race."""
+
+    def __init__(self, close_delay: float = 0.001) -> None:
+        super().__init__()
+        self.close_delay = close_delay
+        self.lock = threading.Lock()
+        self.live = self.peak = 0
+
+    def __call__(self) -> FakeConnection:
+        conn = super().__call__()
+        opened, closed = conn.open, conn.close
+
+        def counted_open(*, deadline: float | None = None) -> bool:
+            with self.lock:
+                self.live += 1
+                self.peak = max(self.peak, self.live)
+            return opened(deadline=deadline)
+
+        def counted_close(*, timeout: float | None = None) -> None:
+            was_open = conn.is_open
+            time.sleep(self.close_delay)
+            closed()
+            if was_open:
+                with self.lock:
+                    self.live -= 1
+
+        conn.open = counted_open  # type: ignore[method-assign]
+        conn.close = counted_close  # type: ignore[method-assign]
+        return conn
+
+
+def test_a_retired_connection_is_closed_before_its_slot_is_reused(clock: Clock) -> None:
+    factory = CountingFactory()
+    pool = ConnectionPool("primary", factory, size=3, max_messages=1, clock=clock)
+
+    def worker() -> None:
+        for _ in range(40):
+            with pool.connection() as conn:
+                conn.send()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pool.close()
+
+    assert len(factory.made) == 320  # one connection per message
+    assert factory.peak <= 3
+    assert factory.live == 0
+
+
+def test_expired_connections_are_closed_before_new_ones_open(clock: Clock) -> None:
+    factory = CountingFactory(close_delay=0.05)
+    pool = ConnectionPool("primary", factory, size=2, idle_timeout=10.0, clock=clock)
+    with pool.connection(), pool.connection():
+        pass
+    clock.now += 20  # both idle ones expire; whoever comes next closes them
+    start = threading.Barrier(2)
+
+    def use() -> None:
+        start.wait(5)
+        with pool.connection():
+            pass
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pool.close()
+
+    assert factory.peak == 2
+    assert pool.stats["expired"] == 2
+    assert factory.live == 0
 
 
 def test_waiting_caller_gets_the_connection_when_it_is_handed_back(make_pool) -> None:

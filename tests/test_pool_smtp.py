@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -159,6 +162,96 @@ def test_messages_per_connection_are_capped(
     assert server.connections_total == 3
 
 
+class CountedConnection(SMTPConnection):
+    """A real SMTPConnection that counts how many of its kind have a socket open."""
+
+    lock = threading.Lock()
+    live = peak = 0
+
+    def open(self, *, deadline: float | None = None) -> bool:
+        opened = super().open(deadline=deadline)
+        with CountedConnection.lock:
+            CountedConnection.live += 1
+            CountedConnection.peak = max(CountedConnection.peak, CountedConnection.live)
+        return opened
+
+    def close(self, *, timeout: float | None = None) -> None:
+        was_open = self._smtp is not None
+        super().close(timeout=timeout)
+        if was_open:
+            with CountedConnection.lock:
+                CountedConnection.live -= 1
+
+
+def test_recycled_connections_never_take_the_pool_above_its_size(
+    smtp_server: Callable[..., Any],
+) -> None:
+    server = smtp_server()
+    provider = ProviderConfig(name="primary", host="127.0.0.1", port=server.port, timeout=5)
+    resolver = Resolver()
+    CountedConnection.live = CountedConnection.peak = 0
+    pool: ConnectionPool[SMTPConnection] = ConnectionPool(
+        "primary",
+        lambda: CountedConnection(provider, resolver=resolver),
+        size=3,
+        idle_timeout=60.0,
+        max_messages=2,
+    )
+
+    def worker(t: int) -> None:
+        for i in range(40):
+            send(pool, f"{t}-{i}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pool.close()
+
+    assert set(message_ids(server).values()) == {1}
+    assert len(server.messages) == 320
+    assert server.connections_total >= 160  # at most two messages per connection
+    assert CountedConnection.peak <= 3
+    assert CountedConnection.live == 0
+
+
+def test_queued_senders_are_served_in_order_of_arrival(
+    smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
+) -> None:
+    server = smtp_server()
+    pool = pool_for(server, size=1, wait_timeout=30.0)
+    release = threading.Event()
+    sending = threading.Event()
+
+    def holder() -> None:
+        with pool.connection() as conn:
+            conn.send("robust@example.com", ["rcpt@example.com"], message("holder"))
+            sending.set()
+            release.wait(30)
+        send(pool, "holder-again")  # asks again at once, behind the queue
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    sending.wait(30)
+    for name in ("first", "second"):
+        threads.append(threading.Thread(target=send, args=(pool, name)))
+        threads[-1].start()
+        while pool.waiting < len(threads) - 1:
+            time.sleep(0.005)
+    release.set()
+    for thread in threads:
+        thread.join()
+
+    assert [m.message_id for m in server.messages] == [
+        "<pool-holder@robust.test>",
+        "<pool-first@robust.test>",
+        "<pool-second@robust.test>",
+        "<pool-holder-again@robust.test>",
+    ]
+    assert server.connections_total == 1
+
+
 def test_refused_recipient_leaves_the_connection_reusable(
     smtp_server: Callable[..., Any], pool_for: Callable[..., Any]
 ) -> None:
@@ -170,6 +263,66 @@ def test_refused_recipient_leaves_the_connection_reusable(
 
     assert server.connections_total == 1
     assert message_ids(server) == Counter({"<pool-2@robust.test>": 1})
+
+
+_EXIT_SCRIPT = """
+import sys, threading
+from robust_mail.pool import ConnectionPool
+from robust_mail.providers import ProviderConfig
+from robust_mail.resolver import Resolver
+from robust_mail.transport import SMTPConnection
+
+provider = ProviderConfig(name="p", host="127.0.0.1", port=int(sys.argv[1]), timeout=600)
+pool = ConnectionPool("p", lambda: SMTPConnection(provider, resolver=Resolver()), size=3)
+together = threading.Barrier(3)
+
+def send():
+    with pool.connection() as conn:
+        together.wait()  # three at once: three connections
+        conn.send("robust@example.com", ["rcpt@example.com"], b"Subject: x\\r\\n\\r\\nx\\r\\n")
+
+threads = [threading.Thread(target=send) for _ in range(3)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(pool.idle_connections, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_exit_does_not_wait_a_full_timeout_per_connection_on_a_hung_provider(
+    smtp_server: Callable[..., Any],
+) -> None:
+    server = smtp_server()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _EXIT_SCRIPT, str(server.port)],
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "3"
+        # The provider stops answering: QUIT would wait the full 600 s TIMEOUT per
+        # connection. The exit hook gives each a moment, then closes without a word.
+        server.reply_delay = 600
+        server.mode = "slow"
+        child.stdin.write("exit\n")
+        child.stdin.flush()
+        returncode = child.wait(timeout=60)  # a hang fails here instead of stalling CI
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+
+    assert returncode == 0
+    server.wait_for_connections(0)  # every socket was closed, none left to the OS
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

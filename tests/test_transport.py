@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import email.policy
 import logging
+import os
+import signal
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -24,7 +29,7 @@ from robust_mail.providers import ProviderConfig
 from robust_mail.resolver import Resolver
 from robust_mail.testing import Mode, SMTPTestServer, TestCertificates
 from robust_mail.testing.dns import DNSTestServer
-from robust_mail.transport import SMTPConnection, tls_context
+from robust_mail.transport import SMTPConnection, clear_tls_contexts, tls_context
 
 SENDER = "sender@example.com"
 GOOD = "good@example.com"
@@ -312,6 +317,61 @@ def test_tls_context_is_built_once_per_certificate_files(
     context = tls_context(first)
     assert context.check_hostname is True
     assert context.minimum_version >= context.minimum_version.TLSv1_2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "mkfifo"), reason="POSIX only")
+def test_forked_child_makes_tls_contexts_while_the_parent_is_still_building_one(
+    certificates: TestCertificates, tmp_path: Any
+) -> None:
+    # Another thread of the parent is in the middle of loading a CA file (a FIFO nobody
+    # has written yet) when the process forks. The child must not wait for it.
+    fifo = str(tmp_path / "ca.pem")
+    os.mkfifo(fifo)
+    clear_tls_contexts()
+    building = threading.Thread(
+        target=tls_context, args=(ProviderConfig(name="slow", ssl_cafile=fifo),)
+    )
+    building.start()
+    writer = _open_when_read(fifo)  # the builder is now blocked reading the CA file
+    try:
+        status = _in_child(
+            lambda: tls_context(ProviderConfig(name="child", ssl_cafile=certificates.ca_file))
+        )
+    finally:
+        with open(certificates.ca_file, "rb") as pem:
+            os.write(writer, pem.read())
+        os.close(writer)
+        building.join(10)
+        clear_tls_contexts()
+
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def _open_when_read(fifo: str) -> int:
+    """Open ``fifo`` for writing as soon as someone has it open for reading."""
+    for _ in range(2000):
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.005)
+    raise AssertionError("nobody opened the FIFO")
+
+
+def _in_child(fn: Callable[[], object]) -> int:
+    """Run ``fn`` in a forked child that SIGALRM kills if it hangs; the wait status."""
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() with threads running; that is the point here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        signal.alarm(5)
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
 
 
 # --- authentication ----------------------------------------------------------------------
