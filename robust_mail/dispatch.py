@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import smtplib
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class _Attempts:
     out_of_time: bool = False
     #: The last provider lacks what this message needs (SMTPUTF8, a large enough SIZE).
     incapable: bool = False
+    unreachable: bool = False
     #: Some provider lacked what this message needs / some provider was skipped.
     any_incapable: bool = False
     any_skipped: bool = False
@@ -186,10 +188,17 @@ class Dispatcher:
             # opens the breaker at once; a policy refusal of one recipient or one message
             # fails over but counts like any failure, so one bad message can't take a
             # healthy provider out of service.
+            # A provider that cannot be reached at all, while another is there to take
+            # the mail, is opened at once too: every message would otherwise pay its
+            # TIMEOUT until FAILURE_THRESHOLD messages had failed.
             breaker.record_failure(
-                fatal=outcome is Classification.PROVIDER_FATAL
-                and attempts.last_step in _PROVIDER_STEPS
+                fatal=(
+                    outcome is Classification.PROVIDER_FATAL
+                    and attempts.last_step in _PROVIDER_STEPS
+                )
+                or attempts.unreachable
             )
+            attempts.unreachable = False
         if last is None and attempts.any_incapable and not attempts.any_skipped:
             # Every provider was asked and none can take this message as it is.
             last = Classification.MESSAGE_FATAL
@@ -235,7 +244,12 @@ class Dispatcher:
             self._log_failure(provider, envelope, attempt, exc, f"retrying in {delay:.1f}s")
 
         try:
-            return self.retry.call(once, retry_if=_retryable, deadline=deadline, on_retry=on_retry)
+            # An unreachable provider (refused, no answer) is not retried while a later one
+            # exists: a dead primary then costs one TIMEOUT, not ATTEMPTS of them.
+            def retry_if(exc: BaseException) -> bool:
+                return _retryable(exc) and (last_chance or not unreachable(exc))
+
+            return self.retry.call(once, retry_if=retry_if, deadline=deadline, on_retry=on_retry)
         except InvalidMessage:
             raise
         except Exception as exc:
@@ -243,6 +257,7 @@ class Dispatcher:
             attempts.busy_locally = isinstance(exc, PoolTimeout)
             attempts.out_of_time = cut_only
             attempts.incapable = incapable(exc)
+            attempts.unreachable = unreachable(exc) and not last_chance
             attempts.last_step = str(getattr(exc, "step", ""))
             if classification is Classification.AMBIGUOUS:
                 attempts.ambiguous = True
@@ -396,6 +411,17 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, PoolTimeout) or cut_by_deadline(exc):
         return False
     return classify(exc) is Classification.TRANSIENT
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The provider did not answer at all: connection refused or timed out, no greeting."""
+    if not isinstance(exc, TransportError) or cut_by_deadline(exc) or exc.code is not None:
+        return False
+    if exc.step is Step.CONNECT:
+        return isinstance(exc.cause, OSError) and not isinstance(exc.cause, ssl.SSLError)
+    return exc.step is Step.GREETING and isinstance(
+        exc.cause, TimeoutError | smtplib.SMTPServerDisconnected | ConnectionError
+    )
 
 
 def _closed_while_idle(exc: TransportError) -> bool:

@@ -43,7 +43,33 @@ def test_connection_refused_fails_over_to_next_provider(smtp_server, robust):
         Classification.TRANSIENT,
         "connect",
     )
-    assert error.attempts == 2  # retried (ATTEMPTS=2 in the fixture) before failing over
+    # Unreachable while a backup exists: failed over at once, not retried, breaker open.
+    assert error.attempts == 1
+    assert primary.connections_total == 0
+
+
+def test_unreachable_last_provider_is_still_retried(smtp_server, robust):
+    only = smtp_server("refuse")
+    robust([provider(only, "only")])
+
+    with pytest.raises(DeliveryFailed) as caught:
+        _send()
+
+    assert caught.value.errors[0].attempts == 2  # ATTEMPTS=2 in the fixture
+
+
+def test_dead_primary_costs_one_attempt_then_its_breaker_skips_it(smtp_server, robust):
+    primary = smtp_server("blackhole")
+    backup = smtp_server()
+    robust([provider(primary, "primary", TIMEOUT=0.3), provider(backup, "backup")])
+
+    first = _send("first")
+    second = _send("second")
+
+    assert first.delivery_result.errors[0].attempts == 1
+    assert primary.connections_total == 1
+    assert second.delivery_result.errors[0].step == "skipped"
+    assert len(backup.messages) == 2
 
 
 def test_send_mail_works_unchanged(smtp_server, robust):
