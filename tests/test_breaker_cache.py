@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
-import warnings
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ from robust_mail import state
 from robust_mail.breaker import BreakerState, BreakerStore, CircuitBreaker
 from robust_mail.signals import circuit_state_changed
 from robust_mail.state import CacheGuard, CacheStore, get_breaker
+from tests.forking import in_child
 
 BROKEN_CACHE = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
@@ -254,26 +253,10 @@ def test_forked_child_is_not_stuck_on_locks_another_thread_held_at_fork() -> Non
         metrics._known_lock,
         resolver._lock,
     ):
-        status = _in_child(use_everything)
+        status = in_child(use_everything)
 
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def _broken_cache(cache: Any) -> None:
     raise ConnectionError("cache down")
-
-
-def _in_child(fn: Any) -> int:
-    """Run ``fn`` in a forked child that SIGALRM kills if it hangs; the wait status."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:
-        signal.alarm(5)
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return os.waitpid(pid, 0)[1]

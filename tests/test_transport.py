@@ -6,10 +6,8 @@ import dataclasses
 import email.policy
 import logging
 import os
-import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -30,6 +28,7 @@ from robust_mail.resolver import Resolver
 from robust_mail.testing import Mode, SMTPTestServer, TestCertificates
 from robust_mail.testing.dns import DNSTestServer
 from robust_mail.transport import SMTPConnection, clear_tls_contexts, tls_context
+from tests.forking import in_child
 
 SENDER = "sender@example.com"
 GOOD = "good@example.com"
@@ -334,7 +333,7 @@ def test_forked_child_makes_tls_contexts_while_the_parent_is_still_building_one(
     building.start()
     writer = _open_when_read(fifo)  # the builder is now blocked reading the CA file
     try:
-        status = _in_child(
+        status = in_child(
             lambda: tls_context(ProviderConfig(name="child", ssl_cafile=certificates.ca_file))
         )
     finally:
@@ -355,23 +354,6 @@ def _open_when_read(fifo: str) -> int:
         except OSError:  # ENXIO: no reader yet
             time.sleep(0.005)
     raise AssertionError("nobody opened the FIFO")
-
-
-def _in_child(fn: Callable[[], object]) -> int:
-    """Run ``fn`` in a forked child that SIGALRM kills if it hangs; the wait status."""
-    with warnings.catch_warnings():
-        # Python 3.12+ warns about fork() with threads running; that is the point here.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:
-        signal.alarm(5)
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return os.waitpid(pid, 0)[1]
 
 
 # --- authentication ----------------------------------------------------------------------
