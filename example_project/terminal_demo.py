@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
@@ -86,20 +87,21 @@ def _run(primary: object, backup: object) -> None:
     scenarios: list[tuple[str, Callable[[], None]]] = [
         ("Both providers up: the primary delivers", lambda: None),
         (
-            "Primary refuses connections: retried, then the backup delivers",
-            lambda: setattr(primary, "mode", "refuse"),
-        ),
-        (
             "Primary answers 421 (try later): transient, retried, fails over",
-            lambda: setattr(primary, "mode", "greeting_421"),
+            lambda: _set_mode(primary, "greeting_421"),
         ),
         (
             "Primary rejects our password (535): provider-fatal, its breaker opens at once",
-            lambda: setattr(primary, "mode", "auth_535"),
+            lambda: _set_mode(primary, "auth_535"),
         ),
         (
             "Next message: the open breaker skips the primary without a connection attempt",
             lambda: None,
+        ),
+        (
+            "Breaker reset, primary refuses connections: unreachable with a backup there,"
+            " so no retry and its breaker opens at once",
+            lambda: (_reset_breaker("primary"), setattr(primary, "mode", "refuse")),
         ),
     ]
     for index, (title, arrange) in enumerate(scenarios, 1):
@@ -119,6 +121,19 @@ def _run(primary: object, backup: object) -> None:
         for item in received:
             print(f"    {item.message['Subject']}  {DIM}{item.message_id}{RESET}")
     print("\nClick through the same faults in the browser: make demo (docs/example-project.md).")
+
+
+def _set_mode(server: Any, mode: str) -> None:
+    # These faults happen when a connection opens: hang up on the pooled one first.
+    server.mode = mode
+    server.drop_connections()
+
+
+def _reset_breaker(name: str) -> None:
+    from robust_mail.conf import get_config
+    from robust_mail.state import get_breaker
+
+    get_breaker(name, get_config()).reset()
 
 
 if __name__ == "__main__":

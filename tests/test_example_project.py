@@ -510,3 +510,24 @@ def test_server_switch_is_staff_only_outside_the_local_demo(
 
     assert response.status_code == 302
     assert site.primary.mode == "accept"
+
+
+def test_terminal_tour_shows_each_failure_class(tmp_path: Path) -> None:
+    env = {**os.environ, "EXAMPLE_DATA_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": ""}
+    env.pop("DJANGO_SETTINGS_MODULE")
+    done = subprocess.run(
+        [sys.executable, "-m", "example_project.demo", "--terminal"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
+    results = [line.strip() for line in done.stdout.splitlines() if line.startswith("  ->")]
+
+    assert results[0] == "-> sent via primary after 1 attempt(s)"
+    assert results[1] == "-> sent via backup after 3 attempt(s)"  # 421: retried, then failover
+    assert results[2] == "-> sent via backup after 2 attempt(s)"  # 535: no retry
+    assert results[3] == "-> sent via backup after 1 attempt(s)"  # breaker open: skipped
+    assert results[4] == "-> sent via backup after 2 attempt(s)"  # unreachable: no retry
+    assert "message_fatal at rcpt" in results[5]
