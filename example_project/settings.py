@@ -112,6 +112,8 @@ if redis_url := os.environ.get("REDIS_URL"):
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": redis_url,
+            # A Redis that stops answering must not hold up sending (check W004).
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
         }
     }
 elif os.environ.get("EXAMPLE_CACHE", "file") == "locmem":

@@ -23,6 +23,8 @@ E010   a MAILER provider names a missing MAILERS alias, or its own alias
 E011   an SSL_CAFILE / SSL_CERTFILE / SSL_KEYFILE file does not exist
 W001   FALLBACK "console" while DEBUG is False
 W002   a provider sends its password without TLS to a host that is not local
+W003   a provider's TIMEOUT is not shorter than RETRY DEADLINE
+W004   the shared cache is a RedisCache without socket timeouts
 =====  ==================================================================
 """
 
@@ -147,7 +149,38 @@ def _check_environment(
                     id="robust_mail.W002",
                 )
             )
+        if provider.timeout >= config.retry.deadline:
+            out.append(
+                Warning(
+                    f"{here}: {key('TIMEOUT')} ({provider.timeout:g}s) is not shorter than "
+                    f"{key('RETRY')}[{key('DEADLINE')!r}] ({config.retry.deadline:g}s): the "
+                    "deadline cuts every slow step short, so this provider's failures never "
+                    "count towards its circuit breaker.",
+                    hint="Keep TIMEOUT well below the DEADLINE, e.g. TIMEOUT 10 with DEADLINE 30.",
+                    id="robust_mail.W003",
+                )
+            )
+    out += _check_redis_timeouts(config.cache, caches)
     return out
+
+
+def _check_redis_timeouts(alias: str, caches: Mapping[str, Any]) -> list[CheckMessage]:
+    # A Redis that stops answering would otherwise hang every send on a cache call.
+    entry = caches.get(alias) or {}
+    if "redis" not in str(entry.get("BACKEND", "")).lower():
+        return []
+    options = entry.get("OPTIONS") or {}
+    if "socket_timeout" in options and "socket_connect_timeout" in options:
+        return []
+    return [
+        Warning(
+            f"CACHES[{alias!r}] is a Redis cache without socket_timeout and "
+            "socket_connect_timeout: if Redis stops answering, every send waits on it.",
+            hint="Add OPTIONS {'socket_timeout': 0.5, 'socket_connect_timeout': 0.5}; "
+            "robust_mail falls back to per-process state when the cache fails fast.",
+            id="robust_mail.W004",
+        )
+    ]
 
 
 def _check_mailer(here: str, target: str, *, alias: str | None) -> list[CheckMessage]:

@@ -237,6 +237,36 @@ def test_w002_password_over_plain_text_to_a_remote_host(settings: Any) -> None:
     assert "USE_TLS" in (message.hint or "")
 
 
+def test_w003_timeout_not_shorter_than_the_deadline(settings: Any) -> None:
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [
+            "smtp://127.0.0.1:2525?timeout=30&name=slow",
+            "smtp://127.0.0.1:2526?timeout=5&name=fine",
+        ],
+        "RETRY": {"DEADLINE": 30},
+    }
+    message = only("robust_mail.W003")
+    assert "'slow'" in message.msg and "(30s)" in message.msg
+    assert "DEADLINE" in (message.hint or "")
+
+
+def test_w004_redis_cache_without_socket_timeouts(settings: Any) -> None:
+    redis = "django.core.cache.backends.redis.RedisCache"
+    settings.ROBUST_MAIL = {"PROVIDERS": ["smtp://127.0.0.1:2525"]}
+    settings.CACHES = {"default": {"BACKEND": redis, "LOCATION": "redis://127.0.0.1:1"}}
+    message = only("robust_mail.W004")
+    assert "socket_timeout" in (message.hint or "")
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": redis,
+            "LOCATION": "redis://127.0.0.1:1",
+            "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+        }
+    }
+    assert "robust_mail.W004" not in ids()
+
+
 # --- which configurations are checked -------------------------------------------------
 
 
