@@ -6,10 +6,7 @@ failed under CI=true). Every test gets its own database.
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +17,7 @@ import pytest
 
 from tests.conftest import provider
 from tests.postgres_server import PostgresServer, require_postgres
-from tests.test_worker_processes import CLAIM_ALL, Project, finish
+from tests.test_worker_processes import Project, claim_in_processes, finish
 
 pytestmark = pytest.mark.postgres
 
@@ -73,22 +70,7 @@ def test_skip_locked_claims_are_exclusive_between_processes(
 ) -> None:
     project, dbname = make_project(tmp_path, pg, smtp_server())
     project.enqueue(300)
-    claimers = [
-        subprocess.Popen(
-            [sys.executable, "-c", CLAIM_ALL],
-            env=project.env(),
-            cwd=project.dir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(4)
-    ]
-    claimed: list[int] = []
-    for claimer in claimers:
-        code, out, err = finish(claimer, timeout=120)
-        assert code == 0, err
-        claimed += json.loads(out)
+    claimed = claim_in_processes(project.env(), project.dir, 4)
     assert len(claimed) == 300 and len(set(claimed)) == 300
     assert sent_count(pg, dbname) == 300
 

@@ -127,6 +127,27 @@ def finish(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, st
     return process.returncode, out, err
 
 
+def claim_in_processes(env: dict[str, str], cwd: Path, count: int) -> list[int]:
+    """Start ``count`` processes that each claim all they can at once; every pk claimed."""
+    claimers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM_ALL],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    claimed: list[int] = []
+    for claimer in claimers:
+        code, out, err = finish(claimer, timeout=120)
+        assert code == 0, err
+        claimed += json.loads(out)
+    return claimed
+
+
 def sqlite_rows(path: Path) -> list[tuple[str, str, int, int]]:
     with sqlite3.connect(path) as conn:
         rows = conn.execute(
@@ -153,22 +174,7 @@ def test_claims_are_exclusive_between_processes_on_sqlite(
     project, db, _ = sqlite_project
     project.enqueue(150)
     env = project.env()
-    claimers = [
-        subprocess.Popen(
-            [sys.executable, "-c", CLAIM_ALL],
-            env=env,
-            cwd=project.dir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    claimed: list[int] = []
-    for claimer in claimers:
-        code, out, err = finish(claimer, timeout=120)
-        assert code == 0, err
-        claimed += json.loads(out)
+    claimed = claim_in_processes(env, project.dir, 3)
 
     assert len(claimed) == 150
     assert len(set(claimed)) == 150  # no message was claimed twice
