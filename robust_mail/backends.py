@@ -100,22 +100,34 @@ class _RobustBackendBase(BaseEmailBackend):
         config = self.config
         handled = 0
         problems: list[Exception] = []
+        sendable = []
         for message in messages:
-            if not message.recipients():
+            if message.recipients():
+                sendable.append(message)
+            else:
                 # As Django's SMTP backend does: a message without recipients is skipped.
                 logger.warning("message without recipients skipped: %r", message.subject)
-                continue
-            try:
-                result = self.deliver(message, config=config)
-            except InvalidMessage as exc:
-                problems.append(exc)
-                continue
-            if result.ok:
+        for result in self.deliver_many(sendable, config=config):
+            if isinstance(result, InvalidMessage):
+                problems.append(result)
+            elif result.ok:
                 handled += 1
             else:
                 problems.append(result.to_exception())
         self._raise_first(problems)
         return handled
+
+    def deliver_many(
+        self, messages: list[EmailMessage], *, config: RobustMailConfig
+    ) -> list[DeliveryResult | InvalidMessage]:
+        """:meth:`deliver` for each message, or the :class:`InvalidMessage` it raised."""
+        results: list[DeliveryResult | InvalidMessage] = []
+        for message in messages:
+            try:
+                results.append(self.deliver(message, config=config))
+            except InvalidMessage as exc:
+                results.append(exc)
+        return results
 
     def _raise_first(self, problems: Sequence[Exception]) -> None:
         if not problems:
@@ -147,7 +159,37 @@ class RobustEmailBackend(_RobustBackendBase):
         """
         config = config or self.config
         release_pins(message)
-        result = Dispatcher(config).deliver(message)
+        return self._settle(message, Dispatcher(config).deliver(message), config)
+
+    def deliver_many(
+        self, messages: list[EmailMessage], *, config: RobustMailConfig
+    ) -> list[DeliveryResult | InvalidMessage]:
+        """Several messages at once: their first attempts share one connection
+        (:meth:`Dispatcher.deliver_many`); each then fails over and falls back on its own."""
+        for message in messages:
+            release_pins(message)
+        results = Dispatcher(config).deliver_many([(message, None) for message in messages])
+        settled: list[DeliveryResult | InvalidMessage] = []
+        broken: RobustMailError | None = None
+        for message, result in zip(messages, results, strict=True):
+            assert result is not None  # None only when asked to stop, which we never ask
+            if isinstance(result, InvalidMessage):
+                settled.append(result)
+                continue
+            try:
+                settled.append(self._settle(message, result, config))
+            except RobustMailError as exc:
+                # A fallback that cannot work (the outbox's database is down) is raised,
+                # but only once every message has had its own chance at the fallback.
+                broken = broken or exc
+        if broken is not None:
+            raise broken
+        return settled
+
+    def _settle(
+        self, message: EmailMessage, result: DeliveryResult, config: RobustMailConfig
+    ) -> DeliveryResult:
+        """Apply the fallback to a deferred result; signal a failure."""
         if result.status is DeliveryStatus.DEFERRED and not result.rate_limited:
             try:
                 result = apply_fallback(message, result, config)

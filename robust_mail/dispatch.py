@@ -14,12 +14,14 @@ import os
 import smtplib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from django.core.mail import EmailMessage
 
 from robust_mail import metrics
+from robust_mail.breaker import BreakerState
 from robust_mail.conf import DNSConfig, RobustMailConfig
 from robust_mail.envelope import Envelope, build_envelope, pin_message
 from robust_mail.exceptions import (
@@ -82,6 +84,25 @@ class _Attempts:
     last_step: str = ""
 
 
+#: What one attempt of a send on one connection ended with (see ``SMTPConnection.send_many``).
+Outcome = dict[str, tuple[int, str]] | TransportError
+
+T = TypeVar("T")
+
+
+@dataclass
+class _First:
+    """A first attempt made already: its outcome, and its share of the time it took."""
+
+    outcome: Outcome | PoolTimeout
+    seconds: float
+
+    def unwrap(self) -> dict[str, tuple[int, str]]:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
 class Dispatcher:
     """Delivers messages through the configured providers, in order."""
 
@@ -114,17 +135,67 @@ class Dispatcher:
         sent as they are.
         """
         envelope = build_envelope(message, data=rendered)
-        result = self._deliver(message, envelope)
+        # The clock starts before anything that may wait (the rate limits ask the cache).
+        deadline = self.clock() + self.config.retry.deadline
+        result = self._rate_limited(envelope) or self._deliver(message, envelope, deadline)
+        return self._conclude(message, result)
+
+    def deliver_many(
+        self,
+        messages: Sequence[tuple[EmailMessage, bytes | None]],
+        *,
+        proceed: Callable[[], bool] | None = None,
+    ) -> list[DeliveryResult | InvalidMessage | None]:
+        """Deliver several ``(message, rendered)``: for each, what :meth:`deliver` would
+        return, or the :class:`InvalidMessage` it would raise — or None when
+        ``proceed()`` (asked before each message is first sent) returned False: that
+        message was left alone.
+
+        The messages' first attempt at the first provider, when it is an SMTP server
+        whose breaker is closed, goes over one pooled connection with
+        :meth:`SMTPConnection.send_many` (one round trip per message where the server
+        pipelines). Each message then goes on from its own outcome exactly as in
+        :meth:`deliver`: retries, failover, classification and breaker reports.
+        """
+        results: list[DeliveryResult | InvalidMessage | None] = [None] * len(messages)
+        envelopes: dict[int, Envelope] = {}
+        for index, (message, rendered) in enumerate(messages):
+            try:
+                envelopes[index] = build_envelope(message, data=rendered)
+            except InvalidMessage as exc:
+                results[index] = exc
+        deadline = self.clock() + self.config.retry.deadline
+        admitted: list[int] = []
+        for index, envelope in envelopes.items():
+            limited = self._rate_limited(envelope)
+            if limited is None:
+                admitted.append(index)
+            else:
+                results[index] = self._conclude(messages[index][0], limited)
+        firsts = self._first_attempts([envelopes[i] for i in admitted], deadline, proceed)
+        for index, first in zip(admitted, firsts, strict=True):
+            message = messages[index][0]
+            if first is None and proceed is not None and not proceed():
+                continue
+            if first is None:  # not attempted: as deliver() would, with its own deadline
+                result = self._deliver(
+                    message, envelopes[index], self.clock() + self.config.retry.deadline
+                )
+            else:
+                result = self._deliver(message, envelopes[index], deadline, first=first)
+            results[index] = self._conclude(message, result)
+        return results
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
         message.delivery_result = result  # type: ignore[attr-defined]
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
             emit(message_sent, type(self), message=message, result=result)
         return result
 
-    # -- internals ------------------------------------------------------------------------
-
-    def _deliver(self, message: EmailMessage, envelope: Envelope) -> DeliveryResult:
-        # The clock starts before anything that may wait (the rate limits ask the cache).
-        deadline = self.clock() + self.config.retry.deadline
+    def _rate_limited(self, envelope: Envelope) -> DeliveryResult | None:
+        """A DEFERRED result when a rate limit holds the message back, else None (counted)."""
         try:
             check_message_rates(
                 list(envelope.recipients), self.config.rate_limits, self.config.cache
@@ -139,17 +210,75 @@ class Dispatcher:
                 classification=Classification.TRANSIENT,
                 errors=(ProviderError("-", Classification.TRANSIENT, "rate_limit", str(exc)),),
             )
+        return None
+
+    def _first_attempts(
+        self, envelopes: list[Envelope], deadline: float, proceed: Callable[[], bool] | None
+    ) -> list[_First | None]:
+        """The first provider's answer to each envelope, sent on one connection.
+
+        None for a message not attempted: the chain stopped before it (its connection
+        closed after an earlier message's failure, or the deadline passed), or there is
+        no chain (fewer than two messages; the first provider is a mailer alias or its
+        breaker is not closed, where each message must ask the breaker itself).
+        """
+        providers = self.config.providers
+        if len(envelopes) < 2 or not providers or providers[0].mailer:
+            return [None] * len(envelopes)
+        provider = providers[0]
+        if get_breaker(provider.name, self.config).state is not BreakerState.CLOSED:
+            return [None] * len(envelopes)
+        items = [(e.from_addr, list(e.recipients), e.data) for e in envelopes]
+        started = time.perf_counter()
+
+        def send(conn: SMTPConnection, until: float) -> list[Outcome | None]:
+            # POOL.MAX_MESSAGES holds for a run too: the rest go out on their own afterwards.
+            room = len(items)
+            if self.config.pool.max_messages:
+                room = max(1, self.config.pool.max_messages - conn.messages_sent)
+            outcomes: list[Outcome | None] = [
+                *conn.send_many(items[:room], deadline=until, proceed=proceed),
+                *[None] * (len(items) - room),
+            ]
+            first = outcomes[0]
+            if isinstance(first, TransportError) and all(o is None for o in outcomes[1:]):
+                raise first  # so that a stale pooled connection is retried on a fresh one
+            return outcomes
+
+        try:
+            outcomes: list[Outcome | PoolTimeout | None] = list(
+                self._on_connection(provider, deadline, send, last_chance=len(providers) == 1)
+            )
+        except (TransportError, PoolTimeout) as exc:
+            # No connection, or the first message failed and ended the session: that was
+            # the first message's attempt; the others have not been tried.
+            outcomes = [exc, *[None] * (len(envelopes) - 1)]
+        seconds = (time.perf_counter() - started) / len(envelopes)
+        return [None if outcome is None else _First(outcome, seconds) for outcome in outcomes]
+
+    def _deliver(
+        self,
+        message: EmailMessage,
+        envelope: Envelope,
+        deadline: float,
+        *,
+        first: _First | None = None,
+    ) -> DeliveryResult:
+        """Through the providers in order. ``first``: the outcome of an attempt already
+        made at the first provider (see :meth:`deliver_many`), which counts as its first."""
         attempts = _Attempts()
         last: Classification | None = None
         retry_at: float | None = None
         for index, provider in enumerate(self.config.providers):
+            breaker = get_breaker(provider.name, self.config)
+            if index == 0 and first is not None:
+                pass  # already attempted: the breaker was closed when it started
             # The deadline first: allow() may elect this call as a half-open trial, which
             # must then be reported one way or the other.
-            if self.clock() >= deadline:
+            elif self.clock() >= deadline:
                 self._skip(provider, attempts, "delivery deadline reached")
                 continue
-            breaker = get_breaker(provider.name, self.config)
-            if not breaker.allow():
+            elif not breaker.allow():
                 wait = breaker.retry_at
                 retry_at = wait if retry_at is None or (wait and wait < retry_at) else retry_at
                 self._skip(provider, attempts, "circuit open")
@@ -159,7 +288,13 @@ class Dispatcher:
             last_chance = index == len(self.config.providers) - 1
             try:
                 outcome = self._try_provider(
-                    provider, envelope, message, deadline, attempts, last_chance=last_chance
+                    provider,
+                    envelope,
+                    message,
+                    deadline,
+                    attempts,
+                    last_chance=last_chance,
+                    first=first if index == 0 else None,
                 )
             except BaseException:
                 # Interrupted (worker timeout, KeyboardInterrupt, a bad message): a
@@ -215,24 +350,33 @@ class Dispatcher:
         attempts: _Attempts,
         *,
         last_chance: bool = True,
+        first: _First | None = None,
     ) -> dict[str, tuple[int, str]] | Classification:
-        """Send through one provider with retries; the refused recipients, or why it failed."""
+        """Send through one provider with retries; the refused recipients, or why it failed.
+
+        ``first``: the outcome of the first attempt, made already.
+        """
         tries = 0
         cut_only = True  # every failure here so far came from our own deadline
 
         def once() -> dict[str, tuple[int, str]]:
-            nonlocal tries, cut_only
+            nonlocal tries, cut_only, first
             tries += 1
             attempts.count += 1
             started = time.perf_counter()
             try:
-                refused = self._send_once(
-                    provider, envelope, message, deadline, last_chance=last_chance
-                )
+                if first is not None:
+                    made, first = first, None
+                    refused, seconds = made.unwrap(), made.seconds
+                else:
+                    refused = self._send_once(
+                        provider, envelope, message, deadline, last_chance=last_chance
+                    )
+                    seconds = time.perf_counter() - started
             except Exception as exc:
                 cut_only = cut_only and cut_by_deadline(exc)
                 raise
-            metrics.observe(provider.name, time.perf_counter() - started)
+            metrics.observe(provider.name, seconds)
             logger.info(
                 "message %s: attempt %d via %s accepted",
                 envelope.message_id,
@@ -292,6 +436,28 @@ class Dispatcher:
     ) -> dict[str, tuple[int, str]]:
         if provider.mailer:
             return _send_via_mailer(provider, message)
+
+        def send(conn: SMTPConnection, until: float) -> dict[str, tuple[int, str]]:
+            return conn.send(
+                envelope.from_addr, list(envelope.recipients), envelope.data, deadline=until
+            )
+
+        return self._on_connection(provider, deadline, send, last_chance=last_chance)
+
+    def _on_connection(
+        self,
+        provider: ProviderConfig,
+        deadline: float,
+        send: Callable[[SMTPConnection, float], T],
+        *,
+        last_chance: bool,
+    ) -> T:
+        """``send(connection, until)`` on a pooled connection to ``provider``.
+
+        ``until`` is ``deadline`` on the transport's clock. A pooled connection the server
+        closed while idle fails at MAIL, before any of the message left: ``send`` is then
+        called again on a fresh connection.
+        """
         resolver = resolver_for(self.config.dns)
         pool = pools.get(
             provider,
@@ -306,20 +472,13 @@ class Dispatcher:
         # A busy local pool may hold the message for at most half the time left when a
         # later provider could take it: waiting must not use up the whole deadline.
         max_wait = None if last_chance else max(0.0, left / 2)
-        # A pooled connection the server closed while idle fails at MAIL, before any of
-        # the message left: send on a fresh connection instead, without counting an attempt.
         for _ in range(self.config.pool.size + 1):
             reused = False
             asked_at = time.monotonic()
             try:
                 with pool.connection(until, max_wait=max_wait) as conn:
                     reused = conn.opened_at is not None and conn.opened_at < asked_at
-                    return conn.send(
-                        envelope.from_addr,
-                        list(envelope.recipients),
-                        envelope.data,
-                        deadline=until,
-                    )
+                    return send(conn, until)
             except TransportError as exc:
                 if not (reused and _closed_while_idle(exc)):
                     raise

@@ -9,7 +9,7 @@ built on these, and deliver with :func:`delivery_config`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Outcome",
     "attempt",
+    "attempt_many",
     "delivery_config",
     "process",
     "process_pk",
@@ -103,20 +104,63 @@ def attempt(
     ``MAX_AGE`` has passed. An open breaker or a rate limit therefore defers,
     never drops.
     """
+    outcome = attempt_many([row], dispatcher=dispatcher, config=config, clock=clock)[0]
+    assert outcome is not None  # nothing asked to stop
+    return outcome
+
+
+def attempt_many(
+    rows: Sequence[OutboxMessage],
+    *,
+    dispatcher: Dispatcher,
+    config: OutboxConfig,
+    clock: Clock = timezone.now,
+    proceed: Callable[[], bool] | None = None,
+) -> list[Outcome | None]:
+    """:func:`attempt` for each of ``rows``, delivered together with
+    :meth:`Dispatcher.deliver_many` (one connection, pipelined where the server allows).
+
+    None for a row not tried because ``proceed()`` returned False before its turn.
+    """
+    outcomes: list[Outcome | None] = [None] * len(rows)
+    messages: list[EmailMessage] = []
+    to_send: list[int] = []
+    items: list[tuple[EmailMessage, bytes | None]] = []
+    for index, row in enumerate(rows):
+        try:
+            message = row.rebuild()
+        except InvalidMessage as exc:
+            reason = f"cannot rebuild the stored message: {exc}"
+            outcomes[index] = _final(OutboxStatus.FAILED, reason, None)
+            continue
+        to_send.append(index)
+        messages.append(message)
+        items.append((message, bytes(row.mime) if row.mime is not None else None))
     try:
-        message = row.rebuild()
-    except InvalidMessage as exc:
-        return _final(OutboxStatus.FAILED, f"cannot rebuild the stored message: {exc}", None)
-    rendered = bytes(row.mime) if row.mime is not None else None
-    try:
-        result = dispatcher.deliver(message, rendered=rendered)
-    except InvalidMessage as exc:
-        return _final(OutboxStatus.FAILED, f"invalid message: {exc}", None, message)
+        results = dispatcher.deliver_many(items, proceed=proceed)
     except Exception as exc:
         # Not a delivery failure (those come back as results): a bug or a broken
-        # environment. Retry on the schedule rather than stall or lose the message.
-        logger.exception("outbox message %s: delivery raised", row.pk)
-        return _defer(row, f"{type(exc).__name__}: {exc}", None, config, clock(), None, message)
+        # environment. Retry on the schedule rather than stall or lose the messages.
+        logger.exception("outbox message(s) %s: delivery raised", [rows[i].pk for i in to_send])
+        for index, message in zip(to_send, messages, strict=True):
+            reason = f"{type(exc).__name__}: {exc}"
+            outcomes[index] = _defer(rows[index], reason, None, config, clock(), None, message)
+        return outcomes
+    for index, message, result in zip(to_send, messages, results, strict=True):
+        if result is not None:
+            outcomes[index] = _decide(rows[index], message, result, config, clock)
+    return outcomes
+
+
+def _decide(
+    row: OutboxMessage,
+    message: EmailMessage,
+    result: DeliveryResult | InvalidMessage,
+    config: OutboxConfig,
+    clock: Clock,
+) -> Outcome:
+    if isinstance(result, InvalidMessage):
+        return _final(OutboxStatus.FAILED, f"invalid message: {result}", None, message)
     ambiguous = row.ambiguous or result.ambiguous
     if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
         refused = {addr: [code, reply] for addr, (code, reply) in result.refused.items()}

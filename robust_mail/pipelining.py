@@ -1,4 +1,4 @@
-"""SMTP command pipelining (RFC 2920) for the envelope of one transaction.
+"""SMTP command pipelining (RFC 2920): the envelope of a transaction in one write.
 
 Without pipelining, MAIL, each RCPT and DATA wait for their replies one after another:
 two round trips plus one per recipient before the message can start. A server that
@@ -7,12 +7,18 @@ accepts them in one write and answers them in order, so the envelope costs one r
 trip. :func:`exchange` does that write and reads the replies; the transport then judges
 each reply exactly as if its command had been sent alone, so a refusal means the same
 thing on either path.
+
+Sending several messages on one session (:meth:`SMTPConnection.send_many`), the reply
+to one message's final dot is read *after* the next envelope is written: RFC 2920 3.1
+lets message content open a group of commands, so the content of one message, then the
+next message's MAIL, RCPT... and DATA cost one round trip together. ``before`` below is
+that outstanding reply.
 """
 
 from __future__ import annotations
 
 import smtplib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["MAX_RECIPIENTS", "Replies", "exchange"]
 
@@ -38,6 +44,9 @@ class Replies:
     replies: list[Reply]
     recipients: int
     error: BaseException | None = None
+    #: Replies to commands written before this envelope (a previous message's final dot),
+    #: read first; fewer than asked for when the connection failed (``error``).
+    before: list[Reply] = field(default_factory=list)
 
     def mail(self) -> Reply:
         return self._get(0)
@@ -56,9 +65,17 @@ class Replies:
 
 
 def exchange(
-    smtp: smtplib.SMTP, from_addr: str, recipients: list[str], options: list[str]
+    smtp: smtplib.SMTP,
+    from_addr: str,
+    recipients: list[str],
+    options: list[str],
+    *,
+    before: int = 0,
 ) -> Replies:
     """Send MAIL, every RCPT and DATA in one write; return their replies.
+
+    ``before`` replies still owed for what was written earlier are read first (into
+    :attr:`Replies.before`).
 
     Once a reply is ``421`` (the server is closing the session) the rest are not
     awaited: each is reported as that same ``421``. When the server accepted DATA
@@ -70,8 +87,9 @@ def exchange(
     the replies are read is kept in :attr:`Replies.error`. No message content has been
     sent either way.
     """
-    if any(option.lower() == "smtputf8" for option in options):
-        smtp.command_encoding = "utf-8"  # as smtplib's mail() does for SMTPUTF8
+    # As smtplib's mail() does for SMTPUTF8, which lasts one transaction.
+    smtputf8 = any(option.lower() == "smtputf8" for option in options)
+    smtp.command_encoding = "utf-8" if smtputf8 else "ascii"
     params = "".join(f" {option}" for option in options)
     commands = [
         f"mail FROM:{smtplib.quoteaddr(from_addr)}{params}",
@@ -80,10 +98,12 @@ def exchange(
     ]
     smtp.send("".join(f"{command}\r\n" for command in commands))
     replies = Replies([], len(recipients))
+    last: Reply | None = None
     try:
-        for _ in commands:
-            last = replies.replies[-1] if replies.replies else None
-            replies.replies.append(last if last and last[0] == _CLOSING else smtp.getreply())
+        for read, into in ((before, replies.before), (len(commands), replies.replies)):
+            for _ in range(read):
+                last = last if last and last[0] == _CLOSING else smtp.getreply()
+                into.append(last)
     except OSError as exc:  # smtplib's disconnects and timeouts are OSErrors too
         replies.error = exc
         return replies

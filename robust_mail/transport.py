@@ -36,6 +36,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, TYPE_CHECKING
 
@@ -193,6 +194,18 @@ class _Session(smtplib.SMTP):
         self.helo_resp = self.ehlo_resp = None
         self.esmtp_features = {}
         self.does_esmtp = False
+
+
+@dataclass
+class _Held:
+    """A message whose content has been sent: what judging its final reply needs."""
+
+    index: int
+    recipients: list[str]
+    refused: dict[str, tuple[int, str]]
+    size: int
+    started: float
+    outcome: dict[str, tuple[int, str]] | TransportError | None = None
 
 
 class SMTPConnection:
@@ -382,6 +395,10 @@ class SMTPConnection:
                     out_of_time = True  # the deadline, not the provider, cut it short
                     break
                 continue
+            # Pipelined writes follow one another without waiting for a reply: Nagle's
+            # algorithm would hold each back until the previous one was acknowledged.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             logger.debug(
                 "%s: connect to %s:%s ok in %.1f ms",
                 provider.name,
@@ -479,6 +496,88 @@ class SMTPConnection:
         finally:
             smtp.deadline = None
 
+    def send_many(
+        self,
+        messages: Sequence[tuple[str, Sequence[str], bytes]],
+        *,
+        deadline: float | None = None,
+        proceed: Callable[[], bool] | None = None,
+    ) -> list[dict[str, tuple[int, str]] | TransportError | None]:
+        """Send ``(from_addr, recipients, data)`` messages in turn; one outcome for each.
+
+        Each outcome is what :meth:`send` would have returned (the refused recipients) or
+        raised (a :class:`TransportError`), or None for a message not attempted because
+        the session closed (after an earlier failure), ``deadline`` passed or
+        ``proceed()`` returned False before its turn: nothing of it was sent. With
+        PIPELINING, the reply to each message's final dot is read after the next message's
+        envelope is written: one round trip per message instead of two (see
+        :mod:`robust_mail.pipelining`).
+        """
+        outcomes: list[dict[str, tuple[int, str]] | TransportError | None] = [None] * len(messages)
+        smtp = self._smtp
+        held: _Held | None = None
+        try:
+            for index, (from_addr, recipients, data) in enumerate(messages):
+                if smtp is None or smtp.sock is None or self._smtp is None:
+                    break
+                if proceed is not None and not proceed():
+                    break
+                try:
+                    _check_deadline(deadline)
+                except DeadlineReached:
+                    break
+                smtp.deadline = deadline
+                try:
+                    recipients = list(recipients)
+                    options = self._mail_options(smtp, from_addr, recipients, data)
+                except TransportError as exc:
+                    outcomes[index] = exc
+                    continue
+                wire = _wire_data(data)
+                chained = (
+                    smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
+                )
+                if held is not None and not chained:
+                    outcomes[held.index] = self._end_held(smtp, held)
+                    held = None
+                    if not self.is_open:
+                        break
+                sent = _Held(index, recipients, {}, len(data), time.monotonic())
+                try:
+                    sent.refused = self._start_transaction(
+                        smtp, from_addr, recipients, data, wire, options, held=held
+                    )
+                except TransportError as exc:
+                    outcomes[index] = exc
+                    continue
+                finally:
+                    if held is not None:
+                        outcomes[held.index], held = held.outcome, None
+                if chained and not any(400 <= code < 500 for code, _ in sent.refused.values()):
+                    held = sent
+                    continue
+                # Recipients put off with a 4xx get another transaction after this one ends.
+                try:
+                    self._end_transaction(smtp, sent)
+                    outcomes[index] = self._send_the_rest(
+                        smtp, from_addr, recipients, sent.refused, data, wire, options
+                    )
+                except TransportError as exc:
+                    outcomes[index] = exc
+            if held is not None and smtp is not None:
+                smtp.deadline = deadline
+                outcomes[held.index] = self._end_held(smtp, held)
+        finally:
+            if smtp is not None:
+                smtp.deadline = None
+        return outcomes
+
+    def _end_held(self, smtp: _Session, held: _Held) -> dict[str, tuple[int, str]] | TransportError:
+        try:
+            return self._end_transaction(smtp, held)
+        except TransportError as exc:
+            return exc
+
     def _send_the_rest(
         self,
         smtp: _Session,
@@ -536,18 +635,47 @@ class SMTPConnection:
         wire: bytes,
         options: list[str],
     ) -> dict[str, tuple[int, str]]:
-        """MAIL → RCPT… → DATA → content → final dot, on an open session.
+        """MAIL → RCPT… → DATA → content → final dot, on an open session."""
+        started = time.monotonic()
+        refused = self._start_transaction(smtp, from_addr, recipients, data, wire, options)
+        return self._end_transaction(smtp, _Held(-1, recipients, refused, len(data), started))
+
+    def _start_transaction(
+        self,
+        smtp: _Session,
+        from_addr: str,
+        recipients: list[str],
+        data: bytes,
+        wire: bytes,
+        options: list[str],
+        *,
+        held: _Held | None = None,
+    ) -> dict[str, tuple[int, str]]:
+        """MAIL → RCPT… → DATA → content; the refused recipients. The final reply is left.
 
         With a server offering PIPELINING the envelope goes out in one write
         (:mod:`robust_mail.pipelining`); its replies are then judged below one by one,
         as on the sequential path. A broken connection during that exchange is a
-        failure at MAIL: no content has been sent.
+        failure at MAIL: no content has been sent. ``held``: a message whose final reply
+        is still owed (pipelining only); it is read after this envelope is written, and
+        its outcome put in ``held.outcome`` whatever happens here.
         """
-        started = time.monotonic()
         early: pipelining.Replies | None = None
-        if smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS:
-            with self._step(Step.MAIL):
-                early = pipelining.exchange(smtp, from_addr, recipients, options)
+        if held is not None or (
+            smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
+        ):
+            try:
+                with self._step(Step.MAIL):
+                    early = pipelining.exchange(
+                        smtp, from_addr, recipients, options, before=int(held is not None)
+                    )
+            except TransportError as exc:
+                if held is not None:  # the envelope could not be written: nor read the reply
+                    held.outcome = self._held_outcome(smtp, held, None, exc.cause)
+                raise
+            if held is not None:
+                final = early.before[0] if early.before else None
+                held.outcome = self._held_outcome(smtp, held, final, early.error)
 
         try:
             with self._step(Step.MAIL):
@@ -600,24 +728,53 @@ class SMTPConnection:
                 # A TLS error after the handshake is a broken connection, not a TLS policy
                 # failure: report it as the disconnect it is.
                 raise smtplib.SMTPServerDisconnected(f"connection broken: {exc}") from exc
+        return refused
 
+    def _end_transaction(self, smtp: _Session, sent: _Held) -> dict[str, tuple[int, str]]:
+        """Read the reply to the final dot of ``sent``; its refused recipients if 250."""
         with self._step(Step.DATA_END):
             code, reply = smtp.getreply()
             if code != 250:
                 raise smtplib.SMTPDataError(code, reply)
+        self._accepted(smtp, sent)
+        return sent.refused
 
+    def _held_outcome(
+        self,
+        smtp: _Session,
+        held: _Held,
+        reply: tuple[int, bytes] | None,
+        error: BaseException | None,
+    ) -> dict[str, tuple[int, str]] | TransportError:
+        """Judge the final reply of ``held``, read while the next envelope was in flight.
+
+        As :meth:`_end_transaction` would, except that nothing is sent afterwards (no RSET:
+        the transaction is over either way and the next one is already under way).
+        """
+        if reply is not None and reply[0] == 250:
+            self._accepted(smtp, held)
+            return held.refused
+        cause: BaseException
+        if reply is not None:
+            cause = smtplib.SMTPDataError(*reply)
+        else:
+            assert error is not None
+            cause = self._blame(Step.DATA_END, error)
+        logger.info("%s: %s failed: %s", self.provider.name, Step.DATA_END, cause)
+        return TransportError(Step.DATA_END, cause, provider=self.provider.name)
+
+    def _accepted(self, smtp: _Session, sent: _Held) -> None:
         smtp.command_encoding = "ascii"  # SMTPUTF8 lasts one transaction
         self.messages_sent += 1
         self.last_used = time.monotonic()
         logger.debug(
             "%s: message of %d bytes accepted for %d of %d recipients in %.1f ms",
             self.provider.name,
-            len(data),
-            len(recipients) - len(refused),
-            len(recipients),
-            (self.last_used - started) * 1000,
+            sent.size,
+            len(sent.recipients) - len(sent.refused),
+            len(sent.recipients),
+            (self.last_used - sent.started) * 1000,
         )
-        return refused
 
     def _mail_options(
         self, smtp: _Session, from_addr: str, recipients: list[str], data: bytes

@@ -14,7 +14,6 @@ from django.utils import timezone
 
 from robust_mail.models import OutboxMessage
 from robust_mail.outbox import enqueue
-from robust_mail.signals import message_sent
 from robust_mail.worker import Worker
 from tests.conftest import provider
 
@@ -52,25 +51,43 @@ def test_once_drains_every_due_message_exactly_once_in_batches(
 def test_stop_finishes_the_message_in_flight_and_releases_the_rest(
     smtp_server: Any, robust: Any
 ) -> None:
-    server = smtp_server()
+    # The stop is asked for the moment the server has the first message: the worker
+    # still reads its reply and records it, and sends nothing more.
+    workers: list[Worker] = []
+    server = smtp_server(on_message=lambda received: workers[0].stop())
     robust([provider(server, "only")])
     queue(10)
     worker = Worker(batch=10, sleep=0, report=lambda line: None)
+    workers.append(worker)
 
-    def stop_after_first(sender: object, **kwargs: Any) -> None:
-        worker.stop()
-
-    message_sent.connect(stop_after_first)
-    try:
-        stats = worker.run()
-    finally:
-        message_sent.disconnect(stop_after_first)
+    stats = worker.run()
 
     assert stats.sent == 1 and stats.released == 9
     assert len(server.messages) == 1
     statuses = list(OutboxMessage.objects.values_list("status", "attempts", "lease_token"))
     assert statuses.count(("sent", 1, "")) == 1
     assert statuses.count(("queued", 0, "")) == 9
+
+
+def test_stop_while_pipelining_finishes_at_most_the_next_envelope_in_flight(
+    smtp_server: Any, robust: Any
+) -> None:
+    # Pipelined, the next message may be under way before the first one's reply comes
+    # back (that is the point): it is finished too, and nothing after it starts.
+    workers: list[Worker] = []
+    server = smtp_server(pipelining=True, on_message=lambda received: workers[0].stop())
+    robust([provider(server, "only")])
+    queue(10)
+    worker = Worker(batch=10, sleep=0, report=lambda line: None)
+    workers.append(worker)
+
+    stats = worker.run()
+
+    assert stats.sent in (1, 2) and stats.sent + stats.released == 10
+    assert len(server.messages) == stats.sent
+    statuses = list(OutboxMessage.objects.values_list("status", "attempts", "lease_token"))
+    assert statuses.count(("sent", 1, "")) == stats.sent
+    assert statuses.count(("queued", 0, "")) == stats.released
 
 
 def test_worker_command_once_reports_each_batch(smtp_server: Any, robust: Any) -> None:

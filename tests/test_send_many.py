@@ -1,0 +1,299 @@
+"""Several messages on one session: each final reply is read after the next envelope is out.
+
+The scripted server (tests/scripted_smtp.py) withholds the reply to each final dot until
+the client's next command arrives: a client that waited for it before sending on would
+hang until its timeout. Each message's outcome must still be exactly what ``send()``
+would have said of it alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from robust_mail.exceptions import Classification, Step, TransportError, classify
+from tests.scripted_smtp import MESSAGE, scripted
+
+__all__ = ["scripted"]  # the fixture, used by name
+
+OK = (["250 sender ok", "250 ok", "354 go"], "250 queued")
+
+
+def batch(count: int) -> list[tuple[str, list[str], bytes]]:
+    return [("a@example.com", [f"r{i}@example.com"], MESSAGE) for i in range(count)]
+
+
+def test_the_next_envelope_goes_out_before_the_final_reply_is_read(scripted: Any) -> None:
+    conn, server = scripted(OK, OK, OK, withhold=True)
+
+    outcomes = conn.send_many(batch(3))
+
+    assert outcomes == [{}, {}, {}]
+    assert conn.messages_sent == 3 and conn.reusable
+    # Content, then the next MAIL, with no command in between (no RSET, no NOOP).
+    dots = [i for i, line in enumerate(server.log) if line == b".\r\n"]
+    assert [server.log[i + 1][:4].upper() for i in dots[:2]] == [b"MAIL", b"MAIL"]
+
+
+def test_a_refused_final_dot_is_that_message_s_outcome_and_the_chain_goes_on(
+    scripted: Any,
+) -> None:
+    conn, server = scripted(
+        OK, (OK[0], "451 4.3.0 try later"), (OK[0], "554 5.6.0 rejected"), OK, withhold=True
+    )
+
+    outcomes = conn.send_many(batch(4))
+
+    assert outcomes[0] == {} and outcomes[3] == {}
+    later, rejected = outcomes[1], outcomes[2]
+    assert isinstance(later, TransportError) and isinstance(rejected, TransportError)
+    assert (later.step, later.code, classify(later)) == (
+        Step.DATA_END,
+        451,
+        Classification.TRANSIENT,
+    )
+    assert (rejected.step, rejected.code, classify(rejected)) == (
+        Step.DATA_END,
+        554,
+        Classification.MESSAGE_FATAL,
+    )
+    assert conn.messages_sent == 2 and conn.reusable
+    assert not any(line.upper().startswith(b"RSET") for line in server.log)
+
+
+def test_a_drop_before_a_final_reply_is_ambiguous_for_that_message_only(scripted: Any) -> None:
+    conn, _ = scripted(OK, (OK[0], "drop"), OK, OK, withhold=True)
+
+    outcomes = conn.send_many(batch(4))
+
+    assert outcomes[0] == {}
+    dropped, next_one = outcomes[1], outcomes[2]
+    assert isinstance(dropped, TransportError) and isinstance(next_one, TransportError)
+    # The server may have the second message: ambiguous. The third's envelope was out but
+    # none of its content: a plain transient failure at MAIL. The fourth never started.
+    assert (dropped.step, classify(dropped)) == (Step.DATA_END, Classification.AMBIGUOUS)
+    assert (next_one.step, classify(next_one)) == (Step.MAIL, Classification.TRANSIENT)
+    assert outcomes[3] is None
+    assert not conn.is_open
+
+
+def test_a_421_final_reply_ends_the_chain(scripted: Any) -> None:
+    conn, _ = scripted((OK[0], "421 4.3.2 shutting down"), OK, OK, withhold=True)
+
+    outcomes = conn.send_many(batch(3))
+
+    closing, next_one = outcomes[0], outcomes[1]
+    assert isinstance(closing, TransportError) and isinstance(next_one, TransportError)
+    assert (closing.step, closing.code) == (Step.DATA_END, 421)
+    assert (next_one.step, next_one.code, classify(next_one)) == (
+        Step.MAIL,
+        421,
+        Classification.TRANSIENT,
+    )
+    assert outcomes[2] is None and not conn.is_open
+
+
+def test_refused_recipients_in_the_chain_are_judged_as_alone(scripted: Any) -> None:
+    conn, server = scripted(
+        OK,
+        (["250 sender ok", "550 5.1.1 no such user", "554 no valid recipients"], ""),
+        OK,
+        withhold=True,
+    )
+
+    outcomes = conn.send_many(batch(3))
+
+    refused = outcomes[1]
+    assert outcomes[0] == {} and outcomes[2] == {}
+    assert isinstance(refused, TransportError) and refused.step is Step.RCPT
+    assert refused.refused == {"r1@example.com": (550, "5.1.1 no such user")}
+    assert classify(refused) is Classification.MESSAGE_FATAL
+    # The first message's reply was read with the second envelope's, before the RSET
+    # that abandons the second transaction.
+    assert server.log.count(b"Subject: hi\r\n") == 2
+
+
+def test_a_message_that_cannot_go_out_is_refused_before_any_traffic(scripted: Any) -> None:
+    conn, server = scripted(OK, OK, withhold=True)
+    messages = batch(3)
+    messages[1] = ("a@example.com", ["bad\r\nRCPT TO:<x@example.com>"], MESSAGE)
+
+    outcomes = conn.send_many(messages)
+
+    bad = outcomes[1]
+    assert outcomes[0] == {} and outcomes[2] == {}
+    assert isinstance(bad, TransportError) and bad.step is Step.RCPT
+    assert classify(bad) is Classification.MESSAGE_FATAL
+    assert not any(b"x@example.com" in line for line in server.log)
+
+
+def test_proceed_stops_before_the_next_message(scripted: Any) -> None:
+    conn, server = scripted(OK, OK, OK)
+    asked: list[int] = []
+
+    def proceed() -> bool:
+        asked.append(1)
+        return len(asked) == 1
+
+    outcomes = conn.send_many(batch(3), proceed=proceed)
+
+    assert outcomes == [{}, None, None]
+    assert sum(line.upper().startswith(b"MAIL") for line in server.log) == 1
+    assert conn.reusable
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_aiosmtpd_receives_every_message_once_in_order(smtp_server: Any, pipelining: bool) -> None:
+    from robust_mail.providers import ProviderConfig
+    from robust_mail.resolver import Resolver
+    from robust_mail.transport import SMTPConnection
+
+    server = smtp_server(pipelining=pipelining, refuse_recipients=["r2@example.com"])
+    provider = ProviderConfig(name="local", host="127.0.0.1", port=server.port, timeout=5)
+    messages = [
+        (
+            "a@example.com",
+            [f"r{i}@example.com", "cc@example.com"],
+            f"Subject: {i}\r\nMessage-ID: <{i}@test>\r\n\r\n.leading dot\r\n".encode(),
+        )
+        for i in range(5)
+    ]
+
+    with SMTPConnection(provider, resolver=Resolver()) as conn:
+        outcomes = conn.send_many(messages)
+
+    assert outcomes[2] == {
+        "r2@example.com": (550, "5.1.1 <r2@example.com>: Recipient address rejected: User unknown")
+    }
+    assert [o for i, o in enumerate(outcomes) if i != 2] == [{}, {}, {}, {}]
+    assert [m.message_id for m in server.messages] == [f"<{i}@test>" for i in range(5)]
+    assert all(m.data.endswith(b"\r\n.leading dot\r\n") for m in server.messages)
+    assert server.connections_total == 1
+
+
+# --- through the backend: send_messages() with several messages --------------------------
+
+
+def _messages(count: int) -> list[Any]:
+    from django.core.mail import EmailMessage
+
+    return [
+        EmailMessage(f"n{i}", "body", "from@example.com", [f"r{i}@example.com"])
+        for i in range(count)
+    ]
+
+
+def _send_all(messages: list[Any]) -> int:
+    from django.core import mail
+
+    return mail.get_connection().send_messages(messages)
+
+
+def test_a_batch_goes_over_one_verified_tls_session(smtp_server: Any, robust: Any, certs: Any):
+    from tests.conftest import provider
+
+    server = smtp_server(tls="starttls", auth={"user": "secret"}, pipelining=True)
+    common = {"SSL_CAFILE": certs.ca_file, "HOST": "localhost"}
+    robust([provider(server, "tls", USE_TLS=True, USERNAME="user", PASSWORD="secret", **common)])
+    messages = _messages(6)
+
+    assert _send_all(messages) == 6
+
+    assert server.connections_total == 1
+    assert [m.message_id for m in server.messages] == [
+        m.delivery_result.message_id for m in messages
+    ]
+    assert all(m.tls and m.auth_user == "user" for m in server.messages)
+    assert all(m.delivery_result.attempts == 1 for m in messages)
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "sequential"])
+def test_each_message_of_a_batch_fails_over_on_its_own(
+    smtp_server: Any, robust: Any, pipelining: bool
+) -> None:
+    from robust_mail.results import DeliveryStatus
+    from tests.conftest import provider
+
+    primary = smtp_server("data_451", pipelining=pipelining)
+    backup = smtp_server(pipelining=pipelining)
+    robust(
+        [provider(primary, "primary"), provider(backup, "backup")],
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 100},
+    )
+    messages = _messages(4)
+
+    assert _send_all(messages) == 4
+
+    assert primary.messages == []
+    assert sorted(m.message_id for m in backup.messages) == sorted(
+        m.delivery_result.message_id for m in messages
+    )
+    for message in messages:
+        result = message.delivery_result
+        assert (result.status, result.provider) == (DeliveryStatus.SENT, "backup")
+        (error,) = result.errors
+        # The chain's attempt counts as the first of the two ATTEMPTS (conftest).
+        assert (error.provider, error.step, error.code, error.attempts) == (
+            "primary",
+            "data_end",
+            451,
+            2,
+        )
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "sequential"])
+def test_a_drop_after_the_dot_flags_only_the_messages_the_primary_may_have(
+    smtp_server: Any, robust: Any, pipelining: bool
+) -> None:
+    primary = smtp_server("disconnect_after_data", pipelining=pipelining)
+    backup = smtp_server(pipelining=pipelining)
+    from tests.conftest import provider
+
+    robust(
+        [provider(primary, "primary"), provider(backup, "backup")],
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 100},
+    )
+    messages = _messages(3)
+
+    assert _send_all(messages) == 3
+
+    # Each message reached the primary once (it records, then hangs up without a reply),
+    # was not sent there again, and went to the backup flagged ambiguous. None is lost.
+    ids = sorted(m.delivery_result.message_id for m in messages)
+    assert sorted(m.message_id for m in primary.messages) == ids
+    assert sorted(m.message_id for m in backup.messages) == ids
+    assert all(m.delivery_result.ambiguous for m in messages)
+    assert all(m.delivery_result.provider == "backup" for m in messages)
+
+
+def test_a_stale_pooled_connection_under_a_batch_is_replaced(smtp_server: Any, robust: Any):
+    from tests.conftest import provider
+
+    server = smtp_server(pipelining=True)
+    robust([provider(server, "only")])
+    assert _send_all(_messages(1)) == 1
+    server.drop_connections()  # the server hangs up on the idle pooled connection
+
+    messages = _messages(3)
+    assert _send_all(messages) == 3
+
+    assert all(m.delivery_result.attempts == 1 for m in messages)
+    assert all(m.delivery_result.errors == () for m in messages)
+    assert server.connections_total == 2 and len(server.messages) == 4
+
+
+def test_a_batch_respects_pool_max_messages(smtp_server: Any, robust: Any) -> None:
+    from tests.conftest import provider
+
+    server = smtp_server(pipelining=True)
+    robust([provider(server, "only")], POOL={"MAX_MESSAGES": 2})
+    messages = _messages(5)
+
+    assert _send_all(messages) == 5
+
+    # Two per session at most: the run stops at two, the pool retires that connection,
+    # and the other three go on alone, two on the next connection and one on a third.
+    assert len(server.messages) == 5
+    assert server.connections_total == 3
+    assert all(m.delivery_result.attempts == 1 for m in messages)
