@@ -17,6 +17,7 @@ SHORT = {
     "loopback": "STARTTLS+AUTH\nloopback",
     "smtp-sink": "smtp-sink\n(plain) loopback",
     "rtt40": "STARTTLS+AUTH\n40 ms RTT",
+    "rtt40-backlog": "STARTTLS+AUTH\n40 ms RTT, backlog",
 }
 
 
