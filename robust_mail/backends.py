@@ -170,17 +170,19 @@ class RobustEmailBackend(_RobustBackendBase):
             release_pins(message)
         results = Dispatcher(config).deliver_many([(message, None) for message in messages])
         settled: list[DeliveryResult | InvalidMessage] = []
-        broken: RobustMailError | None = None
+        broken: Exception | None = None
         for message, result in zip(messages, results, strict=True):
             assert result is not None  # None only when asked to stop, which we never ask
             if isinstance(result, InvalidMessage):
                 settled.append(result)
                 continue
             try:
+                if isinstance(result, Exception):
+                    raise result  # what deliver() would have raised for this message
                 settled.append(self._settle(message, result, config))
-            except RobustMailError as exc:
-                # A fallback that cannot work (the outbox's database is down) is raised,
-                # but only once every message has had its own chance at the fallback.
+            except Exception as exc:
+                # Raised (broken settings, a fallback that cannot work such as the outbox's
+                # database being down), but only once every message has had its chance.
                 broken = broken or exc
         if broken is not None:
             raise broken

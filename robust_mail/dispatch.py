@@ -145,45 +145,66 @@ class Dispatcher:
         messages: Sequence[tuple[EmailMessage, bytes | None]],
         *,
         proceed: Callable[[], bool] | None = None,
-    ) -> list[DeliveryResult | InvalidMessage | None]:
-        """Deliver several ``(message, rendered)``: for each, what :meth:`deliver` would
-        return, or the :class:`InvalidMessage` it would raise — or None when
-        ``proceed()`` (asked before each message is first sent) returned False: that
-        message was left alone.
+        on_result: Callable[[int, DeliveryResult | Exception], None] | None = None,
+    ) -> list[DeliveryResult | Exception | None]:
+        """Deliver several ``(message, rendered)``; for each, what :meth:`deliver` would
+        return or raise (:class:`InvalidMessage`, or any other exception, which stops
+        only that message) — or None when ``proceed()`` (asked before each message is
+        first sent) returned False: that message was left alone.
 
         The messages' first attempt at the first provider, when it is an SMTP server
         whose breaker is closed, goes over one pooled connection with
         :meth:`SMTPConnection.send_many` (one round trip per message where the server
-        pipelines). Each message then goes on from its own outcome exactly as in
-        :meth:`deliver`: retries, failover, classification and breaker reports.
+        pipelines). Each message then goes on from its own outcome as in :meth:`deliver`
+        — retries, failover, classification, breaker reports — with its own deadline.
+        ``on_result(index, result)`` is called as soon as each result is known: a message
+        accepted at once is reported while the run is still going.
         """
-        results: list[DeliveryResult | InvalidMessage | None] = [None] * len(messages)
+        results: list[DeliveryResult | Exception | None] = [None] * len(messages)
+
+        def done(index: int, result: DeliveryResult | Exception) -> None:
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+
         envelopes: dict[int, Envelope] = {}
         for index, (message, rendered) in enumerate(messages):
             try:
                 envelopes[index] = build_envelope(message, data=rendered)
             except InvalidMessage as exc:
-                results[index] = exc
-        deadline = self.clock() + self.config.retry.deadline
+                done(index, exc)
         admitted: list[int] = []
         for index, envelope in envelopes.items():
             limited = self._rate_limited(envelope)
             if limited is None:
                 admitted.append(index)
             else:
-                results[index] = self._conclude(messages[index][0], limited)
-        firsts = self._first_attempts([envelopes[i] for i in admitted], deadline, proceed)
-        for index, first in zip(admitted, firsts, strict=True):
+                done(index, self._conclude(messages[index][0], limited))
+
+        def finish(index: int, first: _First | None) -> None:
             message = messages[index][0]
+            # Its own DEADLINE, as if it had come alone: what its first attempt took counts,
+            # the time spent on the other messages of the run does not.
+            deadline = self.clock() + self.config.retry.deadline - (first.seconds if first else 0)
+            try:
+                result: DeliveryResult | Exception = self._conclude(
+                    message, self._deliver(message, envelopes[index], deadline, first=first)
+                )
+            except Exception as exc:
+                result = exc
+            done(index, result)
+
+        firsts = self._first_attempts(
+            [envelopes[i] for i in admitted],
+            proceed,
+            accepted=lambda position, first: finish(admitted[position], first),
+        )
+        for index, first in zip(admitted, firsts, strict=True):
+            if results[index] is not None:
+                continue  # accepted in the run, already finished
             if first is None and proceed is not None and not proceed():
                 continue
-            if first is None:  # not attempted: as deliver() would, with its own deadline
-                result = self._deliver(
-                    message, envelopes[index], self.clock() + self.config.retry.deadline
-                )
-            else:
-                result = self._deliver(message, envelopes[index], deadline, first=first)
-            results[index] = self._conclude(message, result)
+            finish(index, first)
         return results
 
     # -- internals ------------------------------------------------------------------------
@@ -213,23 +234,35 @@ class Dispatcher:
         return None
 
     def _first_attempts(
-        self, envelopes: list[Envelope], deadline: float, proceed: Callable[[], bool] | None
+        self,
+        envelopes: list[Envelope],
+        proceed: Callable[[], bool] | None,
+        *,
+        accepted: Callable[[int, _First], None],
     ) -> list[_First | None]:
         """The first provider's answer to each envelope, sent on one connection.
 
-        None for a message not attempted: the chain stopped before it (its connection
-        closed after an earlier message's failure, or the deadline passed), or there is
-        no chain (fewer than two messages; the first provider is a mailer alias or its
+        ``accepted(position, first)`` is called for each message the provider accepts, as
+        soon as it does. None for a message not attempted: the run stopped before it (its
+        session closed after an earlier failure, or ``proceed()`` said stop), or there is
+        no run (fewer than two messages; the first provider is a mailer alias or its
         breaker is not closed, where each message must ask the breaker itself).
         """
         providers = self.config.providers
         if len(envelopes) < 2 or not providers or providers[0].mailer:
             return [None] * len(envelopes)
         provider = providers[0]
-        if get_breaker(provider.name, self.config).state is not BreakerState.CLOSED:
+        if not self._closed(provider):
             return [None] * len(envelopes)
         items = [(e.from_addr, list(e.recipients), e.data) for e in envelopes]
         started = time.perf_counter()
+
+        def first(position: int, outcome: Outcome | PoolTimeout) -> _First:
+            return _First(outcome, (time.perf_counter() - started) / (position + 1))
+
+        def on_outcome(position: int, outcome: Outcome) -> None:
+            if not isinstance(outcome, TransportError):
+                accepted(position, first(position, outcome))
 
         def send(conn: SMTPConnection, until: float) -> list[Outcome | None]:
             # POOL.MAX_MESSAGES holds for a run too: the rest go out on their own afterwards.
@@ -237,14 +270,20 @@ class Dispatcher:
             if self.config.pool.max_messages:
                 room = max(1, self.config.pool.max_messages - conn.messages_sent)
             outcomes: list[Outcome | None] = [
-                *conn.send_many(items[:room], deadline=until, proceed=proceed),
+                *conn.send_many(
+                    items[:room],
+                    budget=self.config.retry.deadline,
+                    proceed=proceed,
+                    on_outcome=on_outcome,
+                ),
                 *[None] * (len(items) - room),
             ]
-            first = outcomes[0]
-            if isinstance(first, TransportError) and all(o is None for o in outcomes[1:]):
-                raise first  # so that a stale pooled connection is retried on a fresh one
+            head = outcomes[0]
+            if isinstance(head, TransportError) and all(o is None for o in outcomes[1:]):
+                raise head  # so that a stale pooled connection is retried on a fresh one
             return outcomes
 
+        deadline = self.clock() + self.config.retry.deadline  # for the connection itself
         try:
             outcomes: list[Outcome | PoolTimeout | None] = list(
                 self._on_connection(provider, deadline, send, last_chance=len(providers) == 1)
@@ -253,8 +292,10 @@ class Dispatcher:
             # No connection, or the first message failed and ended the session: that was
             # the first message's attempt; the others have not been tried.
             outcomes = [exc, *[None] * (len(envelopes) - 1)]
-        seconds = (time.perf_counter() - started) / len(envelopes)
-        return [None if outcome is None else _First(outcome, seconds) for outcome in outcomes]
+        return [None if o is None else first(i, o) for i, o in enumerate(outcomes)]
+
+    def _closed(self, provider: ProviderConfig) -> bool:
+        return get_breaker(provider.name, self.config).state is BreakerState.CLOSED
 
     def _deliver(
         self,
@@ -358,6 +399,7 @@ class Dispatcher:
         """
         tries = 0
         cut_only = True  # every failure here so far came from our own deadline
+        in_run = first is not None
 
         def once() -> dict[str, tuple[int, str]]:
             nonlocal tries, cut_only, first
@@ -391,8 +433,12 @@ class Dispatcher:
 
         try:
             # An unreachable provider (refused, no answer) is not retried while a later one
-            # exists: a dead primary then costs one TIMEOUT, not ATTEMPTS of them.
+            # exists: a dead primary then costs one TIMEOUT, not ATTEMPTS of them. A first
+            # attempt made in a run asked the breaker before the run: if it opened since,
+            # this message moves on as a lone one would, without retrying here.
             def retry_if(exc: BaseException) -> bool:
+                if in_run and not self._closed(provider):
+                    return False
                 return _retryable(exc) and (last_chance or not unreachable(exc))
 
             return self.retry.call(once, retry_if=retry_if, deadline=deadline, on_retry=on_retry)

@@ -116,13 +116,22 @@ def attempt_many(
     config: OutboxConfig,
     clock: Clock = timezone.now,
     proceed: Callable[[], bool] | None = None,
+    on_outcome: Callable[[int, Outcome], None] | None = None,
 ) -> list[Outcome | None]:
     """:func:`attempt` for each of ``rows``, delivered together with
     :meth:`Dispatcher.deliver_many` (one connection, pipelined where the server allows).
 
     None for a row not tried because ``proceed()`` returned False before its turn.
+    ``on_outcome(index, outcome)`` is called as soon as each row's outcome is decided,
+    so the caller can record it while the others are still being sent.
     """
     outcomes: list[Outcome | None] = [None] * len(rows)
+
+    def decided(index: int, outcome: Outcome) -> None:
+        outcomes[index] = outcome
+        if on_outcome is not None:
+            on_outcome(index, outcome)
+
     messages: list[EmailMessage] = []
     to_send: list[int] = []
     items: list[tuple[EmailMessage, bytes | None]] = []
@@ -130,37 +139,47 @@ def attempt_many(
         try:
             message = row.rebuild()
         except InvalidMessage as exc:
-            reason = f"cannot rebuild the stored message: {exc}"
-            outcomes[index] = _final(OutboxStatus.FAILED, reason, None)
+            decided(
+                index,
+                _final(OutboxStatus.FAILED, f"cannot rebuild the stored message: {exc}", None),
+            )
             continue
         to_send.append(index)
         messages.append(message)
         items.append((message, bytes(row.mime) if row.mime is not None else None))
+
+    def on_result(position: int, result: DeliveryResult | Exception) -> None:
+        index = to_send[position]
+        decided(index, _decide(rows[index], messages[position], result, config, clock))
+
     try:
-        results = dispatcher.deliver_many(items, proceed=proceed)
+        dispatcher.deliver_many(items, proceed=proceed, on_result=on_result)
     except Exception as exc:
         # Not a delivery failure (those come back as results): a bug or a broken
         # environment. Retry on the schedule rather than stall or lose the messages.
         logger.exception("outbox message(s) %s: delivery raised", [rows[i].pk for i in to_send])
         for index, message in zip(to_send, messages, strict=True):
-            reason = f"{type(exc).__name__}: {exc}"
-            outcomes[index] = _defer(rows[index], reason, None, config, clock(), None, message)
-        return outcomes
-    for index, message, result in zip(to_send, messages, results, strict=True):
-        if result is not None:
-            outcomes[index] = _decide(rows[index], message, result, config, clock)
+            if outcomes[index] is None:
+                reason = f"{type(exc).__name__}: {exc}"
+                decided(index, _defer(rows[index], reason, None, config, clock(), None, message))
     return outcomes
 
 
 def _decide(
     row: OutboxMessage,
     message: EmailMessage,
-    result: DeliveryResult | InvalidMessage,
+    result: DeliveryResult | Exception,
     config: OutboxConfig,
     clock: Clock,
 ) -> Outcome:
     if isinstance(result, InvalidMessage):
         return _final(OutboxStatus.FAILED, f"invalid message: {result}", None, message)
+    if isinstance(result, Exception):
+        # Not a delivery failure (those come back as results): a bug or a broken
+        # environment. Retry on the schedule rather than stall or lose the message.
+        logger.error("outbox message %s: delivery raised", row.pk, exc_info=result)
+        reason = f"{type(result).__name__}: {result}"
+        return _defer(row, reason, None, config, clock(), None, message)
     ambiguous = row.ambiguous or result.ambiguous
     if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
         refused = {addr: [code, reply] for addr, (code, reply) in result.refused.items()}

@@ -196,6 +196,10 @@ class _Session(smtplib.SMTP):
         self.does_esmtp = False
 
 
+#: What sending one message ended with: the refused recipients, or the failure.
+Outcome = dict[str, tuple[int, str]] | TransportError
+
+
 @dataclass
 class _Held:
     """A message whose content has been sent: what judging its final reply needs."""
@@ -205,7 +209,12 @@ class _Held:
     refused: dict[str, tuple[int, str]]
     size: int
     started: float
-    outcome: dict[str, tuple[int, str]] | TransportError | None = None
+    deadline: float | None = None
+    outcome: Outcome | None = None
+
+    def result(self) -> Outcome:
+        assert self.outcome is not None, "judged when the next envelope was exchanged"
+        return self.outcome
 
 
 class SMTPConnection:
@@ -500,20 +509,30 @@ class SMTPConnection:
         self,
         messages: Sequence[tuple[str, Sequence[str], bytes]],
         *,
-        deadline: float | None = None,
+        budget: float | None = None,
         proceed: Callable[[], bool] | None = None,
-    ) -> list[dict[str, tuple[int, str]] | TransportError | None]:
+        on_outcome: Callable[[int, Outcome], None] | None = None,
+    ) -> list[Outcome | None]:
         """Send ``(from_addr, recipients, data)`` messages in turn; one outcome for each.
 
         Each outcome is what :meth:`send` would have returned (the refused recipients) or
         raised (a :class:`TransportError`), or None for a message not attempted because
-        the session closed (after an earlier failure), ``deadline`` passed or
-        ``proceed()`` returned False before its turn: nothing of it was sent. With
-        PIPELINING, the reply to each message's final dot is read after the next message's
-        envelope is written: one round trip per message instead of two (see
+        the session closed (after an earlier failure) or ``proceed()`` returned False
+        before its turn: nothing of it was sent. ``budget``: seconds each message may
+        take from its turn on, as ``deadline`` bounds :meth:`send`. ``on_outcome(index,
+        outcome)`` is called as soon as each outcome is known.
+
+        With PIPELINING, the reply to each message's final dot is read after the next
+        message's envelope is written: one round trip per message instead of two (see
         :mod:`robust_mail.pipelining`).
         """
-        outcomes: list[dict[str, tuple[int, str]] | TransportError | None] = [None] * len(messages)
+        outcomes: list[Outcome | None] = [None] * len(messages)
+
+        def settle(index: int, outcome: Outcome) -> None:
+            outcomes[index] = outcome
+            if on_outcome is not None:
+                on_outcome(index, outcome)
+
         smtp = self._smtp
         held: _Held | None = None
         try:
@@ -522,57 +541,69 @@ class SMTPConnection:
                     break
                 if proceed is not None and not proceed():
                     break
-                try:
-                    _check_deadline(deadline)
-                except DeadlineReached:
-                    break
-                smtp.deadline = deadline
+                started = time.monotonic()
+                deadline = None if budget is None else started + budget
                 try:
                     recipients = list(recipients)
                     options = self._mail_options(smtp, from_addr, recipients, data)
                 except TransportError as exc:
-                    outcomes[index] = exc
+                    settle(index, exc)
                     continue
                 wire = _wire_data(data)
                 chained = (
                     smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
                 )
                 if held is not None and not chained:
-                    outcomes[held.index] = self._end_held(smtp, held)
+                    settle(held.index, self._end_held(smtp, held))
                     held = None
                     if not self.is_open:
                         break
-                sent = _Held(index, recipients, {}, len(data), time.monotonic())
+                sent = _Held(index, recipients, {}, len(data), started, deadline)
+                # The previous message's final reply is read under its own deadline.
+                smtp.deadline = held.deadline if held is not None else deadline
                 try:
                     sent.refused = self._start_transaction(
-                        smtp, from_addr, recipients, data, wire, options, held=held
+                        smtp,
+                        from_addr,
+                        recipients,
+                        data,
+                        wire,
+                        options,
+                        held=held,
+                        sent=sent,
+                        budget=budget,
                     )
                 except TransportError as exc:
-                    outcomes[index] = exc
-                    continue
-                finally:
                     if held is not None:
-                        outcomes[held.index], held = held.outcome, None
+                        settle(held.index, held.result())
+                        held = None
+                    settle(index, exc)
+                    continue
+                if held is not None:
+                    settle(held.index, held.result())
+                    held = None
                 if chained and not any(400 <= code < 500 for code, _ in sent.refused.values()):
                     held = sent
                     continue
                 # Recipients put off with a 4xx get another transaction after this one ends.
                 try:
                     self._end_transaction(smtp, sent)
-                    outcomes[index] = self._send_the_rest(
+                    rest = self._send_the_rest(
                         smtp, from_addr, recipients, sent.refused, data, wire, options
                     )
                 except TransportError as exc:
-                    outcomes[index] = exc
+                    settle(index, exc)
+                else:
+                    settle(index, rest)
             if held is not None and smtp is not None:
-                smtp.deadline = deadline
-                outcomes[held.index] = self._end_held(smtp, held)
+                smtp.deadline = held.deadline
+                settle(held.index, self._end_held(smtp, held))
         finally:
             if smtp is not None:
                 smtp.deadline = None
         return outcomes
 
-    def _end_held(self, smtp: _Session, held: _Held) -> dict[str, tuple[int, str]] | TransportError:
+    def _end_held(self, smtp: _Session, held: _Held) -> Outcome:
         try:
             return self._end_transaction(smtp, held)
         except TransportError as exc:
@@ -650,6 +681,8 @@ class SMTPConnection:
         options: list[str],
         *,
         held: _Held | None = None,
+        sent: _Held | None = None,
+        budget: float | None = None,
     ) -> dict[str, tuple[int, str]]:
         """MAIL → RCPT… → DATA → content; the refused recipients. The final reply is left.
 
@@ -658,7 +691,9 @@ class SMTPConnection:
         as on the sequential path. A broken connection during that exchange is a
         failure at MAIL: no content has been sent. ``held``: a message whose final reply
         is still owed (pipelining only); it is read after this envelope is written, and
-        its outcome put in ``held.outcome`` whatever happens here.
+        its outcome put in ``held.outcome`` whatever happens here. Only then does the
+        ``budget`` of this message (``sent``) start: until that reply came, the server was
+        busy with the previous message, not with this one.
         """
         early: pipelining.Replies | None = None
         if held is not None or (
@@ -676,6 +711,9 @@ class SMTPConnection:
             if held is not None:
                 final = early.before[0] if early.before else None
                 held.outcome = self._held_outcome(smtp, held, final, early.error)
+                if sent is not None and budget is not None:
+                    sent.deadline = time.monotonic() + budget
+                smtp.deadline = sent.deadline if sent is not None else None
 
         try:
             with self._step(Step.MAIL):
@@ -745,7 +783,7 @@ class SMTPConnection:
         held: _Held,
         reply: tuple[int, bytes] | None,
         error: BaseException | None,
-    ) -> dict[str, tuple[int, str]] | TransportError:
+    ) -> Outcome:
         """Judge the final reply of ``held``, read while the next envelope was in flight.
 
         As :meth:`_end_transaction` would, except that nothing is sent afterwards (no RSET:

@@ -173,26 +173,33 @@ class Worker:
         if self._stop.is_set():
             self._release(held, rows, counts)
             return
+
+        late: list[Any] = []
+
+        def record(index: int, outcome: outbox_delivery.Outcome) -> None:
+            # As soon as it is decided, while the rest of the run is still being sent: a
+            # crash then loses (and sends again) as few outcomes as without runs. A full
+            # recorder (the database is slow or down) must not stall a run mid-session,
+            # with a reply owed: those outcomes wait for the end of the run.
+            item = (held, rows[index], outcome, counts)
+            if self._recorder is None:
+                self._record_group([item])
+            elif late or not self._recorder.offer(item):
+                late.append(item)
+
         outcomes = outbox_delivery.attempt_many(
             rows,
             dispatcher=self.dispatcher,
             config=self.config.outbox,
             clock=self.clock,
             proceed=lambda: not self._stop.is_set(),
+            on_outcome=record,
         )
-        group = [
-            (held, row, outcome, counts)
-            for row, outcome in zip(rows, outcomes, strict=True)
-            if outcome is not None
-        ]
+        for item in late:
+            self._recorder.put(item)  # type: ignore[union-attr]  # late only with a recorder
         untried = [row for row, outcome in zip(rows, outcomes, strict=True) if outcome is None]
         if untried:
             self._release(held, untried, counts)
-        if self._recorder is None:
-            self._record_group(group)
-            return
-        for item in group:
-            self._recorder.put(item)
 
     def _record_group(self, group: list[Any]) -> None:
         """Write the outcomes of ``group`` (one claim's); count each as written or lost.
@@ -394,6 +401,14 @@ class _Recorder:
 
     def put(self, item: Any) -> None:
         self._queue.put(item)
+
+    def offer(self, item: Any) -> bool:
+        """Put ``item`` if there is room now; False (and nothing put) otherwise."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
 
     def wait(self) -> None:
         """Return once everything put so far is written (or given up)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,16 +29,22 @@ class ScriptedServer:
     For each transaction it reads MAIL, the RCPTs and DATA *before* answering any of them,
     then answers with ``envelope`` (one reply per command); after a ``354`` it reads the
     content up to the dot and answers ``final`` (``"drop"``: closes the connection
-    instead). With ``withhold``, that answer waits for the client's next command (so a
-    client that waits for it before sending on hangs); the last transaction's does not.
+    instead) after ``pause`` seconds. With ``withhold``, that answer waits for the
+    client's next command (so a client that waits for it before sending on hangs); the
+    last transaction's does not.
     Everything received is kept in ``log``.
     """
 
     def __init__(
-        self, transactions: list[tuple[list[str], str]], *, withhold: bool = False
+        self,
+        transactions: list[tuple[list[str], str]],
+        *,
+        withhold: bool = False,
+        pause: float = 0.0,
     ) -> None:
         self.transactions = transactions
         self.withhold = withhold
+        self.pause = pause
         self.log: list[bytes] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -70,6 +77,7 @@ class ScriptedServer:
                         while self._line(reader) not in (b".\r\n", b""):
                             pass
                         reply = b"drop" if final == "drop" else f"{final}\r\n".encode()
+                        time.sleep(self.pause)
                         if self.withhold and left:
                             owed = reply
                         elif final == "drop":
@@ -94,13 +102,13 @@ class ScriptedServer:
 
 @pytest.fixture
 def scripted() -> Iterator[Any]:
-    """``scripted(*transactions, withhold=False)`` → (an open SMTPConnection, its server)."""
+    """``scripted(*transactions, withhold=, pause=)`` → (an open SMTPConnection, its server)."""
     made: list[tuple[SMTPConnection, ScriptedServer]] = []
 
     def start(
-        *transactions: tuple[list[str], str], withhold: bool = False
+        *transactions: tuple[list[str], str], withhold: bool = False, pause: float = 0.0
     ) -> tuple[SMTPConnection, ScriptedServer]:
-        server = ScriptedServer(list(transactions), withhold=withhold)
+        server = ScriptedServer(list(transactions), withhold=withhold, pause=pause)
         provider = ProviderConfig(name="scripted", host="127.0.0.1", port=server.port, timeout=5)
         conn = SMTPConnection(provider, resolver=Resolver(), local_hostname="client.test")
         made.append((conn, server))

@@ -109,8 +109,11 @@ def test_refused_recipients_in_the_chain_are_judged_as_alone(scripted: Any) -> N
     assert isinstance(refused, TransportError) and refused.step is Step.RCPT
     assert refused.refused == {"r1@example.com": (550, "5.1.1 no such user")}
     assert classify(refused) is Classification.MESSAGE_FATAL
-    # The first message's reply was read with the second envelope's, before the RSET
-    # that abandons the second transaction.
+    # The RSET abandoning the second transaction comes after its whole envelope (never
+    # inside a pipelined group), and the session stays in step for the third message.
+    verbs = {b"MAIL", b"RCPT", b"DATA", b"RSET", b"QUIT"}
+    commands = [line[:4].upper() for line in server.log if line[:4].upper() in verbs]
+    assert commands == [b"MAIL", b"RCPT", b"DATA"] * 2 + [b"RSET", b"MAIL", b"RCPT", b"DATA"]
     assert server.log.count(b"Subject: hi\r\n") == 2
 
 
@@ -126,6 +129,32 @@ def test_a_message_that_cannot_go_out_is_refused_before_any_traffic(scripted: An
     assert isinstance(bad, TransportError) and bad.step is Step.RCPT
     assert classify(bad) is Classification.MESSAGE_FATAL
     assert not any(b"x@example.com" in line for line in server.log)
+
+
+def test_each_message_of_a_run_has_its_own_time_budget(scripted: Any) -> None:
+    # Each final reply takes 0.3 s: four messages take longer than the 0.5 s budget,
+    # none of them alone does. A deadline shared by the run would cut the later ones.
+    conn, _ = scripted(OK, OK, OK, OK, pause=0.3)
+
+    outcomes = conn.send_many(batch(4), budget=0.5)
+
+    assert outcomes == [{}, {}, {}, {}]
+
+
+def test_each_outcome_is_reported_while_the_run_goes_on(scripted: Any) -> None:
+    conn, server = scripted(OK, OK, OK, withhold=True)
+    events: list[str] = []
+
+    outcomes = conn.send_many(
+        batch(3), on_outcome=lambda index, outcome: events.append(f"outcome {index}")
+    )
+
+    assert outcomes == [{}, {}, {}]
+    # Message 0's outcome is known (its reply read with message 1's envelope) and
+    # reported before message 2's envelope goes out.
+    assert events == ["outcome 0", "outcome 1", "outcome 2"]
+    mails = [i for i, line in enumerate(server.log) if line[:4].upper() == b"MAIL"]
+    assert len(mails) == 3
 
 
 def test_proceed_stops_before_the_next_message(scripted: Any) -> None:
@@ -297,3 +326,27 @@ def test_a_batch_respects_pool_max_messages(smtp_server: Any, robust: Any) -> No
     assert len(server.messages) == 5
     assert server.connections_total == 3
     assert all(m.delivery_result.attempts == 1 for m in messages)
+
+
+def test_once_the_breaker_opens_mid_run_the_rest_fail_over_without_retrying(
+    smtp_server: Any, robust: Any
+) -> None:
+    from tests.conftest import provider
+
+    primary = smtp_server("data_451", pipelining=True)
+    backup = smtp_server(pipelining=True)
+    robust(
+        [provider(primary, "primary"), provider(backup, "backup")],
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 1},
+    )
+    messages = _messages(4)
+
+    assert _send_all(messages) == 4
+
+    # Every first attempt went out in the run while the breaker was closed. The first
+    # message's retry (ATTEMPTS=2) failed too and opened the breaker: the others, as lone
+    # messages would, then skip the primary instead of retrying it.
+    attempts = [m.delivery_result.errors[0].attempts for m in messages]
+    assert attempts == [2, 1, 1, 1]
+    assert all(m.delivery_result.provider == "backup" for m in messages)
+    assert len(backup.messages) == 4

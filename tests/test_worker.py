@@ -167,3 +167,31 @@ def test_worker_delivers_with_the_options_of_a_mailers_alias(
 def test_worker_command_rejects_an_unknown_mailer() -> None:
     with pytest.raises(CommandError, match="no alias 'nope'"):
         call_command("robust_mail_worker", "--once", "--mailer", "nope")
+
+
+def test_one_message_s_unexpected_error_costs_only_that_message(
+    smtp_server: Any, robust: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug or a broken environment hit while delivering one message of a run (here: a
+    # patched-in error for one subject) defers that row; the rest of the run is sent and
+    # recorded as usual.
+    from robust_mail.dispatch import Dispatcher
+
+    server = smtp_server(pipelining=True)
+    robust([provider(server, "only")])
+    queue(4)
+    original = Dispatcher._conclude
+
+    def conclude(self: Dispatcher, message: Any, result: Any) -> Any:
+        if message.subject == "n2":
+            raise RuntimeError("something broke")
+        return original(self, message, result)
+
+    monkeypatch.setattr(Dispatcher, "_conclude", conclude)
+
+    stats = Worker(once=True, batch=4, report=lambda line: None).run()
+
+    assert (stats.sent, stats.retried) == (3, 1)
+    broken = OutboxMessage.objects.get(subject="n2")
+    assert broken.status == "queued" and "RuntimeError: something broke" in broken.last_error
+    assert OutboxMessage.objects.filter(status="sent").count() == 3
