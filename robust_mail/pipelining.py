@@ -18,6 +18,7 @@ that outstanding reply.
 from __future__ import annotations
 
 import smtplib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["MAX_RECIPIENTS", "Replies", "exchange"]
@@ -71,11 +72,13 @@ def exchange(
     options: list[str],
     *,
     before: int = 0,
+    idle: Callable[[], None] | None = None,
 ) -> Replies:
     """Send MAIL, every RCPT and DATA in one write; return their replies.
 
     ``before`` replies still owed for what was written earlier are read first (into
-    :attr:`Replies.before`).
+    :attr:`Replies.before`). ``idle()`` is called between the write and the first read:
+    work done there costs no time on the wire.
 
     Once a reply is ``421`` (the server is closing the session) the rest are not
     awaited: each is reported as that same ``421``. When the server accepted DATA
@@ -97,6 +100,8 @@ def exchange(
         "data",
     ]
     smtp.send("".join(f"{command}\r\n" for command in commands))
+    if idle is not None:
+        idle()
     replies = Replies([], len(recipients))
     last: Reply | None = None
     try:

@@ -527,11 +527,18 @@ class SMTPConnection:
         :mod:`robust_mail.pipelining`).
         """
         outcomes: list[Outcome | None] = [None] * len(messages)
+        unreported: list[int] = []
 
         def settle(index: int, outcome: Outcome) -> None:
             outcomes[index] = outcome
-            if on_outcome is not None:
-                on_outcome(index, outcome)
+            unreported.append(index)
+
+        def report() -> None:
+            # Called while a pipelined write is on its way: the caller's work on earlier
+            # outcomes (recording them) overlaps the round trip instead of delaying it.
+            while unreported and on_outcome is not None:
+                index = unreported.pop(0)
+                on_outcome(index, outcomes[index])  # type: ignore[arg-type]
 
         smtp = self._smtp
         held: _Held | None = None
@@ -539,6 +546,8 @@ class SMTPConnection:
             for index, (from_addr, recipients, data) in enumerate(messages):
                 if smtp is None or smtp.sock is None or self._smtp is None:
                     break
+                if held is None:
+                    report()  # no pipelined write to overlap with: report now
                 if proceed is not None and not proceed():
                     break
                 started = time.monotonic()
@@ -572,6 +581,7 @@ class SMTPConnection:
                         held=held,
                         sent=sent,
                         budget=budget,
+                        idle=report,
                     )
                 except TransportError as exc:
                     if held is not None:
@@ -598,9 +608,15 @@ class SMTPConnection:
             if held is not None and smtp is not None:
                 smtp.deadline = held.deadline
                 settle(held.index, self._end_held(smtp, held))
+        except Exception:
+            # Not a failure of the session (those are outcomes): whatever broke, replies
+            # may be owed on it, so it must not be used again.
+            self._abort()
+            raise
         finally:
             if smtp is not None:
                 smtp.deadline = None
+        report()
         return outcomes
 
     def _end_held(self, smtp: _Session, held: _Held) -> Outcome:
@@ -683,6 +699,7 @@ class SMTPConnection:
         held: _Held | None = None,
         sent: _Held | None = None,
         budget: float | None = None,
+        idle: Callable[[], None] | None = None,
     ) -> dict[str, tuple[int, str]]:
         """MAIL → RCPT… → DATA → content; the refused recipients. The final reply is left.
 
@@ -702,7 +719,12 @@ class SMTPConnection:
             try:
                 with self._step(Step.MAIL):
                     early = pipelining.exchange(
-                        smtp, from_addr, recipients, options, before=int(held is not None)
+                        smtp,
+                        from_addr,
+                        recipients,
+                        options,
+                        before=int(held is not None),
+                        idle=idle,
                     )
             except TransportError as exc:
                 if held is not None:  # the envelope could not be written: nor read the reply
