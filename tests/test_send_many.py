@@ -348,3 +348,22 @@ def test_once_the_breaker_opens_mid_run_the_rest_fail_over_without_retrying(
     assert attempts == [2, 1, 1, 1]
     assert all(m.delivery_result.provider == "backup" for m in messages)
     assert len(backup.messages) == 4
+
+
+def test_recipients_put_off_with_452_get_their_own_transaction_in_a_run(scripted: Any) -> None:
+    conn, server = scripted(
+        (["250 sender ok", "250 ok", "452 4.5.3 too many recipients", "354 go"], "250 queued"),
+        (["250 sender ok", "250 ok", "354 go"], "250 queued"),  # the one put off, again
+        OK,
+    )
+    messages = [
+        ("a@example.com", ["r0@example.com", "late@example.com"], MESSAGE),
+        ("a@example.com", ["r1@example.com"], MESSAGE),
+    ]
+
+    outcomes = conn.send_many(messages)
+
+    assert outcomes == [{}, {}]
+    rcpts = [line for line in server.log if line[:4].upper() == b"RCPT"]
+    assert rcpts[2].lower() == b"rcpt to:<late@example.com>\r\n"
+    assert conn.messages_sent == 3
