@@ -41,6 +41,7 @@ from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.retry import RetryPolicy
 from robust_mail.signals import emit, message_sent, provider_failed
 from robust_mail.state import get_breaker
+from robust_mail.transactions import Outcome
 from robust_mail.transport import SMTPConnection, cut_by_deadline, incapable
 
 __all__ = ["DeliveryResult", "DeliveryStatus", "Dispatcher", "pin_message"]
@@ -83,9 +84,6 @@ class _Attempts:
     any_skipped: bool = False
     last_step: str = ""
 
-
-#: What one attempt of a send on one connection ended with (see ``SMTPConnection.send_many``).
-Outcome = dict[str, tuple[int, str]] | TransportError
 
 T = TypeVar("T")
 
