@@ -179,13 +179,19 @@ class Worker:
         def record(index: int, outcome: outbox_delivery.Outcome) -> None:
             # As soon as it is decided, while the rest of the run is still being sent: a
             # crash then loses (and sends again) as few outcomes as without runs. A full
-            # recorder (the database is slow or down) must not stall a run mid-session,
-            # with a reply owed: those outcomes wait for the end of the run.
+            # recorder or a database outage must not stall a run mid-session, with a reply
+            # owed (the server would time out): those outcomes wait for the end of the run.
             item = (held, rows[index], outcome, counts)
-            if self._recorder is None:
-                self._record_group([item])
-            elif late or not self._recorder.offer(item):
+            if late:
                 late.append(item)
+            elif self._recorder is not None:
+                if not self._recorder.offer(item):
+                    late.append(item)
+            else:
+                try:
+                    self._record_group([item], patient=False)
+                except (OperationalError, InterfaceError):
+                    late.append(item)
 
         outcomes = outbox_delivery.attempt_many(
             rows,
@@ -195,22 +201,30 @@ class Worker:
             proceed=lambda: not self._stop.is_set(),
             on_outcome=record,
         )
-        for item in late:
-            self._recorder.put(item)  # type: ignore[union-attr]  # late only with a recorder
+        if self._recorder is None:
+            if late:
+                self._record_group(late)
+        else:
+            for item in late:
+                self._recorder.put(item)
         untried = [row for row, outcome in zip(rows, outcomes, strict=True) if outcome is None]
         if untried:
             self._release(held, untried, counts)
 
-    def _record_group(self, group: list[Any]) -> None:
+    def _record_group(self, group: list[Any], *, patient: bool = True) -> None:
         """Write the outcomes of ``group`` (one claim's); count each as written or lost.
 
         A row the database refuses outright (not an outage) must not cost the rest of the
         group its outcome: then each is written on its own, and only that one is lost (its
-        lease expires and it is tried again, flagged ambiguous).
+        lease expires and it is tried again, flagged ambiguous). Not ``patient``: an
+        outage is raised at once instead of waited out.
         """
         try:
-            written = self._write(group)
-        except Exception:
+            written = self._write(group, patient=patient)
+        except Exception as exc:
+            if isinstance(exc, OperationalError | InterfaceError) and not patient:
+                _drop_connections()
+                raise
             if len(group) == 1:
                 logger.exception("outbox message %s: outcome not recorded", group[0][1].pk)
                 written = [False]
@@ -222,8 +236,9 @@ class Worker:
             for (_, _, outcome, counts), ok in zip(group, written, strict=True):
                 counts[_KINDS[outcome.status] if ok else "lost"] += 1
 
-    def _write(self, group: list[Any]) -> list[bool]:
-        """``record_many`` for ``group``, retried through outages while the lease lasts.
+    def _write(self, group: list[Any], *, patient: bool = True) -> list[bool]:
+        """``record_many`` for ``group``, retried through outages while the lease lasts
+        (not ``patient``: an outage is raised).
 
         After the lease another worker owns the rows and the writes would be fenced off
         anyway.
@@ -235,6 +250,8 @@ class Worker:
             try:
                 return outbox_delivery.record_many(held, outcomes)
             except (OperationalError, InterfaceError) as exc:
+                if not patient:
+                    raise
                 lease_until = row.lease_until
                 if lease_until is None or self.clock() >= lease_until:
                     logger.error(

@@ -139,3 +139,55 @@ def test_worker_survives_losing_the_database_and_resumes(tmp_path: Path, smtp_se
         assert set(received) == set(first + second) and set(received.values()) == {1}
     finally:
         own.cleanup()
+
+
+def test_database_lost_in_the_middle_of_a_run_costs_no_outcome(
+    tmp_path: Path, smtp_server: Any, pg: PostgresServer
+) -> None:
+    # A one-thread worker records each outcome as the run goes. When the third message
+    # reaches the server, the worker's database session is killed: its outcome cannot be
+    # written at once, and waiting the outage out mid-run would leave a reply owed on the
+    # SMTP session. The outcomes from there on are written when the run ends (still
+    # "sending" when the last message arrives); nothing is lost or sent twice.
+    import psycopg
+
+    killed: list[int] = []
+    at_last: list[dict[str, str]] = []
+
+    def statuses() -> dict[str, str]:
+        with psycopg.connect(**pg.connect_kwargs(dbname)) as conn:
+            rows = conn.execute("SELECT subject, status FROM robust_mail_outboxmessage")
+            return dict(rows.fetchall())
+
+    def on_message(received: Any) -> None:
+        subject = received.message["Subject"]
+        if subject == "m2":
+            with psycopg.connect(**pg.connect_kwargs(dbname), autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (dbname,),
+                ).fetchall()
+            killed.append(len(rows))
+        elif subject == "m5":
+            at_last.append(statuses())
+
+    server = smtp_server(pipelining=True, on_message=on_message)
+    project, dbname = make_project(tmp_path, pg, server)
+    ids = project.enqueue(6)
+
+    code, _, err = finish(project.worker("--once"), timeout=120)
+
+    assert code == 0, err
+    assert killed == [1]  # the worker's one session was there, and was killed
+    assert at_last[0]["m0"] == "sent"  # recorded while the run went on
+    # m2's outcome is known only after the server answered it, by then the session was
+    # killed: it, and what follows, wait for the end of the run. (m1's write races the
+    # kill.)
+    assert at_last[0]["m2"] == "sending"
+    received = Counter(m.message_id for m in server.messages)
+    assert set(received) == set(ids) and set(received.values()) == {1}
+    rows = pg_rows(pg, dbname)
+    assert {status for _, status, _, _ in rows} == {"sent"}
+    assert not any(ambiguous for _, _, _, ambiguous in rows)
+    assert "not recorded" not in err
