@@ -163,7 +163,11 @@ class Dispatcher:
         def done(index: int, result: DeliveryResult | Exception) -> None:
             results[index] = result
             if on_result is not None:
-                on_result(index, result)
+                try:
+                    on_result(index, result)
+                except Exception:
+                    # The caller's problem; the result stays in the returned list.
+                    logger.exception("message %s: on_result raised; ignored", index)
 
         envelopes: dict[int, Envelope] = {}
         for index, (message, rendered) in enumerate(messages):
@@ -180,16 +184,25 @@ class Dispatcher:
                 done(index, self._conclude(messages[index][0], limited))
 
         def finish(index: int, first: _First | None) -> None:
-            message = messages[index][0]
+            message, envelope = messages[index][0], envelopes[index]
             # Its own DEADLINE, as if it had come alone: what its first attempt took counts,
             # the time spent on the other messages of the run does not.
             deadline = self.clock() + self.config.retry.deadline - (first.seconds if first else 0)
+            result: DeliveryResult | Exception
             try:
-                result: DeliveryResult | Exception = self._conclude(
-                    message, self._deliver(message, envelopes[index], deadline, first=first)
-                )
+                result = self._deliver(message, envelope, deadline, first=first)
             except Exception as exc:
                 result = exc
+                if first is not None and isinstance(first.outcome, dict):
+                    # The provider has the message; what failed after is our bookkeeping.
+                    # Reporting an error would get it sent again.
+                    logger.exception("message %s: after it was accepted", envelope.message_id)
+                    result = _accepted_in_run(self.config.providers[0], envelope, first.outcome)
+            if isinstance(result, DeliveryResult):
+                try:
+                    self._conclude(message, result)
+                except Exception:
+                    logger.exception("message %s: reporting it failed", envelope.message_id)
             done(index, result)
 
         firsts = self._first_attempts(
@@ -601,6 +614,20 @@ class Dispatcher:
         )
         message.delivery_result = result  # type: ignore[attr-defined]
         return result
+
+
+def _accepted_in_run(
+    provider: ProviderConfig, envelope: Envelope, refused: dict[str, tuple[int, str]]
+) -> DeliveryResult:
+    """The result of a message its first attempt delivered, built with nothing that could
+    fail again (no metrics, breaker or signal)."""
+    return DeliveryResult(
+        DeliveryStatus.PARTIAL if refused else DeliveryStatus.SENT,
+        envelope.message_id,
+        provider=provider.name,
+        attempts=1,
+        refused=refused,
+    )
 
 
 #: Steps whose provider-fatal failure says the provider cannot send for us at all.

@@ -73,12 +73,14 @@ def exchange(
     *,
     before: int = 0,
     idle: Callable[[], None] | None = None,
+    resume: Callable[[], None] | None = None,
 ) -> Replies:
     """Send MAIL, every RCPT and DATA in one write; return their replies.
 
     ``before`` replies still owed for what was written earlier are read first (into
-    :attr:`Replies.before`). ``idle()`` is called between the write and the first read:
-    work done there costs no time on the wire.
+    :attr:`Replies.before`), then ``resume()`` is called (the transport moves on to this
+    message's deadline there). ``idle()`` is called between the write and the first
+    read: work done there costs no time on the wire.
 
     Once a reply is ``421`` (the server is closing the session) the rest are not
     awaited: each is reported as that same ``421``. When the server accepted DATA
@@ -109,6 +111,8 @@ def exchange(
             for _ in range(read):
                 last = last if last and last[0] == _CLOSING else smtp.getreply()
                 into.append(last)
+            if into is replies.before and resume is not None:
+                resume()
     except OSError as exc:  # smtplib's disconnects and timeouts are OSErrors too
         replies.error = exc
         return replies

@@ -164,11 +164,25 @@ class Transactions:
             unreported.append(index)
 
         def report() -> None:
-            # Called while a pipelined write is on its way: the caller's work on earlier
-            # outcomes (recording them) overlaps the round trip instead of delaying it.
             while unreported and on_outcome is not None:
                 index = unreported.pop(0)
-                on_outcome(index, outcomes[index])  # type: ignore[arg-type]
+                try:
+                    on_outcome(index, outcomes[index])  # type: ignore[arg-type]
+                except Exception:
+                    # The caller's problem, not the session's: it must not break a run
+                    # with replies owed. The outcome stays in the returned list.
+                    logger.exception("%s: on_outcome raised; ignored", self.provider.name)
+
+        def idle() -> None:
+            # Called while a pipelined write is on its way: the caller's work on earlier
+            # outcomes (recording them) overlaps the round trip instead of delaying it.
+            # That time is the caller's, not the server's: the held message's clock,
+            # which bounds reading its reply, is moved on by it.
+            began = time.monotonic()
+            report()
+            if held is not None and held.deadline is not None and smtp is not None:
+                held.deadline += time.monotonic() - began
+                smtp.deadline = held.deadline
 
         smtp = self._smtp
         held: Held | None = None
@@ -180,8 +194,6 @@ class Transactions:
                     report()  # no pipelined write to overlap with: report now
                 if proceed is not None and not proceed():
                     break
-                started = time.monotonic()
-                deadline = None if budget is None else started + budget
                 try:
                     recipients = list(recipients)
                     options = self._mail_options(smtp, from_addr, recipients, data)
@@ -197,6 +209,8 @@ class Transactions:
                     held = None
                     if not self.is_open:
                         break
+                started = time.monotonic()
+                deadline = None if budget is None else started + budget
                 sent = Held(index, recipients, {}, len(data), started, deadline)
                 # The previous message's final reply is read under its own deadline.
                 smtp.deadline = held.deadline if held is not None else deadline
@@ -211,7 +225,7 @@ class Transactions:
                         held=held,
                         sent=sent,
                         budget=budget,
-                        idle=report,
+                        idle=idle,
                     )
                 except TransportError as exc:
                     if held is not None:
@@ -339,10 +353,16 @@ class Transactions:
         failure at MAIL: no content has been sent. ``held``: a message whose final reply
         is still owed (pipelining only); it is read after this envelope is written, and
         its outcome put in ``held.outcome`` whatever happens here. Only then does the
-        ``budget`` of this message (``sent``) start: until that reply came, the server was
-        busy with the previous message, not with this one.
+        ``budget`` of this message (``sent``) start, and its replies are read under it:
+        until that reply came, the server was busy with the previous message.
         """
         early: pipelining.Replies | None = None
+
+        def resume() -> None:  # the previous message's reply is in: this one's turn
+            if sent is not None and budget is not None:
+                sent.deadline = time.monotonic() + budget
+            smtp.deadline = sent.deadline if sent is not None else None
+
         if held is not None or (
             smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
         ):
@@ -355,6 +375,7 @@ class Transactions:
                         options,
                         before=int(held is not None),
                         idle=idle,
+                        resume=resume if held is not None else None,
                     )
             except TransportError as exc:
                 if held is not None:  # the envelope could not be written: nor read the reply
@@ -363,9 +384,6 @@ class Transactions:
             if held is not None:
                 final = early.before[0] if early.before else None
                 held.outcome = self._held_outcome(smtp, held, final, early.error)
-                if sent is not None and budget is not None:
-                    sent.deadline = time.monotonic() + budget
-                smtp.deadline = sent.deadline if sent is not None else None
 
         try:
             with self._step(Step.MAIL):

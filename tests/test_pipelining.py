@@ -69,3 +69,44 @@ def test_a_drop_while_ending_an_abandoned_data_phase_keeps_the_refusal(scripted:
     assert refused.value.step is Step.RCPT
     assert refused.value.refused == {"nobody@example.com": (550, "5.1.1 no such user")}
     assert not conn.is_open
+
+
+class _Recording:
+    """Just enough of smtplib.SMTP for exchange(): it records what it is asked to do."""
+
+    command_encoding = "ascii"
+
+    def __init__(self, replies: list[tuple[int, bytes]], log: list[str]) -> None:
+        self.replies = replies
+        self.log = log
+
+    def send(self, data: str) -> None:
+        self.log.append(f"write {data.count(chr(10))} commands")
+
+    def getreply(self) -> tuple[int, bytes]:
+        self.log.append("read")
+        return self.replies.pop(0)
+
+
+def test_work_between_runs_happens_after_the_write_and_the_next_deadline_after_the_owed_reply():
+    # The order the transport relies on, which no server can observe: the envelope is
+    # written first, then idle() (the caller's bookkeeping) runs while it travels, then
+    # the reply owed for the previous message is read, then resume() switches to this
+    # message's deadline, then this envelope's replies are read.
+    from robust_mail import pipelining
+
+    log: list[str] = []
+    smtp = _Recording([(250, b"queued"), (250, b"ok"), (250, b"ok"), (354, b"go")], log)
+
+    replies = pipelining.exchange(
+        smtp,  # type: ignore[arg-type]
+        "a@example.com",
+        ["b@example.com"],
+        [],
+        before=1,
+        idle=lambda: log.append("idle"),
+        resume=lambda: log.append("resume"),
+    )
+
+    assert log == ["write 3 commands", "idle", "read", "resume", "read", "read", "read"]
+    assert replies.before == [(250, b"queued")] and replies.data() == (354, b"go")

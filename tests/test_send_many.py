@@ -8,6 +8,7 @@ would have said of it alone.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -139,6 +140,31 @@ def test_each_message_of_a_run_has_its_own_time_budget(scripted: Any) -> None:
     outcomes = conn.send_many(batch(4), budget=0.5)
 
     assert outcomes == [{}, {}, {}, {}]
+
+
+def test_the_caller_s_slow_bookkeeping_is_not_charged_to_the_server(scripted: Any) -> None:
+    # Recording message 0 takes longer than the whole budget of one message. It happens
+    # while message 1's reply is owed: that reply's clock is moved on by it, so message 1
+    # is not cut short (ambiguous, then sent again) for time the server never had.
+    conn, _ = scripted(OK, OK, OK, withhold=True)
+
+    def slow(index: int, outcome: Any) -> None:
+        if index == 0:
+            time.sleep(0.4)
+
+    outcomes = conn.send_many(batch(3), budget=0.3, on_outcome=slow)
+
+    assert outcomes == [{}, {}, {}]
+
+
+def test_a_failing_on_outcome_does_not_break_the_run(scripted: Any) -> None:
+    conn, _ = scripted(OK, OK, OK, withhold=True)
+
+    def broken(index: int, outcome: Any) -> None:
+        raise ValueError("the caller's bug")
+
+    assert conn.send_many(batch(3), on_outcome=broken) == [{}, {}, {}]
+    assert conn.reusable and conn.messages_sent == 3
 
 
 def test_each_outcome_is_reported_while_the_run_goes_on(scripted: Any) -> None:

@@ -169,29 +169,37 @@ def test_worker_command_rejects_an_unknown_mailer() -> None:
         call_command("robust_mail_worker", "--once", "--mailer", "nope")
 
 
+@pytest.mark.parametrize("accepted", [False, True], ids=["refused", "accepted"])
 def test_one_message_s_unexpected_error_costs_only_that_message(
-    smtp_server: Any, robust: Any, monkeypatch: pytest.MonkeyPatch
+    smtp_server: Any, robust: Any, monkeypatch: pytest.MonkeyPatch, accepted: bool
 ) -> None:
-    # A bug or a broken environment hit while delivering one message of a run (here: a
-    # patched-in error for one subject) defers that row; the rest of the run is sent and
-    # recorded as usual.
+    # A bug or a broken environment hit while settling one message of a run (a
+    # patched-in error for one subject: nothing real raises there). The rest of the run
+    # is sent and recorded as usual. That message is deferred if the server had refused
+    # it; if the server had accepted it, it is recorded sent, never sent again.
     from robust_mail.dispatch import Dispatcher
 
-    server = smtp_server(pipelining=True)
+    refused = () if accepted else ("r2@example.com",)
+    server = smtp_server(pipelining=True, refuse_recipients=refused)
     robust([provider(server, "only")])
     queue(4)
-    original = Dispatcher._conclude
+    original = Dispatcher._deliver
 
-    def conclude(self: Dispatcher, message: Any, result: Any) -> Any:
+    def deliver(self: Dispatcher, message: Any, *args: Any, **kwargs: Any) -> Any:
         if message.subject == "n2":
             raise RuntimeError("something broke")
-        return original(self, message, result)
+        return original(self, message, *args, **kwargs)
 
-    monkeypatch.setattr(Dispatcher, "_conclude", conclude)
+    monkeypatch.setattr(Dispatcher, "_deliver", deliver)
 
     stats = Worker(once=True, batch=4, report=lambda line: None).run()
 
-    assert (stats.sent, stats.retried) == (3, 1)
     broken = OutboxMessage.objects.get(subject="n2")
-    assert broken.status == "queued" and "RuntimeError: something broke" in broken.last_error
-    assert OutboxMessage.objects.filter(status="sent").count() == 3
+    if accepted:
+        assert (stats.sent, stats.retried) == (4, 0)
+        assert broken.status == "sent" and not broken.ambiguous
+        assert len(server.messages) == 4
+    else:
+        assert (stats.sent, stats.retried) == (3, 1)
+        assert broken.status == "queued" and "RuntimeError: something broke" in broken.last_error
+        assert len(server.messages) == 3
