@@ -3,7 +3,8 @@
 :meth:`Dispatcher.deliver` never applies a fallback and never raises for a
 delivery failure: it returns a :class:`DeliveryResult` whose status says what
 happened. The backend, the service and the outbox decide what to do with a
-FAILED or DEFERRED result.
+FAILED or DEFERRED result. Several messages at once: :meth:`Dispatcher.deliver_many`
+(:mod:`robust_mail.runs`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import smtplib
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -39,9 +40,9 @@ from robust_mail.ratelimit import check_message_rates
 from robust_mail.resolver import Resolver
 from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.retry import RetryPolicy
+from robust_mail.runs import First, Runs
 from robust_mail.signals import emit, message_sent, provider_failed
 from robust_mail.state import get_breaker
-from robust_mail.transactions import Outcome
 from robust_mail.transport import SMTPConnection, cut_by_deadline, incapable
 
 __all__ = ["DeliveryResult", "DeliveryStatus", "Dispatcher", "pin_message"]
@@ -88,20 +89,7 @@ class _Attempts:
 T = TypeVar("T")
 
 
-@dataclass
-class _First:
-    """A first attempt made already: its outcome, and its share of the time it took."""
-
-    outcome: Outcome | PoolTimeout
-    seconds: float
-
-    def unwrap(self) -> dict[str, tuple[int, str]]:
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return self.outcome
-
-
-class Dispatcher:
+class Dispatcher(Runs):
     """Delivers messages through the configured providers, in order."""
 
     def __init__(
@@ -138,86 +126,6 @@ class Dispatcher:
         result = self._rate_limited(envelope) or self._deliver(message, envelope, deadline)
         return self._conclude(message, result)
 
-    def deliver_many(
-        self,
-        messages: Sequence[tuple[EmailMessage, bytes | None]],
-        *,
-        proceed: Callable[[], bool] | None = None,
-        on_result: Callable[[int, DeliveryResult | Exception], None] | None = None,
-    ) -> list[DeliveryResult | Exception | None]:
-        """Deliver several ``(message, rendered)``; for each, what :meth:`deliver` would
-        return or raise (:class:`InvalidMessage`, or any other exception, which stops
-        only that message) — or None when ``proceed()`` (asked before each message is
-        first sent) returned False: that message was left alone.
-
-        The messages' first attempt at the first provider, when it is an SMTP server
-        whose breaker is closed, goes over one pooled connection with
-        :meth:`SMTPConnection.send_many` (one round trip per message where the server
-        pipelines). Each message then goes on from its own outcome as in :meth:`deliver`
-        — retries, failover, classification, breaker reports — with its own deadline.
-        ``on_result(index, result)`` is called as soon as each result is known: a message
-        accepted at once is reported while the run is still going.
-        """
-        results: list[DeliveryResult | Exception | None] = [None] * len(messages)
-
-        def done(index: int, result: DeliveryResult | Exception) -> None:
-            results[index] = result
-            if on_result is not None:
-                try:
-                    on_result(index, result)
-                except Exception:
-                    # The caller's problem; the result stays in the returned list.
-                    logger.exception("message %s: on_result raised; ignored", index)
-
-        envelopes: dict[int, Envelope] = {}
-        for index, (message, rendered) in enumerate(messages):
-            try:
-                envelopes[index] = build_envelope(message, data=rendered)
-            except InvalidMessage as exc:
-                done(index, exc)
-        admitted: list[int] = []
-        for index, envelope in envelopes.items():
-            limited = self._rate_limited(envelope)
-            if limited is None:
-                admitted.append(index)
-            else:
-                done(index, self._conclude(messages[index][0], limited))
-
-        def finish(index: int, first: _First | None) -> None:
-            message, envelope = messages[index][0], envelopes[index]
-            # Its own DEADLINE, as if it had come alone: what its first attempt took counts,
-            # the time spent on the other messages of the run does not.
-            deadline = self.clock() + self.config.retry.deadline - (first.seconds if first else 0)
-            result: DeliveryResult | Exception
-            try:
-                result = self._deliver(message, envelope, deadline, first=first)
-            except Exception as exc:
-                result = exc
-                if first is not None and isinstance(first.outcome, dict):
-                    # The provider has the message; what failed after is our bookkeeping.
-                    # Reporting an error would get it sent again.
-                    logger.exception("message %s: after it was accepted", envelope.message_id)
-                    result = _accepted_in_run(self.config.providers[0], envelope, first.outcome)
-            if isinstance(result, DeliveryResult):
-                try:
-                    self._conclude(message, result)
-                except Exception:
-                    logger.exception("message %s: reporting it failed", envelope.message_id)
-            done(index, result)
-
-        firsts = self._first_attempts(
-            [envelopes[i] for i in admitted],
-            proceed,
-            accepted=lambda position, first: finish(admitted[position], first),
-        )
-        for index, first in zip(admitted, firsts, strict=True):
-            if results[index] is not None:
-                continue  # accepted in the run, already finished
-            if first is None and proceed is not None and not proceed():
-                continue
-            finish(index, first)
-        return results
-
     # -- internals ------------------------------------------------------------------------
 
     def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
@@ -244,67 +152,6 @@ class Dispatcher:
             )
         return None
 
-    def _first_attempts(
-        self,
-        envelopes: list[Envelope],
-        proceed: Callable[[], bool] | None,
-        *,
-        accepted: Callable[[int, _First], None],
-    ) -> list[_First | None]:
-        """The first provider's answer to each envelope, sent on one connection.
-
-        ``accepted(position, first)`` is called for each message the provider accepts, as
-        soon as it does. None for a message not attempted: the run stopped before it (its
-        session closed after an earlier failure, or ``proceed()`` said stop), or there is
-        no run (fewer than two messages; the first provider is a mailer alias or its
-        breaker is not closed, where each message must ask the breaker itself).
-        """
-        providers = self.config.providers
-        if len(envelopes) < 2 or not providers or providers[0].mailer:
-            return [None] * len(envelopes)
-        provider = providers[0]
-        if not self._closed(provider):
-            return [None] * len(envelopes)
-        items = [(e.from_addr, list(e.recipients), e.data) for e in envelopes]
-        started = time.perf_counter()
-
-        def first(position: int, outcome: Outcome | PoolTimeout) -> _First:
-            return _First(outcome, (time.perf_counter() - started) / (position + 1))
-
-        def on_outcome(position: int, outcome: Outcome) -> None:
-            if not isinstance(outcome, TransportError):
-                accepted(position, first(position, outcome))
-
-        def send(conn: SMTPConnection, until: float) -> list[Outcome | None]:
-            # POOL.MAX_MESSAGES holds for a run too: the rest go out on their own afterwards.
-            room = len(items)
-            if self.config.pool.max_messages:
-                room = max(1, self.config.pool.max_messages - conn.messages_sent)
-            outcomes: list[Outcome | None] = [
-                *conn.send_many(
-                    items[:room],
-                    budget=self.config.retry.deadline,
-                    proceed=proceed,
-                    on_outcome=on_outcome,
-                ),
-                *[None] * (len(items) - room),
-            ]
-            head = outcomes[0]
-            if isinstance(head, TransportError) and all(o is None for o in outcomes[1:]):
-                raise head  # so that a stale pooled connection is retried on a fresh one
-            return outcomes
-
-        deadline = self.clock() + self.config.retry.deadline  # for the connection itself
-        try:
-            outcomes: list[Outcome | PoolTimeout | None] = list(
-                self._on_connection(provider, deadline, send, last_chance=len(providers) == 1)
-            )
-        except (TransportError, PoolTimeout) as exc:
-            # No connection, or the first message failed and ended the session: that was
-            # the first message's attempt; the others have not been tried.
-            outcomes = [exc, *[None] * (len(envelopes) - 1)]
-        return [None if o is None else first(i, o) for i, o in enumerate(outcomes)]
-
     def _closed(self, provider: ProviderConfig) -> bool:
         return get_breaker(provider.name, self.config).state is BreakerState.CLOSED
 
@@ -314,7 +161,7 @@ class Dispatcher:
         envelope: Envelope,
         deadline: float,
         *,
-        first: _First | None = None,
+        first: First | None = None,
     ) -> DeliveryResult:
         """Through the providers in order. ``first``: the outcome of an attempt already
         made at the first provider (see :meth:`deliver_many`), which counts as its first."""
@@ -402,7 +249,7 @@ class Dispatcher:
         attempts: _Attempts,
         *,
         last_chance: bool = True,
-        first: _First | None = None,
+        first: First | None = None,
     ) -> dict[str, tuple[int, str]] | Classification:
         """Send through one provider with retries; the refused recipients, or why it failed.
 
@@ -614,20 +461,6 @@ class Dispatcher:
         )
         message.delivery_result = result  # type: ignore[attr-defined]
         return result
-
-
-def _accepted_in_run(
-    provider: ProviderConfig, envelope: Envelope, refused: dict[str, tuple[int, str]]
-) -> DeliveryResult:
-    """The result of a message its first attempt delivered, built with nothing that could
-    fail again (no metrics, breaker or signal)."""
-    return DeliveryResult(
-        DeliveryStatus.PARTIAL if refused else DeliveryStatus.SENT,
-        envelope.message_id,
-        provider=provider.name,
-        attempts=1,
-        refused=refused,
-    )
 
 
 #: Steps whose provider-fatal failure says the provider cannot send for us at all.

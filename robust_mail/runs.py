@@ -1,0 +1,238 @@
+"""Runs: several messages' first attempts on one connection, then each on its own.
+
+:class:`Runs` is a mixin of :class:`~robust_mail.dispatch.Dispatcher` holding
+``deliver_many``: the first attempt of every message at the first provider goes out in one
+pipelined run (:meth:`SMTPConnection.send_many <robust_mail.transport.SMTPConnection>`),
+and each message then goes on from its own outcome as a lone ``deliver()`` would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from django.core.mail import EmailMessage
+
+from robust_mail.envelope import Envelope, build_envelope
+from robust_mail.exceptions import InvalidMessage, TransportError
+from robust_mail.pool import PoolTimeout
+from robust_mail.results import DeliveryResult, DeliveryStatus
+from robust_mail.transactions import Outcome
+
+if TYPE_CHECKING:
+    from robust_mail.conf import RobustMailConfig
+    from robust_mail.providers import ProviderConfig
+    from robust_mail.transport import SMTPConnection
+
+__all__ = ["First", "Runs"]
+
+logger = logging.getLogger("robust_mail")
+
+T = TypeVar("T")
+
+
+@dataclass
+class First:
+    """A first attempt made already: its outcome, and its share of the time it took."""
+
+    outcome: Outcome | PoolTimeout
+    seconds: float
+
+    def unwrap(self) -> dict[str, tuple[int, str]]:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class Runs:
+    """``deliver_many`` for :class:`~robust_mail.dispatch.Dispatcher`, which provides the rest."""
+
+    config: RobustMailConfig
+    clock: Callable[[], float]
+
+    def _rate_limited(self, envelope: Envelope) -> DeliveryResult | None:
+        raise NotImplementedError
+
+    def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
+        raise NotImplementedError
+
+    def _deliver(
+        self,
+        message: EmailMessage,
+        envelope: Envelope,
+        deadline: float,
+        *,
+        first: First | None = None,
+    ) -> DeliveryResult:
+        raise NotImplementedError
+
+    def _closed(self, provider: ProviderConfig) -> bool:
+        raise NotImplementedError
+
+    def _on_connection(
+        self,
+        provider: ProviderConfig,
+        deadline: float,
+        send: Callable[[SMTPConnection, float], T],
+        *,
+        last_chance: bool,
+    ) -> T:
+        raise NotImplementedError
+
+    def deliver_many(
+        self,
+        messages: Sequence[tuple[EmailMessage, bytes | None]],
+        *,
+        proceed: Callable[[], bool] | None = None,
+        on_result: Callable[[int, DeliveryResult | Exception], None] | None = None,
+    ) -> list[DeliveryResult | Exception | None]:
+        """Deliver several ``(message, rendered)``; for each, what :meth:`deliver` would
+        return or raise (:class:`InvalidMessage`, or any other exception, which stops
+        only that message) — or None when ``proceed()`` (asked before each message is
+        first sent) returned False: that message was left alone.
+
+        The messages' first attempt at the first provider, when it is an SMTP server
+        whose breaker is closed, goes over one pooled connection with
+        :meth:`SMTPConnection.send_many` (one round trip per message where the server
+        pipelines). Each message then goes on from its own outcome as in :meth:`deliver`
+        — retries, failover, classification, breaker reports — with its own deadline.
+        ``on_result(index, result)`` is called as soon as each result is known: a message
+        accepted at once is reported while the run is still going.
+        """
+        results: list[DeliveryResult | Exception | None] = [None] * len(messages)
+
+        def done(index: int, result: DeliveryResult | Exception) -> None:
+            results[index] = result
+            if on_result is not None:
+                try:
+                    on_result(index, result)
+                except Exception:
+                    # The caller's problem; the result stays in the returned list.
+                    logger.exception("message %s: on_result raised; ignored", index)
+
+        envelopes: dict[int, Envelope] = {}
+        for index, (message, rendered) in enumerate(messages):
+            try:
+                envelopes[index] = build_envelope(message, data=rendered)
+            except InvalidMessage as exc:
+                done(index, exc)
+        admitted: list[int] = []
+        for index, envelope in envelopes.items():
+            limited = self._rate_limited(envelope)
+            if limited is None:
+                admitted.append(index)
+            else:
+                done(index, self._conclude(messages[index][0], limited))
+
+        def finish(index: int, first: First | None) -> None:
+            message, envelope = messages[index][0], envelopes[index]
+            # Its own DEADLINE, as if it had come alone: what its first attempt took counts,
+            # the time spent on the other messages of the run does not.
+            deadline = self.clock() + self.config.retry.deadline - (first.seconds if first else 0)
+            result: DeliveryResult | Exception
+            try:
+                result = self._deliver(message, envelope, deadline, first=first)
+            except Exception as exc:
+                result = exc
+                if first is not None and isinstance(first.outcome, dict):
+                    # The provider has the message; what failed after is our bookkeeping.
+                    # Reporting an error would get it sent again.
+                    logger.exception("message %s: after it was accepted", envelope.message_id)
+                    result = _accepted_in_run(self.config.providers[0], envelope, first.outcome)
+            if isinstance(result, DeliveryResult):
+                try:
+                    self._conclude(message, result)
+                except Exception:
+                    logger.exception("message %s: reporting it failed", envelope.message_id)
+            done(index, result)
+
+        firsts = self._first_attempts(
+            [envelopes[i] for i in admitted],
+            proceed,
+            accepted=lambda position, first: finish(admitted[position], first),
+        )
+        for index, first in zip(admitted, firsts, strict=True):
+            if results[index] is not None:
+                continue  # accepted in the run, already finished
+            if first is None and proceed is not None and not proceed():
+                continue
+            finish(index, first)
+        return results
+
+    def _first_attempts(
+        self,
+        envelopes: list[Envelope],
+        proceed: Callable[[], bool] | None,
+        *,
+        accepted: Callable[[int, First], None],
+    ) -> list[First | None]:
+        """The first provider's answer to each envelope, sent on one connection.
+
+        ``accepted(position, first)`` is called for each message the provider accepts, as
+        soon as it does. None for a message not attempted: the run stopped before it (its
+        session closed after an earlier failure, or ``proceed()`` said stop), or there is
+        no run (fewer than two messages; the first provider is a mailer alias or its
+        breaker is not closed, where each message must ask the breaker itself).
+        """
+        providers = self.config.providers
+        if len(envelopes) < 2 or not providers or providers[0].mailer:
+            return [None] * len(envelopes)
+        provider = providers[0]
+        if not self._closed(provider):
+            return [None] * len(envelopes)
+        items = [(e.from_addr, list(e.recipients), e.data) for e in envelopes]
+        started = time.perf_counter()
+
+        def first(position: int, outcome: Outcome | PoolTimeout) -> First:
+            return First(outcome, (time.perf_counter() - started) / (position + 1))
+
+        def on_outcome(position: int, outcome: Outcome) -> None:
+            if not isinstance(outcome, TransportError):
+                accepted(position, first(position, outcome))
+
+        def send(conn: SMTPConnection, until: float) -> list[Outcome | None]:
+            # POOL.MAX_MESSAGES holds for a run too: the rest go out on their own afterwards.
+            room = len(items)
+            if self.config.pool.max_messages:
+                room = max(1, self.config.pool.max_messages - conn.messages_sent)
+            outcomes: list[Outcome | None] = [
+                *conn.send_many(
+                    items[:room],
+                    budget=self.config.retry.deadline,
+                    proceed=proceed,
+                    on_outcome=on_outcome,
+                ),
+                *[None] * (len(items) - room),
+            ]
+            head = outcomes[0]
+            if isinstance(head, TransportError) and all(o is None for o in outcomes[1:]):
+                raise head  # so that a stale pooled connection is retried on a fresh one
+            return outcomes
+
+        deadline = self.clock() + self.config.retry.deadline  # for the connection itself
+        try:
+            outcomes: list[Outcome | PoolTimeout | None] = list(
+                self._on_connection(provider, deadline, send, last_chance=len(providers) == 1)
+            )
+        except (TransportError, PoolTimeout) as exc:
+            # No connection, or the first message failed and ended the session: that was
+            # the first message's attempt; the others have not been tried.
+            outcomes = [exc, *[None] * (len(envelopes) - 1)]
+        return [None if o is None else first(i, o) for i, o in enumerate(outcomes)]
+
+
+def _accepted_in_run(
+    provider: ProviderConfig, envelope: Envelope, refused: dict[str, tuple[int, str]]
+) -> DeliveryResult:
+    """The result of a message its first attempt delivered, built with nothing that could
+    fail again (no metrics, breaker or signal)."""
+    return DeliveryResult(
+        DeliveryStatus.PARTIAL if refused else DeliveryStatus.SENT,
+        envelope.message_id,
+        provider=provider.name,
+        attempts=1,
+        refused=refused,
+    )
