@@ -153,7 +153,7 @@ def attempt_many(
         decided(index, _decide(rows[index], messages[position], result, config, clock))
 
     try:
-        dispatcher.deliver_many(items, proceed=proceed, on_result=on_result)
+        results = dispatcher.deliver_many(items, proceed=proceed, on_result=on_result)
     except Exception as exc:
         # Not a delivery failure (those come back as results): a bug or a broken
         # environment. Retry on the schedule rather than stall or lose the messages.
@@ -162,6 +162,17 @@ def attempt_many(
             if outcomes[index] is None:
                 reason = f"{type(exc).__name__}: {exc}"
                 decided(index, _defer(rows[index], reason, None, config, clock(), None, message))
+        return outcomes
+    for position, result in enumerate(results):
+        index = to_send[position]
+        if result is not None and outcomes[index] is None:
+            # Delivered or not, its outcome could not be decided (a bug, logged where it
+            # happened). It may have been sent: never released as untried, but tried again
+            # flagged ambiguous.
+            reason = "its outcome could not be decided after delivery"
+            outcome = _defer(rows[index], reason, None, config, clock(), None, messages[position])
+            outcome.fields["ambiguous"] = True
+            decided(index, outcome)
     return outcomes
 
 

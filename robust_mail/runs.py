@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 from django.core.mail import EmailMessage
 
 from robust_mail.envelope import Envelope, build_envelope
-from robust_mail.exceptions import InvalidMessage, TransportError
+from robust_mail.exceptions import CapabilityMissing, InvalidMessage, TransportError
 from robust_mail.pool import PoolTimeout
 from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.transactions import Outcome
@@ -185,20 +185,20 @@ class Runs:
             return [None] * len(envelopes)
         items = [(e.from_addr, list(e.recipients), e.data) for e in envelopes]
         started = time.perf_counter()
+        spent: dict[int, float] = {}  # what each message's own attempt took
+        last: list[Outcome | None] = []  # the outcomes of the latest pass
 
-        def first(position: int, outcome: Outcome | PoolTimeout) -> First:
-            return First(outcome, (time.perf_counter() - started) / (position + 1))
-
-        def on_outcome(position: int, outcome: Outcome) -> None:
+        def on_outcome(position: int, outcome: Outcome, seconds: float) -> None:
+            spent[position] = seconds
             if not isinstance(outcome, TransportError):
-                accepted(position, first(position, outcome))
+                accepted(position, First(outcome, seconds))
 
         def send(conn: SMTPConnection, until: float) -> list[Outcome | None]:
             # POOL.MAX_MESSAGES holds for a run too: the rest go out on their own afterwards.
             room = len(items)
             if self.config.pool.max_messages:
                 room = max(1, self.config.pool.max_messages - conn.messages_sent)
-            outcomes: list[Outcome | None] = [
+            last[:] = [
                 *conn.send_many(
                     items[:room],
                     budget=self.config.retry.deadline,
@@ -207,10 +207,16 @@ class Runs:
                 ),
                 *[None] * (len(items) - room),
             ]
-            head = outcomes[0]
-            if isinstance(head, TransportError) and all(o is None for o in outcomes[1:]):
-                raise head  # so that a stale pooled connection is retried on a fresh one
-            return outcomes
+            # The first message that reached the server failed and ended the session: if the
+            # pooled connection had been closed while idle, the whole run goes again on a
+            # fresh one (nothing of any message was sent; those refused before any traffic
+            # are refused again).
+            lead = next((o for o in last if o is not None and not _before_traffic(o)), None)
+            if isinstance(lead, TransportError):
+                after = last[next(i for i, o in enumerate(last) if o is lead) + 1 :]
+                if all(o is None for o in after):
+                    raise lead
+            return list(last)
 
         deadline = self.clock() + self.config.retry.deadline  # for the connection itself
         try:
@@ -218,10 +224,22 @@ class Runs:
                 self._on_connection(provider, deadline, send, last_chance=len(providers) == 1)
             )
         except (TransportError, PoolTimeout) as exc:
-            # No connection, or the first message failed and ended the session: that was
-            # the first message's attempt; the others have not been tried.
-            outcomes = [exc, *[None] * (len(envelopes) - 1)]
-        return [None if o is None else first(i, o) for i, o in enumerate(outcomes)]
+            if any(o is exc for o in last):
+                outcomes = list(last)  # the run's own failure, not a stale connection
+            else:
+                # No connection: that was the first message's attempt; no other was tried.
+                outcomes = [exc, *[None] * (len(envelopes) - 1)]
+                spent[0] = time.perf_counter() - started
+        return [None if o is None else First(o, spent.get(i, 0.0)) for i, o in enumerate(outcomes)]
+
+
+def _before_traffic(outcome: Outcome) -> bool:
+    """Refused by our own checks before anything was sent (an address, SIZE, SMTPUTF8)."""
+    return (
+        isinstance(outcome, TransportError)
+        and outcome.code is None
+        and isinstance(outcome.cause, InvalidMessage | CapabilityMissing)
+    )
 
 
 def _accepted_in_run(

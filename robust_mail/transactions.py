@@ -141,7 +141,7 @@ class Transactions:
         *,
         budget: float | None = None,
         proceed: Callable[[], bool] | None = None,
-        on_outcome: Callable[[int, Outcome], None] | None = None,
+        on_outcome: Callable[[int, Outcome, float], None] | None = None,
     ) -> list[Outcome | None]:
         """Send ``(from_addr, recipients, data)`` messages in turn; one outcome for each.
 
@@ -150,24 +150,25 @@ class Transactions:
         the session closed (after an earlier failure) or ``proceed()`` returned False
         before its turn: nothing of it was sent. ``budget``: seconds each message may
         take from its turn on, as ``deadline`` bounds :meth:`send`. ``on_outcome(index,
-        outcome)`` is called as soon as each outcome is known.
+        outcome, seconds)`` is called soon after each outcome is known, with the time that
+        message took from its turn (when the server was done with the one before).
 
         With PIPELINING, the reply to each message's final dot is read after the next
         message's envelope is written: one round trip per message instead of two (see
         :mod:`robust_mail.pipelining`).
         """
         outcomes: list[Outcome | None] = [None] * len(messages)
-        unreported: list[int] = []
+        unreported: list[tuple[int, float]] = []
 
-        def settle(index: int, outcome: Outcome) -> None:
+        def settle(index: int, outcome: Outcome, started: float) -> None:
             outcomes[index] = outcome
-            unreported.append(index)
+            unreported.append((index, time.monotonic() - started))
 
         def report() -> None:
             while unreported and on_outcome is not None:
-                index = unreported.pop(0)
+                index, seconds = unreported.pop(0)
                 try:
-                    on_outcome(index, outcomes[index])  # type: ignore[arg-type]
+                    on_outcome(index, outcomes[index], seconds)  # type: ignore[arg-type]
                 except Exception:
                     # The caller's problem, not the session's: it must not break a run
                     # with replies owed. The outcome stays in the returned list.
@@ -194,18 +195,19 @@ class Transactions:
                     report()  # no pipelined write to overlap with: report now
                 if proceed is not None and not proceed():
                     break
+                turn = time.monotonic()
                 try:
                     recipients = list(recipients)
                     options = self._mail_options(smtp, from_addr, recipients, data)
                 except TransportError as exc:
-                    settle(index, exc)
+                    settle(index, exc, turn)
                     continue
                 wire = _wire_data(data)
                 chained = (
                     smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
                 )
                 if held is not None and not chained:
-                    settle(held.index, self._end_held(smtp, held))
+                    settle(held.index, self._end_held(smtp, held), held.started)
                     held = None
                     if not self.is_open:
                         break
@@ -229,12 +231,12 @@ class Transactions:
                     )
                 except TransportError as exc:
                     if held is not None:
-                        settle(held.index, held.result())
+                        settle(held.index, held.result(), held.started)
                         held = None
-                    settle(index, exc)
+                    settle(index, exc, sent.started)
                     continue
                 if held is not None:
-                    settle(held.index, held.result())
+                    settle(held.index, held.result(), held.started)
                     held = None
                 if chained and not any(400 <= code < 500 for code, _ in sent.refused.values()):
                     held = sent
@@ -246,12 +248,12 @@ class Transactions:
                         smtp, from_addr, recipients, sent.refused, data, wire, options
                     )
                 except TransportError as exc:
-                    settle(index, exc)
+                    settle(index, exc, sent.started)
                 else:
-                    settle(index, rest)
+                    settle(index, rest, sent.started)
             if held is not None and smtp is not None:
                 smtp.deadline = held.deadline
-                settle(held.index, self._end_held(smtp, held))
+                settle(held.index, self._end_held(smtp, held), held.started)
         except Exception:
             # Not a failure of the session (those are outcomes): whatever broke, replies
             # may be owed on it, so it must not be used again.
@@ -359,9 +361,12 @@ class Transactions:
         early: pipelining.Replies | None = None
 
         def resume() -> None:  # the previous message's reply is in: this one's turn
-            if sent is not None and budget is not None:
-                sent.deadline = time.monotonic() + budget
+            if sent is not None:
+                sent.started = time.monotonic()
+                if budget is not None:
+                    sent.deadline = sent.started + budget
             smtp.deadline = sent.deadline if sent is not None else None
+            smtp.cut_short = False
 
         if held is not None or (
             smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
@@ -378,12 +383,21 @@ class Transactions:
                         resume=resume if held is not None else None,
                     )
             except TransportError as exc:
-                if held is not None:  # the envelope could not be written: nor read the reply
-                    held.outcome = self._held_outcome(smtp, held, None, exc.cause)
-                raise
+                if held is None:
+                    raise
+                # The envelope could not be written, so nor could the owed reply be read:
+                # the held message's outcome is that failure (under its own deadline). This
+                # message was not under way yet: a plain, transient failure at MAIL.
+                held.outcome = self._held_outcome(smtp, held, None, exc.cause)
+                lost = smtplib.SMTPServerDisconnected(
+                    "the session failed before this message's envelope was sent"
+                )
+                raise TransportError(Step.MAIL, lost, provider=self.provider.name) from exc
             if held is not None:
                 final = early.before[0] if early.before else None
                 held.outcome = self._held_outcome(smtp, held, final, early.error)
+                if not early.before:
+                    resume()  # a failure reading it is not this message's deadline either
 
         try:
             with self._step(Step.MAIL):

@@ -10,10 +10,11 @@ With several threads, outcomes are written by one recorder thread that commits
 whatever has finished since its last commit in one transaction (a group commit):
 under load, one commit serves many messages instead of the sending threads queueing
 for the database's write lock one message at a time; when idle, each outcome is
-written as soon as it is known. At most ``4 x concurrency`` outcomes wait for the
-recorder (the sending threads pause when it falls behind, as during a database
-outage), so a crash loses at most those and the messages in flight: they are sent
-again after their lease, flagged ambiguous.
+written as soon as it is known. At most ``4 x concurrency`` outcomes wait in the
+recorder's queue; when it is full (the database slow or down), a thread keeps the
+outcomes of its run until the run ends, then waits for room (it never waits in the
+middle of a run, with a reply owed on its SMTP session). A crash loses those and the
+messages in flight: they are sent again after their lease, flagged ambiguous.
 
 Stopping (:meth:`Worker.stop`, wired to SIGTERM/SIGINT by the command): messages
 being sent are finished and recorded; claimed messages not yet started are
@@ -315,8 +316,7 @@ def _chunks(rows: list[OutboxMessage], threads: int) -> list[list[OutboxMessage]
     """``rows`` cut into runs a thread sends one after another on one connection.
 
     Where the server pipelines, a run of n messages costs n + 1 round trips instead of
-    2n (see ``SMTPConnection.send_many``). Runs are at most :data:`CHAIN` long, so the
-    outcomes of a run are recorded soon (they are written when the run ends), and come
+    2n (see ``SMTPConnection.send_many``). Runs are at most :data:`CHAIN` long and come
     in a multiple of ``threads``, so the threads finish the batch together.
     """
     count = min(len(rows), threads * -(-len(rows) // (threads * CHAIN)))  # -(-a // b): ceil

@@ -8,6 +8,7 @@ the client's next command arrives.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -52,6 +53,11 @@ class ScriptedServer:
         self.thread.start()
 
     def _serve(self) -> None:
+        # The client may hang up on it, as some tests make it do.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._session()
+
+    def _session(self) -> None:
         conn, _ = self.listener.accept()
         transactions = iter(self.transactions)
         left = len(self.transactions)

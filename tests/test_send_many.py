@@ -148,7 +148,7 @@ def test_the_caller_s_slow_bookkeeping_is_not_charged_to_the_server(scripted: An
     # is not cut short (ambiguous, then sent again) for time the server never had.
     conn, _ = scripted(OK, OK, OK, withhold=True)
 
-    def slow(index: int, outcome: Any) -> None:
+    def slow(index: int, outcome: Any, seconds: float) -> None:
         if index == 0:
             time.sleep(0.4)
 
@@ -160,7 +160,7 @@ def test_the_caller_s_slow_bookkeeping_is_not_charged_to_the_server(scripted: An
 def test_a_failing_on_outcome_does_not_break_the_run(scripted: Any) -> None:
     conn, _ = scripted(OK, OK, OK, withhold=True)
 
-    def broken(index: int, outcome: Any) -> None:
+    def broken(index: int, outcome: Any, seconds: float) -> None:
         raise ValueError("the caller's bug")
 
     assert conn.send_many(batch(3), on_outcome=broken) == [{}, {}, {}]
@@ -172,7 +172,7 @@ def test_each_outcome_is_reported_while_the_run_goes_on(scripted: Any) -> None:
     seen: list[tuple[int, int]] = []  # (message, messages accepted so far on the session)
 
     outcomes = conn.send_many(
-        batch(4), on_outcome=lambda index, outcome: seen.append((index, conn.messages_sent))
+        batch(4), on_outcome=lambda index, outcome, _: seen.append((index, conn.messages_sent))
     )
 
     assert outcomes == [{}, {}, {}, {}]
@@ -393,3 +393,94 @@ def test_recipients_put_off_with_452_get_their_own_transaction_in_a_run(scripted
     rcpts = [line for line in server.log if line[:4].upper() == b"RCPT"]
     assert rcpts[2].lower() == b"rcpt to:<late@example.com>\r\n"
     assert conn.messages_sent == 3
+
+
+def test_a_drop_while_the_owed_reply_is_read_is_not_the_next_message_s_deadline(
+    scripted: Any,
+) -> None:
+    # Each final reply takes 0.8 s, over the 0.5 s budget: message 0 is cut by its own
+    # deadline (ambiguous). Message 1's budget never started: its failure is a plain
+    # transient one at MAIL, retried like any other, not "out of time".
+    from robust_mail.transport import cut_by_deadline
+
+    conn, _ = scripted(OK, OK, OK, pause=0.8)
+
+    outcomes = conn.send_many(batch(3), budget=0.5)
+
+    cut, next_one = outcomes[0], outcomes[1]
+    assert isinstance(cut, TransportError) and isinstance(next_one, TransportError)
+    assert (cut.step, classify(cut)) == (Step.DATA_END, Classification.AMBIGUOUS)
+    assert cut_by_deadline(cut)
+    assert (next_one.step, classify(next_one)) == (Step.MAIL, Classification.TRANSIENT)
+    assert not cut_by_deadline(next_one)
+    assert outcomes[2] is None
+
+
+def test_a_failed_message_of_a_slow_run_keeps_its_own_time_to_fail_over(
+    smtp_server: Any, robust: Any
+) -> None:
+    # The primary answers each final dot after 0.4 s and refuses the first message's with
+    # a 451; the run of four takes longer than the 1 s DEADLINE. The refused message is
+    # charged only its own attempt, so it still fails over to the backup in time.
+    from tests.conftest import provider
+    from tests.scripted_smtp import ScriptedServer
+
+    primary = ScriptedServer([(OK[0], "451 4.3.0 try later"), OK, OK, OK], pause=0.4)
+    backup = smtp_server()
+    try:
+        robust(
+            [
+                {"NAME": "primary", "HOST": "127.0.0.1", "PORT": primary.port, "TIMEOUT": 2},
+                provider(backup, "backup"),
+            ],
+            RETRY={"ATTEMPTS": 1, "BACKOFF": 0.0, "MAX_BACKOFF": 0.0, "DEADLINE": 1.0},
+        )
+        messages = _messages(4)
+
+        assert _send_all(messages) == 4
+    finally:
+        from robust_mail.pool import pools
+
+        pools.close_all()
+        primary.close()
+
+    assert [m.delivery_result.provider for m in messages] == [
+        "backup",
+        "primary",
+        "primary",
+        "primary",
+    ]
+    assert [m.message["Subject"] for m in backup.messages] == ["n0"]
+
+
+def test_a_stale_connection_is_replaced_also_after_a_message_refused_before_traffic(
+    smtp_server: Any, robust: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server announces a 5,000-byte SIZE limit. The first message of the run is too
+    # big (refused by us, nothing sent); the second finds that the server closed the
+    # pooled connection while idle. The run goes again on a fresh connection, as a lone
+    # message would, instead of counting that as the second message's failed attempt.
+    from django.core import mail
+    from django.core.mail import EmailMessage
+
+    from robust_mail.testing import protocol
+    from tests.conftest import provider
+
+    monkeypatch.setattr(protocol, "DATA_SIZE_LIMIT", 5000)
+    server = smtp_server(pipelining=True)
+    robust(
+        [provider(server, "only")],
+        RETRY={"ATTEMPTS": 1, "BACKOFF": 0.0, "MAX_BACKOFF": 0.0, "DEADLINE": 20.0},
+    )
+    assert _send_all(_messages(1)) == 1
+    server.drop_connections()  # the server hangs up on the idle pooled connection
+    big = EmailMessage("big", "x" * 8000, "from@example.com", ["big@example.com"])
+    small = _messages(2)
+
+    sent = mail.get_connection(fail_silently=True).send_messages([big, *small])
+
+    assert sent == 2
+    assert big.delivery_result.status.value == "failed"
+    assert all(m.delivery_result.attempts == 1 for m in small)
+    assert all(m.delivery_result.errors == () for m in small)
+    assert len(server.messages) == 3
