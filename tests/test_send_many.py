@@ -243,6 +243,22 @@ def _send_all(messages: list[Any]) -> int:
     return mail.get_connection().send_messages(messages)
 
 
+def _primary_and_backup(
+    smtp_server: Any, robust: Any, mode: str, *, pipelining: bool = True, threshold: int = 100
+) -> tuple[Any, Any]:
+    """A primary in ``mode`` and a healthy backup; the primary's breaker opens only after
+    ``threshold`` failures (by default: never in these tests)."""
+    from tests.conftest import provider
+
+    primary = smtp_server(mode, pipelining=pipelining)
+    backup = smtp_server(pipelining=pipelining)
+    robust(
+        [provider(primary, "primary"), provider(backup, "backup")],
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": threshold},
+    )
+    return primary, backup
+
+
 def test_a_batch_goes_over_one_verified_tls_session(smtp_server: Any, robust: Any, certs: Any):
     from tests.conftest import provider
 
@@ -266,14 +282,8 @@ def test_each_message_of_a_batch_fails_over_on_its_own(
     smtp_server: Any, robust: Any, pipelining: bool
 ) -> None:
     from robust_mail.results import DeliveryStatus
-    from tests.conftest import provider
 
-    primary = smtp_server("data_451", pipelining=pipelining)
-    backup = smtp_server(pipelining=pipelining)
-    robust(
-        [provider(primary, "primary"), provider(backup, "backup")],
-        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 100},
-    )
+    primary, backup = _primary_and_backup(smtp_server, robust, "data_451", pipelining=pipelining)
     messages = _messages(4)
 
     assert _send_all(messages) == 4
@@ -299,13 +309,8 @@ def test_each_message_of_a_batch_fails_over_on_its_own(
 def test_a_drop_after_the_dot_flags_only_the_messages_the_primary_may_have(
     smtp_server: Any, robust: Any, pipelining: bool
 ) -> None:
-    primary = smtp_server("disconnect_after_data", pipelining=pipelining)
-    backup = smtp_server(pipelining=pipelining)
-    from tests.conftest import provider
-
-    robust(
-        [provider(primary, "primary"), provider(backup, "backup")],
-        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 100},
+    primary, backup = _primary_and_backup(
+        smtp_server, robust, "disconnect_after_data", pipelining=pipelining
     )
     messages = _messages(3)
 
@@ -355,14 +360,7 @@ def test_a_batch_respects_pool_max_messages(smtp_server: Any, robust: Any) -> No
 def test_once_the_breaker_opens_mid_run_the_rest_fail_over_without_retrying(
     smtp_server: Any, robust: Any
 ) -> None:
-    from tests.conftest import provider
-
-    primary = smtp_server("data_451", pipelining=True)
-    backup = smtp_server(pipelining=True)
-    robust(
-        [provider(primary, "primary"), provider(backup, "backup")],
-        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 1},
-    )
+    _, backup = _primary_and_backup(smtp_server, robust, "data_451", threshold=1)
     messages = _messages(4)
 
     assert _send_all(messages) == 4
