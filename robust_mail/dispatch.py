@@ -428,12 +428,11 @@ class Dispatcher(Runs):
         metrics.incr(provider.name, "sent")
         if refused:
             metrics.incr(provider.name, "refused_recipients", len(refused))
-        return DeliveryResult(
-            DeliveryStatus.PARTIAL if refused else DeliveryStatus.SENT,
+        return DeliveryResult.delivered(
             envelope.message_id,
-            provider=provider.name,
+            provider.name,
+            refused,
             attempts=attempts.count,
-            refused=refused,
             errors=tuple(attempts.errors),
             ambiguous=attempts.ambiguous,
         )

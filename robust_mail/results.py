@@ -61,6 +61,28 @@ class DeliveryResult:
     #: The exception of a fallback that could not take the message (e.g. the database is down).
     fallback_error: BaseException | None = field(default=None, repr=False)
 
+    @classmethod
+    def delivered(
+        cls,
+        message_id: str,
+        provider: str,
+        refused: dict[str, tuple[int, str]],
+        *,
+        attempts: int = 1,
+        errors: tuple[ProviderError, ...] = (),
+        ambiguous: bool = False,
+    ) -> DeliveryResult:
+        """SENT, or PARTIAL when some recipients were ``refused``."""
+        return cls(
+            DeliveryStatus.PARTIAL if refused else DeliveryStatus.SENT,
+            message_id,
+            provider=provider,
+            attempts=attempts,
+            refused=refused,
+            errors=errors,
+            ambiguous=ambiguous,
+        )
+
     @property
     def ok(self) -> bool:
         """True when the message was accepted, queued or (in development) printed."""

@@ -19,7 +19,7 @@ from django.core.mail import EmailMessage
 from robust_mail.envelope import Envelope, build_envelope
 from robust_mail.exceptions import CapabilityMissing, InvalidMessage, TransportError
 from robust_mail.pool import PoolTimeout
-from robust_mail.results import DeliveryResult, DeliveryStatus
+from robust_mail.results import DeliveryResult
 from robust_mail.transactions import Outcome
 
 if TYPE_CHECKING:
@@ -138,10 +138,11 @@ class Runs:
             except Exception as exc:
                 result = exc
                 if first is not None and isinstance(first.outcome, dict):
-                    # The provider has the message; what failed after is our bookkeeping.
-                    # Reporting an error would get it sent again.
+                    # The provider has the message; what failed after is our bookkeeping
+                    # (metrics, breaker). Reporting an error would get it sent again.
                     logger.exception("message %s: after it was accepted", envelope.message_id)
-                    result = _accepted_in_run(self.config.providers[0], envelope, first.outcome)
+                    provider = self.config.providers[0].name
+                    result = DeliveryResult.delivered(envelope.message_id, provider, first.outcome)
             if isinstance(result, DeliveryResult):
                 try:
                     self._conclude(message, result)
@@ -239,18 +240,4 @@ def _before_traffic(outcome: Outcome) -> bool:
         isinstance(outcome, TransportError)
         and outcome.code is None
         and isinstance(outcome.cause, InvalidMessage | CapabilityMissing)
-    )
-
-
-def _accepted_in_run(
-    provider: ProviderConfig, envelope: Envelope, refused: dict[str, tuple[int, str]]
-) -> DeliveryResult:
-    """The result of a message its first attempt delivered, built with nothing that could
-    fail again (no metrics, breaker or signal)."""
-    return DeliveryResult(
-        DeliveryStatus.PARTIAL if refused else DeliveryStatus.SENT,
-        envelope.message_id,
-        provider=provider.name,
-        attempts=1,
-        refused=refused,
     )
