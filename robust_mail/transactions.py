@@ -96,6 +96,17 @@ class Transactions:
     def _abort(self) -> None:
         raise NotImplementedError
 
+    def _open_session(self, step: Step) -> Session:
+        """The session, or a :class:`TransportError` at ``step`` when it is not open."""
+        smtp = self._smtp
+        if smtp is None or smtp.sock is None:
+            raise TransportError(
+                step,
+                smtplib.SMTPServerDisconnected("the connection is not open"),
+                provider=self.provider.name,
+            )
+        return smtp
+
     def send(
         self,
         from_addr: str,
@@ -114,13 +125,7 @@ class Transactions:
         ``deadline`` (absolute ``time.monotonic()``) bounds every network operation; a
         send called after it fails at MAIL before any traffic and keeps the connection.
         """
-        smtp = self._smtp
-        if smtp is None or smtp.sock is None:
-            raise TransportError(
-                Step.MAIL,
-                smtplib.SMTPServerDisconnected("the connection is not open"),
-                provider=self.provider.name,
-            )
+        smtp = self._open_session(Step.MAIL)
         recipients = list(recipients)
         options = self._mail_options(smtp, from_addr, recipients, data)
         wire = _wire_data(data)

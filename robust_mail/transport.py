@@ -381,13 +381,7 @@ class SMTPConnection(Transactions):
         Raises :class:`TransportError` (``step=RSET``) and closes the connection when the
         server does not answer 250.
         """
-        smtp = self._smtp
-        if smtp is None or smtp.sock is None:
-            raise TransportError(
-                Step.RSET,
-                smtplib.SMTPServerDisconnected("the connection is not open"),
-                provider=self.provider.name,
-            )
+        smtp = self._open_session(Step.RSET)
         with self._step(Step.RSET):
             code, reply = smtp.rset()
             if code != 250:
