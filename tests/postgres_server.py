@@ -168,12 +168,17 @@ class PostgresServer:
 
     def create_database(self, prefix: str = "robust_mail") -> str:
         """A new, empty database; returns its name."""
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self.query("postgres", f'CREATE DATABASE "{name}"')
+        return name
+
+    def query(self, dbname: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement in ``dbname`` on a connection of its own (autocommit); its rows."""
         import psycopg
 
-        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(**self.connect_kwargs("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return name
+        with psycopg.connect(**self.connect_kwargs(dbname), autocommit=True) as conn:
+            cursor = conn.execute(sql, params)
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
 
     def django_settings(self, dbname: str) -> dict[str, Any]:
         """A Django DATABASES entry for ``dbname`` on this server."""

@@ -33,14 +33,10 @@ def pg(postgres_server: PostgresServer) -> PostgresServer:
     return postgres_server
 
 
-def pg_rows(server: PostgresServer, dbname: str) -> list[tuple[str, str, int, bool]]:
-    import psycopg
-
-    with psycopg.connect(**server.connect_kwargs(dbname)) as conn:
-        rows = conn.execute(
-            "SELECT message_id, status, attempts, ambiguous FROM robust_mail_outboxmessage"
-        ).fetchall()
-    return [tuple(r) for r in rows]
+def pg_rows(server: PostgresServer, dbname: str) -> list[tuple[Any, ...]]:
+    return server.query(
+        dbname, "SELECT message_id, status, attempts, ambiguous FROM robust_mail_outboxmessage"
+    )
 
 
 def sent_count(server: PostgresServer, dbname: str) -> int:
@@ -149,28 +145,23 @@ def test_database_lost_in_the_middle_of_a_run_costs_no_outcome(
     # written at once, and waiting the outage out mid-run would leave a reply owed on the
     # SMTP session. The outcomes from there on are written when the run ends (still
     # "sending" when the last message arrives); nothing is lost or sent twice.
-    import psycopg
-
     killed: list[int] = []
     at_last: list[dict[str, str]] = []
-
-    def statuses() -> dict[str, str]:
-        with psycopg.connect(**pg.connect_kwargs(dbname)) as conn:
-            rows = conn.execute("SELECT subject, status FROM robust_mail_outboxmessage")
-            return dict(rows.fetchall())
 
     def on_message(received: Any) -> None:
         subject = received.message["Subject"]
         if subject == "m2":
-            with psycopg.connect(**pg.connect_kwargs(dbname), autocommit=True) as conn:
-                rows = conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (dbname,),
-                ).fetchall()
+            rows = pg.query(
+                dbname,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            )
             killed.append(len(rows))
         elif subject == "m5":
-            at_last.append(statuses())
+            at_last.append(
+                dict(pg.query(dbname, "SELECT subject, status FROM robust_mail_outboxmessage"))
+            )
 
     server = smtp_server(pipelining=True, on_message=on_message)
     project, dbname = make_project(tmp_path, pg, server)

@@ -47,28 +47,21 @@ def importable(module: str) -> bool:
     return True
 
 
-def task_rows(server: PostgresServer, dbname: str) -> list[tuple[str, list[str], Any]]:
-    import psycopg
-
-    with psycopg.connect(**server.connect_kwargs(dbname)) as conn:
-        rows = conn.execute(
-            "SELECT status, worker_ids, return_value FROM django_tasks_database_dbtaskresult"
-        ).fetchall()
-    return [tuple(r) for r in rows]
+def task_rows(server: PostgresServer, dbname: str) -> list[tuple[Any, ...]]:
+    return server.query(
+        dbname, "SELECT status, worker_ids, return_value FROM django_tasks_database_dbtaskresult"
+    )
 
 
 def sessions(server: PostgresServer, dbname: str) -> int:
-    import psycopg
-
-    with psycopg.connect(**server.connect_kwargs("postgres")) as conn:
-        found = conn.execute(
-            # Autovacuum workers appear there too; only clients count.
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = %s AND backend_type = 'client backend'",
-            (dbname,),
-        ).fetchone()
-    assert found is not None
-    return int(found[0])
+    ((found,),) = server.query(
+        "postgres",
+        # Autovacuum workers appear there too; only clients count.
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = %s AND backend_type = 'client backend'",
+        (dbname,),
+    )
+    return int(found)
 
 
 def test_two_db_workers_deliver_every_message_once_on_postgres(
