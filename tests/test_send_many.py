@@ -452,7 +452,7 @@ def test_a_failed_message_of_a_slow_run_keeps_its_own_time_to_fail_over(
 
 
 def test_a_stale_connection_is_replaced_also_after_a_message_refused_before_traffic(
-    smtp_server: Any, robust: Any, monkeypatch: pytest.MonkeyPatch
+    smtp_server: Any, robust: Any
 ) -> None:
     # The server announces a 5,000-byte SIZE limit. The first message of the run is too
     # big (refused by us, nothing sent); the second finds that the server closed the
@@ -461,11 +461,9 @@ def test_a_stale_connection_is_replaced_also_after_a_message_refused_before_traf
     from django.core import mail
     from django.core.mail import EmailMessage
 
-    from robust_mail.testing import protocol
     from tests.conftest import provider
 
-    monkeypatch.setattr(protocol, "DATA_SIZE_LIMIT", 5000)
-    server = smtp_server(pipelining=True)
+    server = smtp_server(pipelining=True, size_limit=5000)
     robust(
         [provider(server, "only")],
         RETRY={"ATTEMPTS": 1, "BACKOFF": 0.0, "MAX_BACKOFF": 0.0, "DEADLINE": 20.0},

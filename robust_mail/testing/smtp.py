@@ -17,7 +17,7 @@ from typing import Literal
 from robust_mail.testing.certs import TestCertificates, default_certificates
 from robust_mail.testing.loop import LoopThread
 from robust_mail.testing.modes import Mode
-from robust_mail.testing.protocol import FaultySMTP
+from robust_mail.testing.protocol import DATA_SIZE_LIMIT, FaultySMTP
 from robust_mail.testing.received import ReceivedMessage
 
 TLSMode = Literal["starttls", "implicit"]
@@ -33,6 +33,7 @@ class SMTPTestServer:
     ``refuse_recipients`` are answered ``550 5.1.1`` in every mode.
     ``on_message`` is called, on the server thread, for each recorded message.
     ``pipelining`` offers PIPELINING (RFC 2920), as most real providers do.
+    ``size_limit`` is the byte limit announced with ``SIZE`` (and enforced).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class SMTPTestServer:
         require_starttls: bool = False,
         on_message: Callable[[ReceivedMessage], None] | None = None,
         pipelining: bool = False,
+        size_limit: int = DATA_SIZE_LIMIT,
     ) -> None:
         if tls not in (None, "starttls", "implicit"):
             raise ValueError(f"tls must be None, 'starttls' or 'implicit', not {tls!r}")
@@ -65,6 +67,7 @@ class SMTPTestServer:
         #: Offer PIPELINING (RFC 2920) in the EHLO reply; aiosmtpd reads pipelined
         #: commands in order either way, it just does not say so by default.
         self.pipelining = pipelining
+        self.size_limit = size_limit
         self.require_starttls = require_starttls
         self.on_message = on_message
         self.certificates = certificates
