@@ -14,7 +14,9 @@ Imports nothing from Django.
 
 from __future__ import annotations
 
+import os
 import ssl
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,11 +26,14 @@ __all__ = ["clear_tls_contexts", "tls_context"]
 
 _Key = tuple[str | None, str | None, str | None]
 
-# No lock: a single dict get / setdefault / clear is atomic, and a lock held while
-# building (tens of milliseconds loading CA files) would be inherited *held* by a child
-# forked meanwhile, whose first TLS connection would then wait forever. Two threads making
-# their first connection at the same moment may both build; the first one stored wins.
+# The first connections of a worker's threads start together: one of them builds the
+# context while the others wait for it, instead of each spending the CPU on its own copy.
+# One lock per certificate-file set, so a slow file (a network mount) delays only the
+# providers that use it. A lock held by another thread at fork() would stay held in the
+# child: the child starts with fresh locks (and builds its own context if need be).
 _contexts: dict[_Key, ssl.SSLContext] = {}
+_guard = threading.Lock()
+_building: dict[_Key, threading.Lock] = {}
 
 
 def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
@@ -40,8 +45,14 @@ def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
     """
     key = (provider.ssl_cafile, provider.ssl_certfile, provider.ssl_keyfile)
     context = _contexts.get(key)
-    if context is None:
-        context = _contexts.setdefault(key, _build(*key))
+    if context is not None:
+        return context
+    with _guard:
+        lock = _building.setdefault(key, threading.Lock())
+    with lock:
+        context = _contexts.get(key)
+        if context is None:
+            context = _contexts[key] = _build(*key)
     return context
 
 
@@ -61,3 +72,13 @@ def _build(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def _after_fork_in_child() -> None:
+    global _guard, _building
+    _guard = threading.Lock()
+    _building = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

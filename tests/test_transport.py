@@ -322,6 +322,37 @@ def test_tls_context_is_built_once_per_certificate_files(
     assert context.minimum_version >= context.minimum_version.TLSv1_2
 
 
+def test_threads_connecting_at_once_build_one_tls_context(
+    certificates: TestCertificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's threads open their first connections together; loading the CA bundle
+    # costs tens of milliseconds of CPU each time, so it must happen once, not per thread.
+    import robust_mail.tls as tls
+
+    builds: list[object] = []
+    real_build = tls._build
+
+    def counting_build(*key: Any) -> Any:
+        builds.append(key)
+        time.sleep(0.05)  # widen the window in which the other threads arrive
+        return real_build(*key)
+
+    monkeypatch.setattr(tls, "_build", counting_build)
+    clear_tls_contexts()
+    provider = ProviderConfig(name="a", ssl_cafile=certificates.ca_file)
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(tls_context(provider))) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        clear_tls_contexts()
+    assert len(got) == 4 and all(context is got[0] for context in got)
+    assert len(builds) == 1
+
+
 @pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "mkfifo"), reason="POSIX only")
 def test_forked_child_makes_tls_contexts_while_the_parent_is_still_building_one(
     certificates: TestCertificates, tmp_path: Any
