@@ -288,10 +288,14 @@ def get_config(
     Raises :class:`ConfigurationError` listing every problem found.
     """
     global _settings_config
+    generation = _generation  # a change while building makes what was built stale
     if options is None:
         config = _settings_config
         if config is None:
-            config = _settings_config = _build(None, alias)
+            config = _build(None, alias)
+            with _lock:
+                if generation == _generation:
+                    _settings_config = config
         return config
     key = _freeze(options)
     if key is None:  # unhashable leaves: cannot cache, still correct
@@ -300,21 +304,26 @@ def get_config(
     if cached is None:
         cached = _build(options, alias)
         with _lock:
-            if len(_options_configs) >= 64:
-                _options_configs.clear()
-            _options_configs[key] = cached
+            if generation == _generation:
+                if len(_options_configs) >= 64:
+                    _options_configs.clear()
+                _options_configs[key] = cached
     return cached
 
 
 def clear_cache() -> None:
     """Forget every cached configuration; the next get_config() reads settings again."""
-    global _settings_config
+    global _settings_config, _generation
     with _lock:
         _settings_config = None
         _options_configs.clear()
+        _generation += 1
 
 
 _lock = threading.Lock()
+#: Counts clear_cache() calls: a configuration built from settings read before one is
+#: returned to its caller but not cached (another thread changed settings meanwhile).
+_generation = 0
 _settings_config: RobustMailConfig | None = None
 _options_configs: dict[object, RobustMailConfig] = {}
 

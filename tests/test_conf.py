@@ -443,6 +443,29 @@ def test_config_is_cached_until_a_setting_changes() -> None:
     assert get_config().providers[0].port == 1
 
 
+@pytest.mark.parametrize("options", [None, {"providers": ["smtp://a.example"]}])
+def test_a_setting_changed_while_a_config_is_built_is_not_hidden_by_it(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any] | None
+) -> None:
+    # A worker thread builds the configuration from the settings as they were; meanwhile
+    # another thread changes a setting (setting_changed clears the cache). What the
+    # worker built must not be cached over that change.
+    import robust_mail.conf as conf
+
+    real_build = conf._build
+
+    def build_then_settings_change(*args: Any) -> Any:
+        built = real_build(*args)
+        conf.clear_cache()
+        return built
+
+    conf.clear_cache()
+    monkeypatch.setattr(conf, "_build", build_then_settings_change)
+    stale = get_config(options)
+    monkeypatch.setattr(conf, "_build", real_build)
+    assert get_config(options) is not stale
+
+
 def test_settings_fixture_changes_are_seen(settings: Any) -> None:
     assert get_config().retry.attempts == 3
     settings.ROBUST_MAIL = {"RETRY": {"ATTEMPTS": 7}}
