@@ -5,7 +5,8 @@ that every process and machine sharing it (Redis) sees the same thing. The cache
 convenience, never a dependency of sending: any cache error is logged once per outage on the
 ``robust_mail.state`` logger, and until the cache answers again each process uses its own
 memory. While the cache is down it is probed at most once every ``PROBE_INTERVAL`` seconds,
-so a black-holed cache server costs one socket timeout per interval, not one per message.
+by one caller at a time, so a black-holed cache server costs one socket timeout per
+interval, not one per message or per thread.
 Configure short socket timeouts on the cache for the same reason (see
 docs/pooling-and-breakers.md).
 """
@@ -68,7 +69,7 @@ class CacheGuard:
 
     def call(self, op: Callable[[BaseCache], T], fallback: Callable[[], T]) -> T:
         """``op(cache)``, or ``fallback()`` if the cache fails or is known to be down."""
-        if self._down_since is not None and self.clock() < self._next_probe:
+        if self._down_since is not None and not self._claim_probe():
             return fallback()
         try:
             result = op(caches[self.alias])
@@ -78,6 +79,22 @@ class CacheGuard:
         if self._down_since is not None:
             self._recovered()
         return result
+
+    def _claim_probe(self) -> bool:
+        """While the cache is down: whether this caller is the one to try it now.
+
+        One caller per interval: the others keep to per-process state until its answer
+        is in, so threads arriving together at a black-holed cache do not each wait for
+        a socket timeout.
+        """
+        with self._lock:
+            if self._down_since is None:
+                return True  # it answered meanwhile
+            now = self.clock()
+            if now < self._next_probe:
+                return False
+            self._next_probe = now + self.probe_interval
+            return True
 
     def _failed(self, exc: Exception) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,41 @@ def test_a_blackholed_cache_costs_one_socket_timeout_per_probe_interval(settings
             conn.close()
     # One connection, one timeout, then per-process state until the next probe.
     assert len(attempts) == 1
+
+
+def test_threads_arriving_when_a_probe_is_due_send_one_probe(settings: Any) -> None:
+    # The probe interval is over and a worker's threads all want the breaker at once:
+    # one of them tries the black-holed cache; the others use per-process state instead
+    # of each waiting for its own socket timeout.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        settings.CACHES = redis_caches(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+        breaker = get_breaker("primary", failure_threshold=2)
+        breaker.allow()  # the outage is found: one timeout
+        cache_guard = state.guard("default")
+        assert cache_guard.degraded
+        listener.setblocking(False)
+        _accept_all(listener)
+
+        cache_guard._next_probe = 0.0  # the interval is over (not waited for in a test)
+        threads = [threading.Thread(target=breaker.allow) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        probes = _accept_all(listener)
+    assert cache_guard.degraded
+    assert probes == 1
+
+
+def _accept_all(listener: socket.socket) -> int:
+    accepted = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            listener.accept()[0].close()
+            accepted += 1
+    return accepted
 
 
 def test_a_delivered_message_costs_one_redis_round_trip(
