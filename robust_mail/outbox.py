@@ -32,7 +32,7 @@ from django.utils import timezone
 from django.utils.encoding import force_str
 
 from robust_mail.envelope import build_envelope, pin_message
-from robust_mail.exceptions import RobustMailError
+from robust_mail.exceptions import InvalidMessage, RobustMailError
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
 from robust_mail.serialization import message_to_data
 from robust_mail.signals import emit, message_queued
@@ -79,10 +79,12 @@ def enqueue(
     ``EmailService.send_email(..., sensitive=True)`` sets) marks a message whose bodies
     hold a secret: the admin withholds them and they are erased once the row is final.
 
-    Raises :class:`InvalidMessage` for a message that cannot be sent or stored,
-    :class:`OutboxUnavailable` when the database fails.
+    Raises :class:`InvalidMessage` for a message that cannot be sent or stored (a
+    Message-ID over 255 characters included), ``ValueError`` for an ``idempotency_key``
+    over 255 characters, :class:`OutboxUnavailable` when the database fails.
     """
     message_id = pin_message(message)
+    _check_fits(message_id, idempotency_key)
     payload = message_to_data(message)  # InvalidMessage for what JSON cannot hold
     # Build it once now, so a message that could never be sent (no recipients, a bad
     # address, an injected header) is refused here, not found later by a worker; and keep
@@ -106,8 +108,7 @@ def enqueue(
     )
     alias = using or router.db_for_write(OutboxMessage)
     try:
-        with transaction.atomic(using=alias):
-            row.save(using=alias, force_insert=True)
+        _insert(row, alias)
     except IntegrityError as exc:
         existing = _existing(idempotency_key, alias)
         if existing is None:
@@ -120,6 +121,35 @@ def enqueue(
         ) from exc
     transaction.on_commit(functools.partial(_committed, message, row.pk), using=alias)
     return row
+
+
+def _check_fits(message_id: str, idempotency_key: str | None) -> None:
+    # Refused here rather than by the column: SQLite would store a longer value, and
+    # PostgreSQL's "value too long" is not the database being unavailable.
+    fields = OutboxMessage._meta
+    longest = fields.get_field("message_id").max_length or 0
+    if len(message_id) > longest:
+        raise InvalidMessage(
+            f"the Message-ID is {len(message_id)} characters long; the outbox keeps at most "
+            f"{longest}"
+        )
+    longest = fields.get_field("idempotency_key").max_length or 0
+    if idempotency_key is not None and len(idempotency_key) > longest:
+        raise ValueError(
+            f"idempotency_key is {len(idempotency_key)} characters long; at most {longest}"
+        )
+
+
+def _insert(row: OutboxMessage, alias: str) -> None:
+    if transaction.get_connection(alias).in_atomic_block:
+        # In the caller's transaction: a savepoint, so that a refused row (a duplicate
+        # idempotency key, a value a column cannot hold) leaves that transaction usable.
+        with transaction.atomic(using=alias):
+            row.save(using=alias, force_insert=True)
+    else:
+        # Autocommit: the INSERT is its own transaction. BEGIN and COMMIT around it would
+        # add two round trips to the database to every request that queues a message.
+        row.save(using=alias, force_insert=True)
 
 
 def _existing(idempotency_key: str | None, alias: str) -> OutboxMessage | None:

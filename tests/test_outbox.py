@@ -79,9 +79,54 @@ def test_enqueue_refuses_an_unserialisable_attachment_and_stores_nothing() -> No
 
 
 def test_same_idempotency_key_is_queued_only_once() -> None:
+    # Inside the test's transaction: the duplicate is refused under a savepoint.
     first = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
     again = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
     assert again.pk == first.pk
+    assert OutboxMessage.objects.count() == 1
+
+
+def test_values_longer_than_their_columns_are_refused_before_the_database() -> None:
+    # SQLite would store them and PostgreSQL refuse them with "value too long" (not the
+    # database being down): the same clear error on every database instead.
+    long_id = "<" + "x" * 300 + "@example.com>"
+    message = EmailMessage(
+        "a", "b", "f@example.com", ["t@example.com"], headers={"Message-ID": long_id}
+    )
+    with pytest.raises(
+        InvalidMessage, match="Message-ID is 314 characters long; the outbox keeps at most 255"
+    ):
+        enqueue(message)
+    with pytest.raises(ValueError, match="idempotency_key is 256 characters long; at most 255"):
+        enqueue(
+            EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k" * 256
+        )
+    assert not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_same_idempotency_key_is_queued_only_once_in_autocommit() -> None:
+    first = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
+    again = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
+    assert again.pk == first.pk
+    assert OutboxMessage.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_autocommit_a_message_is_queued_with_one_statement() -> None:
+    # A request that queues a message outside any transaction pays one statement: no
+    # BEGIN and COMMIT around it (each a round trip to a database server).
+    from django.db import connection
+
+    assert connection.vendor == "sqlite"
+    connection.ensure_connection()
+    statements: list[str] = []
+    connection.connection.set_trace_callback(statements.append)
+    try:
+        enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]))
+    finally:
+        connection.connection.set_trace_callback(None)
+    assert [s.split()[0].upper() for s in statements] == ["INSERT"], statements
     assert OutboxMessage.objects.count() == 1
 
 

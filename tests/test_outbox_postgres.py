@@ -182,3 +182,38 @@ def test_database_lost_in_the_middle_of_a_run_costs_no_outcome(
     assert {status for _, status, _, _ in rows} == {"sent"}
     assert not any(ambiguous for _, _, _, ambiguous in rows)
     assert "not recorded" not in err
+
+
+ENQUEUE_IN_TRANSACTIONS = """
+import django
+django.setup()
+from django.core.mail import EmailMessage
+from django.db import transaction
+from robust_mail.models import OutboxMessage
+from robust_mail.outbox import enqueue
+
+
+def message(**headers):
+    return EmailMessage("s", "b", "f@example.com", ["t@example.com"], headers=headers)
+
+
+# Autocommit: the duplicate key finds the row already there.
+first = enqueue(message(), idempotency_key="k")
+print("autocommit duplicate", enqueue(message(), idempotency_key="k").pk == first.pk)
+# Inside the caller's transaction: a refused row leaves that transaction usable.
+with transaction.atomic():
+    again = enqueue(message(), idempotency_key="k")
+    print("in transaction duplicate", again.pk == first.pk)
+    enqueue(message(), idempotency_key="after")
+print("rows", OutboxMessage.objects.count())
+"""
+
+
+def test_a_duplicate_key_leaves_the_callers_transaction_usable(
+    tmp_path: Path, pg: PostgresServer, smtp_server: Any
+) -> None:
+    project, _ = make_project(tmp_path, pg, smtp_server())
+    out = project.run("-c", ENQUEUE_IN_TRANSACTIONS).stdout.splitlines()
+    # PostgreSQL aborts a transaction at its first error: without a savepoint around the
+    # refused INSERT, the caller's next statement (and its commit) would fail.
+    assert out == ["autocommit duplicate True", "in transaction duplicate True", "rows 2"]
