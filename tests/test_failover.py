@@ -372,8 +372,9 @@ def test_pooled_connection_closed_by_the_server_is_replaced_transparently(smtp_s
 
 # --- a provider that lacks what the message needs -------------------------------------------
 #
-# SMTPTestServer always offers SMTPUTF8 and a 40 MB SIZE, so these tests run aiosmtpd itself
-# (a real SMTP server on 127.0.0.1) with those capabilities taken away or scripted.
+# SMTPTestServer always offers SMTPUTF8 (its SIZE is set by ``size_limit``), so the other
+# tests run aiosmtpd itself (a real SMTP server on 127.0.0.1) with capabilities taken away
+# or replies scripted.
 
 
 class _Recorder:
@@ -475,10 +476,8 @@ def test_server_without_smtputf8_hands_a_non_ascii_address_to_the_next_provider(
     assert (breaker.failures, breaker.state.value) == (0, "closed")  # not held against it
 
 
-def test_message_over_one_providers_size_limit_goes_to_one_with_room(
-    smtp_server, robust, limited_server
-):
-    primary = limited_server(data_size_limit=2000)
+def test_message_over_one_providers_size_limit_goes_to_one_with_room(smtp_server, robust):
+    primary = smtp_server(size_limit=2000)
     backup = smtp_server()
     robust([provider(primary, "primary"), provider(backup, "backup")])
     message = EmailMessage("Big", "x" * 5000, "sender@example.com", ["rcpt@example.com"])
@@ -487,7 +486,7 @@ def test_message_over_one_providers_size_limit_goes_to_one_with_room(
 
     assert message.delivery_result.provider == "backup"
     assert "2000-byte limit" in message.delivery_result.errors[0].message
-    assert primary.handler.messages == []
+    assert primary.messages == []
     assert len(backup.messages) == 1
     assert get_breaker("primary", get_config()).failures == 0
 
