@@ -569,3 +569,68 @@ def test_importing_the_package_loads_neither_django_nor_the_dns_server() -> None
     )
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=30)
+
+
+# --- CHUNKING (RFC 3030) ---------------------------------------------------------------
+
+
+def _bdat(client: smtplib.SMTP, chunk: bytes, *, last: bool = True) -> tuple[int, bytes]:
+    client.send(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
+    return client.getreply()
+
+
+def test_chunking_is_offered_only_when_asked_for() -> None:
+    with SMTPTestServer() as plain, SMTPTestServer(chunking=True) as chunking:
+        with smtplib.SMTP(plain.host, plain.port) as client:
+            client.ehlo()
+            assert not client.has_extn("chunking")
+            assert client.docmd("BDAT", "0 LAST")[0] == 500
+        with smtplib.SMTP(chunking.host, chunking.port) as client:
+            client.ehlo()
+            assert client.has_extn("chunking")
+
+
+def test_bdat_chunks_make_one_message_recorded_as_sent() -> None:
+    # No dot-stuffing with BDAT: a line starting with a dot is sent as it is.
+    data = make_message()
+    with SMTPTestServer(chunking=True) as server, smtplib.SMTP(server.host, server.port) as client:
+        client.ehlo()
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(RECIPIENT)[0] == 250
+        assert _bdat(client, data[:20], last=False)[0] == 250
+        assert _bdat(client, data[20:])[0] == 250
+        assert client.noop()[0] == 250
+        (received,) = server.messages
+    assert received.data == data and received.rcpt_tos == [RECIPIENT]
+
+
+def test_refused_bdat_chunks_are_read_so_the_session_stays_in_step() -> None:
+    data = make_message()
+    with SMTPTestServer(chunking=True, refuse_recipients=[RECIPIENT]) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.ehlo()
+            assert _bdat(client, data)[0] == 503  # no MAIL yet
+            client.mail(SENDER)
+            assert client.rcpt(RECIPIENT)[0] == 550
+            assert _bdat(client, data)[0] == 554  # no valid recipient
+            assert client.noop()[0] == 250  # the octets were not taken for commands
+        assert server.messages == []
+
+
+def test_bdat_follows_the_servers_faults() -> None:
+    data = make_message()
+    with SMTPTestServer(Mode.DATA_451, chunking=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.ehlo()
+            client.mail(SENDER)
+            client.rcpt(RECIPIENT)
+            assert _bdat(client, data)[0] == 451
+        assert server.messages == []
+        server.mode = Mode.DROP_MID_DATA
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.ehlo()
+            client.mail(SENDER)
+            client.rcpt(RECIPIENT)
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                _bdat(client, data)
+        assert server.messages == []

@@ -41,6 +41,8 @@ class ServerState(Protocol):
     def pipelining(self) -> bool: ...
     @property
     def size_limit(self) -> int: ...
+    @property
+    def chunking(self) -> bool: ...
     def refuses(self, address: str) -> bool: ...
     def record(self, message: ReceivedMessage) -> None: ...
     def session_opened(self, session: FaultySMTP) -> None: ...
@@ -115,6 +117,7 @@ class FaultySMTP(SMTP):
     ) -> None:
         self.state = state
         self.implicit_tls = implicit_tls
+        self._bdat_chunks: list[bytes] = []  # of the message being sent with BDAT
         super().__init__(
             _Hooks(),
             loop=loop,
@@ -194,6 +197,8 @@ class FaultySMTP(SMTP):
             responses = [line for line in responses if not line[4:].startswith("AUTH")]
         if self.state.pipelining:
             responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
+        if self.state.chunking:
+            responses = [*responses[:-1], "250-CHUNKING", responses[-1]]
         return responses
 
     def _offers_auth(self) -> bool:
@@ -250,6 +255,62 @@ class FaultySMTP(SMTP):
             await self._hang_up()
             return
         await super().smtp_DATA(arg)
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        """RFC 3030: ``BDAT <size> [LAST]`` then exactly ``size`` octets of the message.
+
+        The octets are read whatever the reply will be: they are the framing, so a
+        refused chunk leaves the session in step. The message is complete at ``LAST``
+        and goes through the same hooks (and faults) as one sent with DATA.
+        """
+        if not self.state.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        words = (arg or "").split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or words[1:] not in ([], ["LAST"]):
+            # The size is unknown, so the session cannot be kept in step: close it.
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            await self._hang_up()
+            return
+        size, last = int(words[0]), len(words) == 2
+        envelope = self.envelope
+        assert envelope is not None
+        if self.state.mode is Mode.DROP_MID_DATA and envelope.rcpt_tos:
+            await self._hang_up()  # as with DATA: the message never got here
+            return
+        try:
+            chunk = await self._reader.readexactly(size)
+        except asyncio.IncompleteReadError:
+            await self._hang_up()  # the client went away mid-chunk
+            return
+        chunks = self._bdat_chunks
+        if envelope.mail_from is None or (self._auth_required and not self._authenticated()):
+            reply = "503 5.5.1 Error: need MAIL command"
+        elif not envelope.rcpt_tos:
+            reply = "554 5.5.1 Error: no valid recipients"
+        elif sum(map(len, chunks)) + size > self.state.size_limit:
+            reply = "552 5.3.4 Error: too much mail data"
+        else:
+            chunks.append(chunk)
+            if not last:
+                await self.push(f"250 2.0.0 {size} octets received")
+                return
+            envelope.content = envelope.original_content = b"".join(chunks)
+            chunks.clear()
+            reply = await self.data_reply(envelope)
+            self._set_post_data_state()
+            await self.push(reply)
+            return
+        chunks.clear()  # a refused chunk ends the transaction (RFC 3030, 2)
+        self._set_post_data_state()
+        await self.push(reply)
+
+    def _set_rset_state(self) -> None:
+        self._bdat_chunks.clear()
+        super()._set_rset_state()
+
+    def _authenticated(self) -> bool:
+        return bool(self.session and self.session.authenticated)
 
     async def data_reply(self, envelope: Envelope) -> str:
         mode = self.state.mode

@@ -34,6 +34,8 @@ class SMTPTestServer:
     ``on_message`` is called, on the server thread, for each recorded message.
     ``pipelining`` offers PIPELINING (RFC 2920), as most real providers do.
     ``size_limit`` is the byte limit announced with ``SIZE`` (and enforced).
+    ``chunking`` offers CHUNKING (RFC 3030: ``BDAT``), as Gmail, Microsoft 365 and
+    Postfix do.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class SMTPTestServer:
         on_message: Callable[[ReceivedMessage], None] | None = None,
         pipelining: bool = False,
         size_limit: int = DATA_SIZE_LIMIT,
+        chunking: bool = False,
     ) -> None:
         if tls not in (None, "starttls", "implicit"):
             raise ValueError(f"tls must be None, 'starttls' or 'implicit', not {tls!r}")
@@ -68,6 +71,8 @@ class SMTPTestServer:
         #: commands in order either way, it just does not say so by default.
         self.pipelining = pipelining
         self.size_limit = size_limit
+        #: Offer CHUNKING (RFC 3030) and accept ``BDAT``, which aiosmtpd does not do itself.
+        self.chunking = chunking
         self.require_starttls = require_starttls
         self.on_message = on_message
         self.certificates = certificates
