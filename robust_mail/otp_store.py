@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from django.db import models, router, transaction
 
+from robust_mail.db import insert
 from robust_mail.exceptions import RateLimited
 from robust_mail.ratelimit import ip_bucket
 
@@ -279,17 +280,17 @@ def write_decoy(now: datetime, *, using: str | None = None) -> None:
     from robust_mail.models.otp import DECOY_PURPOSE, OneTimePassword
 
     alias = using or router.db_for_write(OneTimePassword)
-    with transaction.atomic(using=alias):
-        OneTimePassword._base_manager.using(alias).create(
-            identifier="",
-            purpose=DECOY_PURPOSE,
-            code_hash="",
-            created_at=now,
-            expires_at=now,
-            consumed_at=now,
-            invalidated=True,
-            ip_address=None,
-        )
+    decoy = OneTimePassword(
+        identifier="",
+        purpose=DECOY_PURPOSE,
+        code_hash="",
+        created_at=now,
+        expires_at=now,
+        consumed_at=now,
+        invalidated=True,
+        ip_address=None,
+    )
+    insert(decoy, alias)  # as enqueue inserts the outbox row
 
 
 def purge_decoys(*, using: str | None = None) -> int:

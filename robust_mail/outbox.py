@@ -31,6 +31,7 @@ from django.db.models import BooleanField, Case, F, Q, TextField, Value, When
 from django.utils import timezone
 from django.utils.encoding import force_str
 
+from robust_mail.db import insert
 from robust_mail.envelope import build_envelope, pin_message
 from robust_mail.exceptions import InvalidMessage, RobustMailError
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
@@ -108,7 +109,7 @@ def enqueue(
     )
     alias = using or router.db_for_write(OutboxMessage)
     try:
-        _insert(row, alias)
+        insert(row, alias)
     except IntegrityError as exc:
         existing = _existing(idempotency_key, alias)
         if existing is None:
@@ -138,18 +139,6 @@ def _check_fits(message_id: str, idempotency_key: str | None) -> None:
         raise ValueError(
             f"idempotency_key is {len(idempotency_key)} characters long; at most {longest}"
         )
-
-
-def _insert(row: OutboxMessage, alias: str) -> None:
-    if transaction.get_connection(alias).in_atomic_block:
-        # In the caller's transaction: a savepoint, so that a refused row (a duplicate
-        # idempotency key, a value a column cannot hold) leaves that transaction usable.
-        with transaction.atomic(using=alias):
-            row.save(using=alias, force_insert=True)
-    else:
-        # Autocommit: the INSERT is its own transaction. BEGIN and COMMIT around it would
-        # add two round trips to the database to every request that queues a message.
-        row.save(using=alias, force_insert=True)
 
 
 def _existing(idempotency_key: str | None, alias: str) -> OutboxMessage | None:
