@@ -19,7 +19,10 @@ from robust_mail.exceptions import DeadlineReached
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Session", "check_deadline"]
+__all__ = ["WRITE_CHUNK", "Session", "check_deadline"]
+
+#: Message content is written in chunks of this size, each under the timeout.
+WRITE_CHUNK = 64 * 1024
 
 
 class _ArmedReader:
@@ -81,6 +84,23 @@ class Session(smtplib.SMTP):
     def send(self, s: str | Buffer) -> None:
         self.arm()
         super().send(s)
+
+    def write_all(self, data: bytes) -> None:
+        """Write ``data`` (message content), re-arming the timeout for every chunk.
+
+        The timeout bounds each chunk (a stalled peer), not the whole transfer: a 20 MB
+        message on a slow link is not a timeout. A TLS error after the handshake is a
+        broken connection, not a TLS policy failure: it is raised as the disconnect it is.
+        """
+        sock = self.sock
+        assert sock is not None
+        view = memoryview(data)
+        try:
+            for offset in range(0, len(view), WRITE_CHUNK):
+                self.arm()
+                sock.sendall(view[offset : offset + WRITE_CHUNK])
+        except ssl.SSLError as exc:
+            raise smtplib.SMTPServerDisconnected(f"connection broken: {exc}") from exc
 
     def getreply(self) -> tuple[int, bytes]:
         if self.file is None and self.sock is not None:

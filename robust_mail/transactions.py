@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import smtplib
-import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from robust_mail import pipelining
+from robust_mail import chunking, pipelining
 from robust_mail.exceptions import (
     CapabilityMissing,
     DeadlineReached,
@@ -32,43 +29,18 @@ from robust_mail.exceptions import (
     Step,
     TransportError,
 )
+from robust_mail.outcomes import Held, Ledger, Outcome, reply_text
 from robust_mail.session import Session, check_deadline
 
 if TYPE_CHECKING:
     from robust_mail.providers import ProviderConfig
 
-__all__ = ["Outcome", "Transactions"]
+__all__ = ["Held", "Ledger", "Outcome", "Transactions"]  # the first three from .outcomes
 
 # The transport's logger: one name for every step of a session (docs/operations.md).
 logger = logging.getLogger("robust_mail.transport")
 
-#: The content is written in chunks so that the timeout bounds each chunk (a stalled
-#: peer), not the whole transfer: a 20 MB message on a slow link is not a timeout.
-_CHUNK = 64 * 1024
-
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _FORBIDDEN_IN_ADDRESS = ("\r", "\n", "\0", "<", ">")
-
-
-#: What sending one message ended with: the refused recipients, or the failure.
-Outcome = dict[str, tuple[int, str]] | TransportError
-
-
-@dataclass
-class Held:
-    """A message whose content has been sent: what judging its final reply needs."""
-
-    index: int
-    recipients: list[str]
-    refused: dict[str, tuple[int, str]]
-    size: int
-    started: float
-    deadline: float | None = None
-    outcome: Outcome | None = None
-
-    def result(self) -> Outcome:
-        assert self.outcome is not None, "judged when the next envelope was exchanged"
-        return self.outcome
 
 
 class Transactions:
@@ -128,7 +100,7 @@ class Transactions:
         smtp = self._open_session(Step.MAIL)
         recipients = list(recipients)
         options = self._mail_options(smtp, from_addr, recipients, data)
-        wire = _wire_data(data)
+        wire = chunking.data_wire(data)
         try:
             check_deadline(deadline)
         except DeadlineReached as exc:
@@ -162,22 +134,12 @@ class Transactions:
         message's envelope is written: one round trip per message instead of two (see
         :mod:`robust_mail.pipelining`).
         """
-        outcomes: list[Outcome | None] = [None] * len(messages)
-        unreported: list[tuple[int, float]] = []
-
-        def settle(index: int, outcome: Outcome, started: float) -> None:
-            outcomes[index] = outcome
-            unreported.append((index, time.monotonic() - started))
-
-        def report() -> None:
-            while unreported and on_outcome is not None:
-                index, seconds = unreported.pop(0)
-                try:
-                    on_outcome(index, outcomes[index], seconds)  # type: ignore[arg-type]
-                except Exception:
-                    # The caller's problem, not the session's: it must not break a run
-                    # with replies owed. The outcome stays in the returned list.
-                    logger.exception("%s: on_outcome raised; ignored", self.provider.name)
+        ledger = Ledger(len(messages), on_outcome, self.provider.name)
+        settle, report = ledger.settle, ledger.report
+        smtp = self._smtp
+        if smtp is not None and smtp.sock is not None and chunking.offered(smtp):
+            chunking.Run(self, smtp, ledger, budget=budget, proceed=proceed).send(messages)
+            return ledger.outcomes
 
         def idle() -> None:
             # Called while a pipelined write is on its way: the caller's work on earlier
@@ -190,7 +152,6 @@ class Transactions:
                 held.deadline += time.monotonic() - began
                 smtp.deadline = held.deadline
 
-        smtp = self._smtp
         held: Held | None = None
         try:
             for index, (from_addr, recipients, data) in enumerate(messages):
@@ -207,7 +168,7 @@ class Transactions:
                 except TransportError as exc:
                     settle(index, exc, turn)
                     continue
-                wire = _wire_data(data)
+                wire = chunking.data_wire(data)
                 chained = (
                     smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
                 )
@@ -268,7 +229,7 @@ class Transactions:
             if smtp is not None:
                 smtp.deadline = None
         report()
-        return outcomes
+        return ledger.outcomes
 
     def _end_held(self, smtp: Session, held: Held) -> Outcome:
         try:
@@ -429,7 +390,7 @@ class Transactions:
                     # The server is closing the session: no point asking about the rest.
                     raise smtplib.SMTPResponseException(code, reply)
                 if code not in (250, 251):
-                    refused[recipient] = (code, _text(reply))
+                    refused[recipient] = (code, reply_text(reply))
         if len(refused) == len(recipients):
             self._recover(Step.RCPT)
             logger.info("%s: every recipient refused", self.provider.name)
@@ -444,17 +405,7 @@ class Transactions:
                 code, reply = smtp.getreply()
             if code != 354:
                 raise smtplib.SMTPDataError(code, reply)
-            sock = smtp.sock
-            assert sock is not None
-            view = memoryview(wire)
-            try:
-                for offset in range(0, len(view), _CHUNK):
-                    smtp.arm()
-                    sock.sendall(view[offset : offset + _CHUNK])
-            except ssl.SSLError as exc:
-                # A TLS error after the handshake is a broken connection, not a TLS policy
-                # failure: report it as the disconnect it is.
-                raise smtplib.SMTPServerDisconnected(f"connection broken: {exc}") from exc
+            smtp.write_all(wire)
         return refused
 
     def _end_transaction(self, smtp: Session, sent: Held) -> dict[str, tuple[int, str]]:
@@ -568,22 +519,3 @@ def _check_address(address: str, step: Step, provider: str, *, allow_empty: bool
             InvalidMessage(f"invalid address {address!r}: line breaks and <> are not allowed"),
             provider=provider,
         )
-
-
-def _wire_data(data: bytes) -> bytes:
-    """The message as sent after DATA: CRLF line endings, dot-stuffed, ending in CRLF.CRLF."""
-    body = bytes(data)
-    crlf = body.count(b"\r\n")
-    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
-        body = _LINE_END.sub(b"\r\n", body)
-    # RFC 5321 4.5.2: a line starting with "." gets another one, so no line is a lone ".".
-    if body.startswith(b"."):
-        body = b"." + body
-    body = body.replace(b"\r\n.", b"\r\n..")
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    return body + b".\r\n"
-
-
-def _text(reply: bytes | str) -> str:
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply

@@ -34,7 +34,7 @@ def smtp_server(certs: Any, request: pytest.FixtureRequest) -> Iterator[Callable
     """Start SMTPTestServer instances on 127.0.0.1; all are stopped after the test.
 
     A module that defines a ``pipelining`` fixture (and uses it) gets servers offering
-    PIPELINING or not, as that fixture says.
+    PIPELINING or not, as that fixture says; likewise ``chunking`` for CHUNKING (BDAT).
     """
     from robust_mail.testing import SMTPTestServer
 
@@ -43,10 +43,13 @@ def smtp_server(certs: Any, request: pytest.FixtureRequest) -> Iterator[Callable
         request.getfixturevalue("pipelining") if "pipelining" in request.fixturenames else False
     )
 
+    chunking = request.getfixturevalue("chunking") if "chunking" in request.fixturenames else False
+
     def start(mode: str = "accept", **kwargs: Any) -> Any:
         if kwargs.get("tls"):
             kwargs.setdefault("certificates", certs)
         kwargs.setdefault("pipelining", pipelining)
+        kwargs.setdefault("chunking", chunking)
         server = SMTPTestServer(mode, **kwargs)
         server.start()
         started.append(server)

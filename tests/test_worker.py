@@ -90,6 +90,31 @@ def test_stop_while_pipelining_finishes_at_most_the_next_envelope_in_flight(
     assert statuses.count(("queued", 0, "")) == stats.released
 
 
+def test_stop_while_sending_with_bdat_finishes_the_messages_already_written(
+    smtp_server: Any, robust: Any
+) -> None:
+    # With BDAT up to a window of messages is written before the first reply is read:
+    # those are finished (read and recorded), and nothing after them starts.
+    from robust_mail.chunking import WINDOW
+
+    workers: list[Worker] = []
+    server = smtp_server(
+        pipelining=True, chunking=True, on_message=lambda received: workers[0].stop()
+    )
+    robust([provider(server, "only")])
+    queue(WINDOW + 5)
+    worker = Worker(batch=WINDOW + 5, sleep=0, report=lambda line: None)
+    workers.append(worker)
+
+    stats = worker.run()
+
+    assert 1 <= stats.sent <= WINDOW and stats.sent + stats.released == WINDOW + 5
+    assert len(server.messages) == stats.sent and all(m.chunked for m in server.messages)
+    statuses = list(OutboxMessage.objects.values_list("status", "attempts", "lease_token"))
+    assert statuses.count(("sent", 1, "")) == stats.sent
+    assert statuses.count(("queued", 0, "")) == stats.released
+
+
 def test_worker_command_once_reports_each_batch(smtp_server: Any, robust: Any) -> None:
     server = smtp_server()
     robust([provider(server, "only")])

@@ -297,7 +297,7 @@ class FaultySMTP(SMTP):
                 return
             envelope.content = envelope.original_content = b"".join(chunks)
             chunks.clear()
-            reply = await self.data_reply(envelope)
+            reply = await self.data_reply(envelope, chunked=True)
             self._set_post_data_state()
             await self.push(reply)
             return
@@ -312,7 +312,7 @@ class FaultySMTP(SMTP):
     def _authenticated(self) -> bool:
         return bool(self.session and self.session.authenticated)
 
-    async def data_reply(self, envelope: Envelope) -> str:
+    async def data_reply(self, envelope: Envelope, *, chunked: bool = False) -> str:
         mode = self.state.mode
         if mode is Mode.DATA_451:
             return "451 4.3.0 Temporary failure, message not accepted"
@@ -325,6 +325,7 @@ class FaultySMTP(SMTP):
                 data=bytes(content),
                 tls=self.uses_tls,
                 auth_user=auth_user if isinstance(auth_user, str) else None,
+                chunked=chunked,
             )
         )
         if mode is Mode.DISCONNECT_AFTER_DATA:

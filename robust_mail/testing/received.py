@@ -16,6 +16,7 @@ class ReceivedMessage:
     ``data`` is the content exactly as transmitted (dot-unstuffed, CRLF line
     ends); ``message`` is the same bytes parsed with ``email.policy.default``
     after turning CRLF into LF, so ``get_content()`` reads like Python text.
+    ``chunked`` is True for a message sent with BDAT (CHUNKING) rather than DATA.
     """
 
     mail_from: str
@@ -23,6 +24,7 @@ class ReceivedMessage:
     data: bytes
     tls: bool = False
     auth_user: str | None = None
+    chunked: bool = False
     received_at: datetime.datetime = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC)
     )
