@@ -54,6 +54,9 @@ logger = logging.getLogger("robust_mail.transport")
 #: Messages on the wire before the replies of the first are read. A connection failing
 #: makes those in flight ambiguous, so this is also how many a drop can leave in doubt.
 WINDOW = 8
+#: ...and at most this many replies owed (RSET, MAIL, each RCPT, BDAT of each message in
+#: flight): replies nobody reads yet must not fill the buffers both ways (RFC 2920, 3.1).
+MAX_REPLIES_OWED = pipelining.MAX_RECIPIENTS + 3
 #: Larger messages go by DATA, whose envelope is answered before the content is sent: a
 #: refused envelope must not have cost the whole upload.
 MAX_SIZE = 1024 * 1024
@@ -99,6 +102,8 @@ class _InFlight:
     outcome: Outcome | None = None
     #: Accepted, with recipients put off by a 4xx: they need another transaction.
     put_off: bool = False
+    #: When its replies were read: the end of its time, even if reported later.
+    judged: float | None = None
 
     @property
     def replies_owed(self) -> int:  # RSET, MAIL, each RCPT, BDAT
@@ -137,7 +142,7 @@ class Run:
 
     def send(self, messages: Sequence[tuple[str, Sequence[str], bytes]]) -> None:
         conn = self.conn
-        if messages and conn.messages_sent and _closed_while_idle(self.smtp):
+        if messages and _closed_while_idle(self.smtp):
             # Its content would go out with the envelope, so a connection found dead only
             # when the replies are read would leave the first message in doubt. Nothing was
             # sent: the caller may open a fresh connection for the whole run.
@@ -154,7 +159,7 @@ class Run:
                     break
                 if not self.window:
                     self.ledger.report()  # no write on its way to overlap with: report now
-                if self.proceed is not None and not self.proceed():
+                if not self._may_go_on():
                     break
                 started = time.monotonic()
                 try:
@@ -164,19 +169,23 @@ class Run:
                     self.ledger.settle(index, exc, started)
                     continue
                 if len(recipients) > pipelining.MAX_RECIPIENTS or len(data) > MAX_SIZE:
-                    self._by_data(index, from_addr, recipients, data)
+                    if not self._by_data(index, from_addr, recipients, data):
+                        break
                     continue
-                self._write(
-                    _InFlight(
-                        Held(index, recipients, {}, len(data), started), from_addr, data, options
-                    )
+                entry = _InFlight(
+                    Held(index, recipients, {}, len(data), started), from_addr, data, options
                 )
-                while self.window and (len(self.window) >= WINDOW or self.ended):
+                while self.window and not self._room_for(entry):
                     self._judge_oldest()
+                # Making room took time (a round trip, maybe): ask again before it goes.
+                if self.ended or not self._may_go_on():
+                    break  # not sent
+                self._write(entry)
             while self.window:
                 self._judge_oldest()
             if self.torn:
                 conn._abort()
+            self.smtp.deadline = None  # the RSET below is no message's: the timeout bounds it
             if self.dirty and conn.is_open:
                 conn._recover(Step.DATA_END)  # RSET: a clean session for its next user
         except Exception:
@@ -218,9 +227,20 @@ class Run:
         self.window.append(entry)
         if not self.ended:
             # The caller's work on earlier outcomes overlaps the round trip. Its time is not
-            # the server's: the next message's turn does not start before it is over.
+            # the server's: the clocks of the messages in flight are moved on by it.
+            began = time.monotonic()
             self.ledger.report()
-            self.turn = max(self.turn, time.monotonic())
+            spent = time.monotonic() - began
+            self.turn += spent
+            for waiting in self.window:
+                waiting.held.started += spent
+
+    def _may_go_on(self) -> bool:
+        return self.proceed is None or self.proceed()
+
+    def _room_for(self, entry: _InFlight) -> bool:
+        owed = sum(waiting.replies_owed for waiting in self.window) + entry.replies_owed
+        return len(self.window) < WINDOW and owed <= MAX_REPLIES_OWED
 
     def _deadline(self, started: float) -> float | None:
         return None if self.budget is None else started + self.budget
@@ -246,13 +266,13 @@ class Run:
 
     def _outcome_of(self, entry: _InFlight) -> Outcome:
         held = entry.held
+        # Its turn came when the server was done with the one before (or when it was
+        # written, if later): its time counts from then, whatever became of the others.
+        held.started = max(held.started, self.turn)
         if entry.outcome is not None:
             return entry.outcome
         if self.lost:
             return self._lost(entry, [], None)
-        # Its turn came when the server was done with the one before (or when it was
-        # written, if later): its budget counts from then.
-        held.started = max(held.started, self.turn)
         held.deadline = self._deadline(held.started)
         self.smtp.deadline = held.deadline
         replies: list[tuple[int, bytes]] = []
@@ -264,9 +284,19 @@ class Run:
         except OSError as exc:  # smtplib's disconnects and timeouts are OSErrors too
             return self._lost(entry, replies, self.conn._blame(Step.DATA_END, exc))
         finally:
-            self.turn = time.monotonic()
+            self.turn = entry.judged = time.monotonic()
         if replies[-1][0] == _CLOSING:
             return self._closed(entry, replies)
+        if replies[0][0] != 250:
+            # Every message starts with RSET, answered 250 by any server in step. Anything
+            # else means the replies are not where they should be — say, a server that did
+            # not read a refused message's chunk and took its lines for commands — so no
+            # reply from here on can be trusted: everything in flight is in doubt.
+            code, text = replies[0]
+            slipped = smtplib.SMTPServerDisconnected(
+                f"replies out of step: RSET answered {code} {reply_text(text)}"
+            )
+            return self._lost(entry, [], slipped)
         return self._judge(entry, replies)
 
     def _judge(self, entry: _InFlight, replies: list[tuple[int, bytes]]) -> Outcome:
@@ -342,16 +372,20 @@ class Run:
 
     def _settle(self, entry: _InFlight, outcome: Outcome) -> None:
         if outcome is not _NOT_TAKEN:  # else reported as not attempted (None)
-            self.ledger.settle(entry.held.index, outcome, entry.held.started)
+            self.ledger.settle(entry.held.index, outcome, entry.held.started, entry.judged)
 
     # --- by DATA -------------------------------------------------------------------------
 
-    def _by_data(self, index: int, from_addr: str, recipients: list[str], data: bytes) -> None:
-        """A message too large or too widely addressed for BDAT: alone, by DATA."""
+    def _by_data(self, index: int, from_addr: str, recipients: list[str], data: bytes) -> bool:
+        """A message too large or too widely addressed for BDAT: alone, by DATA.
+
+        False when the run stops here (the session ended, or ``proceed()`` said so while
+        the messages in flight were read): this one was not sent.
+        """
         while self.window:
             self._judge_oldest()
-        if self.ended or not self._clean():
-            return
+        if self.ended or not self._may_go_on() or not self._clean():
+            return False
         started = time.monotonic()
         outcome: Outcome
         try:
@@ -360,6 +394,7 @@ class Run:
             outcome = exc  # send() left the session clean (RSET) or closed it
         self.ledger.settle(index, outcome, started)
         self.turn = time.monotonic()
+        return True
 
     def _send_the_rest(self, entry: _InFlight, refused: dict[str, tuple[int, str]]) -> Outcome:
         """Recipients put off with a 4xx: another transaction by DATA (window empty)."""
@@ -384,6 +419,7 @@ class Run:
         """RSET after a refused message, before a transaction by DATA; False if closed."""
         if self.dirty:
             self.dirty = False
+            self.smtp.deadline = None
             self.conn._recover(Step.DATA_END)
         return self.conn.is_open
 

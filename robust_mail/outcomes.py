@@ -58,9 +58,12 @@ class Ledger:
         self._on_outcome = on_outcome
         self._provider = provider
 
-    def settle(self, index: int, outcome: Outcome, started: float) -> None:
+    def settle(
+        self, index: int, outcome: Outcome, started: float, ended: float | None = None
+    ) -> None:
+        """Record ``outcome``: the message's time ran from ``started`` to ``ended`` (now)."""
         self.outcomes[index] = outcome
-        self._unreported.append((index, time.monotonic() - started))
+        self._unreported.append((index, (ended or time.monotonic()) - started))
 
     def report(self) -> None:
         while self._unreported and self._on_outcome is not None:
