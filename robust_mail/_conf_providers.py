@@ -21,7 +21,7 @@ from robust_mail.providers import (
 
 PROVIDER_KEYS = (
     "NAME", "HOST", "PORT", "USERNAME", "PASSWORD", "USE_TLS", "USE_SSL", "TIMEOUT",
-    "SSL_CAFILE", "SSL_CERTFILE", "SSL_KEYFILE", "FORCE_IPV4", "MAILER",
+    "SSL_CAFILE", "SSL_CERTFILE", "SSL_KEYFILE", "FORCE_IPV4", "CHUNKING", "MAILER",
 )  # fmt: skip
 
 
@@ -120,6 +120,7 @@ def read_provider(
     for key in ("SSL_CAFILE", "SSL_CERTFILE", "SSL_KEYFILE"):
         take(key, f.optional(f.text))
     take("FORCE_IPV4", f.optional(f.boolean))
+    take("CHUNKING", f.boolean)
     if out.get("use_tls") and out.get("use_ssl"):
         r.report(
             "E002",

@@ -45,6 +45,7 @@ from robust_mail.outcomes import Held, Ledger, Outcome, reply_text
 from robust_mail.session import Session
 
 if TYPE_CHECKING:
+    from robust_mail.providers import ProviderConfig
     from robust_mail.transactions import Transactions
 
 __all__ = ["MAX_SIZE", "WINDOW", "Run", "data_wire", "message_body", "offered"]
@@ -65,9 +66,10 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _CLOSING = 421
 
 
-def offered(smtp: Session) -> bool:
-    """Whether runs on this session go by BDAT: CHUNKING and PIPELINING both offered."""
-    return bool(smtp.has_extn("chunking") and smtp.has_extn("pipelining"))
+def offered(smtp: Session, provider: ProviderConfig) -> bool:
+    """Whether runs on this session go by BDAT: CHUNKING and PIPELINING both offered,
+    and the provider's ``CHUNKING`` setting (default True) not turned off."""
+    return bool(provider.chunking and smtp.has_extn("chunking") and smtp.has_extn("pipelining"))
 
 
 def message_body(data: bytes) -> bytes:

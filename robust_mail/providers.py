@@ -31,7 +31,9 @@ SCHEMES: dict[str, tuple[bool, bool, int]] = {
 }
 
 #: Query keys a provider URL may carry (the lower-case provider dict keys).
-URL_QUERY_KEYS = ("name", "timeout", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "force_ipv4")
+URL_QUERY_KEYS = (
+    "name", "timeout", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "force_ipv4", "chunking",
+)  # fmt: skip
 
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
@@ -57,6 +59,7 @@ class ProviderConfig:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     force_ipv4: bool = True  # already resolved against the global FORCE_IPV4
+    chunking: bool = True  # send runs with BDAT when the server offers CHUNKING
     mailer: str | None = None  # Django 6.1: name of another MAILERS alias to delegate to
 
     @property
@@ -198,11 +201,11 @@ def _parse_query(query: str, fail: Callable[[str], ProviderURLError]) -> dict[st
             if not math.isfinite(seconds):
                 raise fail(f"timeout must be a finite number of seconds, got {value!r}")
             out[upper] = seconds
-        elif key == "force_ipv4":
+        elif key in ("force_ipv4", "chunking"):
             try:
                 out[upper] = parse_bool(value)
             except ValueError as exc:
-                raise fail(f"force_ipv4: {exc}") from None
+                raise fail(f"{key}: {exc}") from None
         else:
             if not value:
                 raise fail(f"query key {key!r} has an empty value")

@@ -137,7 +137,7 @@ class Transactions:
         ledger = Ledger(len(messages), on_outcome, self.provider.name)
         settle, report = ledger.settle, ledger.report
         smtp = self._smtp
-        if smtp is not None and smtp.sock is not None and chunking.offered(smtp):
+        if smtp is not None and smtp.sock is not None and chunking.offered(smtp, self.provider):
             chunking.Run(self, smtp, ledger, budget=budget, proceed=proceed).send(messages)
             return ledger.outcomes
 

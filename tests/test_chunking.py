@@ -335,3 +335,17 @@ def test_a_pooled_connection_closed_while_idle_is_not_written_to(chunking_server
     first = failure(outcomes[0])
     assert (first.step, classify(first)) == (Step.MAIL, Classification.TRANSIENT)
     assert outcomes[1:] == [None, None] and not conn.is_open
+
+
+def test_a_provider_with_chunking_off_sends_runs_by_data(certificates: TestCertificates) -> None:
+    with SMTPTestServer(pipelining=True, chunking=True) as server:
+        provider = ProviderConfig(
+            name="no-bdat", host="127.0.0.1", port=server.port, timeout=3, chunking=False
+        )
+        conn = SMTPConnection(provider, resolver=Resolver(), local_hostname="client.test")
+        conn.open()
+        try:
+            assert conn.send_many(batch(3)) == [{}, {}, {}]
+        finally:
+            conn.close()
+        assert [m.chunked for m in server.messages] == [False, False, False]

@@ -69,6 +69,7 @@ def codes(problems: list[Any]) -> list[str]:
             "smtps://u:p@h.example?ssl_certfile=/c.pem&ssl_keyfile=/k.pem&force_ipv4=TRUE",
             {"SSL_CERTFILE": "/c.pem", "SSL_KEYFILE": "/k.pem", "FORCE_IPV4": True},
         ),
+        ("smtp+tls://h.example?chunking=no", {"CHUNKING": False}),
     ],
 )
 def test_provider_url_is_parsed_into_provider_keys(url: str, expected: dict[str, Any]) -> None:
@@ -214,6 +215,22 @@ def test_email_settings_fallback_takes_every_email_setting_and_bounds_the_timeou
         use_tls=False, use_ssl=True, timeout=10.0, ssl_cafile="/etc/ca.pem",
         ssl_certfile="/etc/cert.pem", ssl_keyfile="/etc/key.pem", force_ipv4=False,
     )  # fmt: skip
+
+
+def test_chunking_is_on_unless_a_provider_turns_it_off(settings: Any) -> None:
+    # BDAT is used only where the server offers CHUNKING; CHUNKING False is the way out
+    # for a provider whose BDAT is broken.
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [
+            {"HOST": "a.example"},
+            {"HOST": "b.example", "CHUNKING": False},
+            "smtp://c.example?chunking=false",
+        ]
+    }
+    assert [p.chunking for p in get_config().providers] == [True, False, False]
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": "a.example", "CHUNKING": "sometimes"}]}
+    problems = validate()
+    assert any("CHUNKING" in str(p) for p in problems), [str(p) for p in problems]
 
 
 @override_settings(EMAIL_USE_TLS=True, EMAIL_USE_SSL=True, EMAIL_HOST_PASSWORD=SECRET)
