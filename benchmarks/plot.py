@@ -18,6 +18,8 @@ SHORT = {
     "smtp-sink": "smtp-sink\n(plain) loopback",
     "rtt40": "STARTTLS+AUTH\n40 ms RTT",
     "rtt40-backlog": "STARTTLS+AUTH\n40 ms RTT, backlog",
+    "loopback-chunking": "+CHUNKING\nloopback",
+    "rtt40-chunking": "+CHUNKING\n40 ms RTT",
 }
 
 

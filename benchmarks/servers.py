@@ -94,9 +94,15 @@ def serve() -> int:
         ports = {name: server.port for name, server in servers.items()}
         print(json.dumps({"ports": ports, "ca_file": certificates.ca_file}), flush=True)
         for line in sys.stdin:
-            if line.strip() == "counts":
+            command = line.split()
+            if command == ["counts"]:
                 with lock:
                     print(json.dumps(received), flush=True)
+            elif command[:1] == ["chunking"]:
+                # Offer CHUNKING (BDAT) from the next EHLO on, or stop offering it.
+                for server in servers.values():
+                    server.chunking = command[1:] == ["on"]
+                print(json.dumps({"chunking": command[1:] == ["on"]}), flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -259,6 +265,15 @@ class ServerFarm:
                 "sink", self.smtp_sink_port, False, username="", password="", timeout=timeout
             )
         return Endpoint(name, self.ports[name], True, timeout=timeout)
+
+    def offer_chunking(self, on: bool) -> None:
+        """Make the aiosmtpd servers offer CHUNKING (BDAT) to new sessions, or not."""
+        servers = self._servers
+        assert servers is not None and servers.stdin is not None
+        with self._lock:
+            servers.stdin.write(f"chunking {'on' if on else 'off'}\n")
+            servers.stdin.flush()
+            _read_json_line(servers, "chunking")
 
     def counts(self) -> dict[str, int]:
         """Messages each aiosmtpd server accepted so far."""
