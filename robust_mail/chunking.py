@@ -359,7 +359,12 @@ class Run:
     def _lost(
         self, entry: _InFlight, replies: list[tuple[int, bytes]], error: BaseException | None
     ) -> Outcome:
-        """The connection failed with replies owed: ambiguous, unless already refused."""
+        """The connection failed with replies owed: ambiguous, unless already refused.
+
+        The first message it happens to counts the failure; those after it in flight are
+        marked ``collateral``, so that one lost connection is one failure for the breaker.
+        """
+        collateral = self.lost
         if not self.lost:
             self.ended = self.lost = True
             self.conn._abort()
@@ -370,7 +375,9 @@ class Run:
             "the connection was lost before this message's reply"
         )
         logger.info("%s: %s failed: %s", self.conn.provider.name, Step.DATA_END, cause)
-        return TransportError(Step.DATA_END, cause, provider=self.conn.provider.name)
+        return TransportError(
+            Step.DATA_END, cause, provider=self.conn.provider.name, collateral=collateral
+        )
 
     def _settle(self, entry: _InFlight, outcome: Outcome) -> None:
         if outcome is not _NOT_TAKEN:  # else reported as not attempted (None)

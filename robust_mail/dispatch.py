@@ -80,6 +80,8 @@ class _Attempts:
     #: The last provider lacks what this message needs (SMTPUTF8, a large enough SIZE).
     incapable: bool = False
     unreachable: bool = False
+    #: The last failure shared a lost connection with an earlier message of its run.
+    collateral: bool = False
     #: Some provider lacked what this message needs / some provider was skipped.
     any_incapable: bool = False
     any_skipped: bool = False
@@ -214,10 +216,11 @@ class Dispatcher(Runs):
                 # The provider is up and answered: the message, not the provider, is at fault.
                 breaker.record_success()
                 break
-            if attempts.busy_locally or attempts.out_of_time:
+            if attempts.busy_locally or attempts.out_of_time or attempts.collateral:
                 # Our own pool was exhausted, or our own deadline cut the provider short:
-                # neither says anything about the provider's health.
-                attempts.busy_locally = attempts.out_of_time = False
+                # neither says anything about the provider's health. Nor does a message
+                # lost with the connection another message of its run already counted.
+                attempts.busy_locally = attempts.out_of_time = attempts.collateral = False
                 breaker.release()
                 continue
             # Only a failure of the provider itself (TLS, auth, refusing us as a sender)
@@ -305,6 +308,7 @@ class Dispatcher(Runs):
         except Exception as exc:
             classification = classify(exc)
             attempts.busy_locally = isinstance(exc, PoolTimeout)
+            attempts.collateral = bool(getattr(exc, "collateral", False))
             attempts.out_of_time = cut_only
             attempts.incapable = incapable(exc)
             attempts.unreachable = unreachable(exc) and not last_chance

@@ -123,6 +123,7 @@ class TransportError(RobustMailError):
         code: int | None = None,
         reply: str = "",
         refused: Mapping[str, tuple[int, str]] | None = None,
+        collateral: bool = False,
     ) -> None:
         self.step = step
         self.cause = cause
@@ -131,6 +132,10 @@ class TransportError(RobustMailError):
         self.reply = reply or _reply_of(cause)
         #: For RCPT failures: every refused recipient with its code and reply.
         self.refused = dict(refused or {})
+        #: This message failed only because an earlier one of the same run lost the
+        #: connection (messages in flight with BDAT): one failure of the provider, which
+        #: that earlier message already counts for its breaker.
+        self.collateral = collateral
         super().__init__(str(self))
 
     @property

@@ -349,3 +349,34 @@ def test_a_provider_with_chunking_off_sends_runs_by_data(certificates: TestCerti
         finally:
             conn.close()
         assert [m.chunked for m in server.messages] == [False, False, False]
+
+
+def test_one_connection_lost_mid_run_is_one_failure_for_the_breaker(
+    smtp_server: Any, robust: Any
+) -> None:
+    # The primary takes the first message and hangs up: the others were in flight, so
+    # they are in doubt too and go to the backup flagged — but the provider failed once.
+    from django.core import mail
+    from django.core.mail import EmailMessage
+
+    from robust_mail.conf import get_config
+    from robust_mail.state import get_breaker
+    from tests.conftest import provider
+
+    primary = smtp_server("disconnect_after_data", pipelining=True, chunking=True)
+    backup = smtp_server(pipelining=True, chunking=True)
+    robust(
+        [provider(primary, "primary"), provider(backup, "backup")],
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 2},
+    )
+    messages = [
+        EmailMessage("Hi", "Body", "from@example.com", [f"to{i}@example.com"]) for i in range(4)
+    ]
+
+    assert mail.get_connection().send_messages(messages) == 4
+
+    assert all(m.delivery_result.ambiguous for m in messages)
+    assert all(m.delivery_result.provider == "backup" for m in messages)
+    assert len(primary.messages) == 1 and len(backup.messages) == 4
+    breaker = get_breaker("primary", get_config())
+    assert (breaker.failures, breaker.state.value) == (1, "closed")
