@@ -291,8 +291,17 @@ def test_a_server_that_drops_after_taking_a_message_leaves_it_in_doubt(
 
     outcomes = conn.send_many(batch(3))
 
-    assert [classify(failure(o)) for o in outcomes] == [Classification.AMBIGUOUS] * 3
-    assert len(server.messages) == 1  # the first got there; the others are in doubt too
+    # The first got there; the others were written behind it, so they are in doubt too —
+    # unless the hang-up came first and a write failed: then that message plainly was not
+    # taken (DATA, transient). On a loaded machine either can happen; none is "sent".
+    first, *others = (failure(o) for o in outcomes)
+    assert classify(first) is Classification.AMBIGUOUS
+    assert all(
+        classify(e) is Classification.AMBIGUOUS
+        or (e.step, classify(e)) == (Step.DATA, Classification.TRANSIENT)
+        for e in others
+    )
+    assert len(server.messages) == 1
     assert not conn.is_open
 
 
@@ -354,8 +363,11 @@ def test_a_provider_with_chunking_off_sends_runs_by_data(certificates: TestCerti
 def test_one_connection_lost_mid_run_is_one_failure_for_the_breaker(
     smtp_server: Any, robust: Any
 ) -> None:
-    # The primary takes the first message and hangs up: the others were in flight, so
-    # they are in doubt too and go to the backup flagged — but the provider failed once.
+    # The primary takes one message per connection and hangs up: the messages in flight
+    # behind it are in doubt too and go to the backup flagged — but each lost connection
+    # is one failure of the provider, however many messages were in flight. (How many
+    # connections it takes depends on timing: a write may already fail, and that message
+    # is retried on a connection of its own.)
     from django.core import mail
     from django.core.mail import EmailMessage
 
@@ -367,16 +379,17 @@ def test_one_connection_lost_mid_run_is_one_failure_for_the_breaker(
     backup = smtp_server(pipelining=True, chunking=True)
     robust(
         [provider(primary, "primary"), provider(backup, "backup")],
-        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 2},
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 100},
     )
     messages = [
-        EmailMessage("Hi", "Body", "from@example.com", [f"to{i}@example.com"]) for i in range(4)
+        EmailMessage("Hi", "Body", "from@example.com", [f"to{i}@example.com"]) for i in range(6)
     ]
 
-    assert mail.get_connection().send_messages(messages) == 4
+    assert mail.get_connection().send_messages(messages) == 6
 
     assert all(m.delivery_result.ambiguous for m in messages)
     assert all(m.delivery_result.provider == "backup" for m in messages)
-    assert len(primary.messages) == 1 and len(backup.messages) == 4
-    breaker = get_breaker("primary", get_config())
-    assert (breaker.failures, breaker.state.value) == (1, "closed")
+    assert len(backup.messages) == 6
+    lost = primary.connections_total
+    assert len(primary.messages) == lost < 6  # one message taken per connection
+    assert get_breaker("primary", get_config()).failures == lost
