@@ -138,6 +138,9 @@ class Run:
         self.lost = False
         #: The last message judged was not accepted: the server's state is not known clean.
         self.dirty = False
+        #: A message was already reported lost with the connection: the messages after it
+        #: in flight share that failure (``collateral``), which it counts for the breaker.
+        self.counted = False
         #: A write failed part way: the server waits for octets that will never come, so
         #: the connection is dropped once the replies owed before it are read.
         self.torn = False
@@ -364,13 +367,13 @@ class Run:
         The first message it happens to counts the failure; those after it in flight are
         marked ``collateral``, so that one lost connection is one failure for the breaker.
         """
-        collateral = self.lost
         if not self.lost:
             self.ended = self.lost = True
             self.conn._abort()
         refusal = self._refusal(entry, replies)
         if refusal is not None:
-            return refusal
+            return refusal  # its own outcome, which says nothing of the connection
+        collateral, self.counted = self.counted, True
         cause = error or smtplib.SMTPServerDisconnected(
             "the connection was lost before this message's reply"
         )

@@ -18,6 +18,7 @@ the system checks in ``checks.py`` (which report).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -326,6 +327,17 @@ _lock = threading.Lock()
 _generation = 0
 _settings_config: RobustMailConfig | None = None
 _options_configs: dict[object, RobustMailConfig] = {}
+
+
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held the lock at fork(): the child's copy
+    # would stay held for ever.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _on_setting_changed(*, setting: str, **kwargs: object) -> None:

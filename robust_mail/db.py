@@ -12,15 +12,18 @@ from django.db import models, transaction
 __all__ = ["insert"]
 
 
-def insert(row: models.Model, alias: str) -> None:
+def insert(row: models.Model, alias: str, *, like: str | None = None) -> None:
     """INSERT ``row`` on ``alias``, committed on its own or under a savepoint.
 
     In autocommit (a view without ``ATOMIC_REQUESTS``) the INSERT is its own transaction:
     BEGIN and COMMIT around it would add two round trips to a database server. Inside the
-    caller's transaction, a savepoint: a refused row (a duplicate key, a value a column
-    cannot hold) then leaves that transaction usable, PostgreSQL included.
+    caller's transaction (or with autocommit turned off), a savepoint: a refused row (a
+    duplicate key, a value a column cannot hold) then leaves that transaction usable,
+    PostgreSQL included. ``like``: the database whose state decides which, when the row
+    stands in for one written there (the decoy for the outbox row): both then run the same
+    statements even if routers put them on different databases.
     """
-    if transaction.get_connection(alias).in_atomic_block:
+    if not transaction.get_autocommit(using=like or alias):
         with transaction.atomic(using=alias):
             row.save(using=alias, force_insert=True)
     else:

@@ -290,7 +290,10 @@ def write_decoy(now: datetime, *, using: str | None = None) -> None:
         invalidated=True,
         ip_address=None,
     )
-    insert(decoy, alias)  # as enqueue inserts the outbox row
+    from robust_mail.models.outbox import OutboxMessage
+
+    # As enqueue inserts the outbox row, in the state of the outbox's database.
+    insert(decoy, alias, like=router.db_for_write(OutboxMessage))
 
 
 def purge_decoys(*, using: str | None = None) -> int:

@@ -4,8 +4,8 @@ Breakers (and metrics) keep their state in the cache named by ``ROBUST_MAIL["CAC
 that every process and machine sharing it (Redis) sees the same thing. The cache is a
 convenience, never a dependency of sending: any cache error is logged once per outage on the
 ``robust_mail.state`` logger, and until the cache answers again each process uses its own
-memory. While the cache is down it is probed at most once every ``PROBE_INTERVAL`` seconds,
-by one caller at a time, so a black-holed cache server costs one socket timeout per
+memory. While the cache is down it is probed at most once every ``PROBE_INTERVAL`` seconds
+(one caller claims each probe), so a black-holed cache server costs one socket timeout per
 interval, not one per message or per thread.
 Configure short socket timeouts on the cache for the same reason (see
 docs/pooling-and-breakers.md).

@@ -34,6 +34,8 @@ _Key = tuple[str | None, str | None, str | None]
 _contexts: dict[_Key, ssl.SSLContext] = {}
 _guard = threading.Lock()
 _building: dict[_Key, threading.Lock] = {}
+#: Counts clear_tls_contexts() calls, so that a build it overlapped is not cached.
+_generation = 0
 
 
 def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
@@ -52,12 +54,20 @@ def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
     with lock:
         context = _contexts.get(key)
         if context is None:
-            context = _contexts[key] = _build(*key)
+            generation = _generation
+            context = _build(*key)
+            if generation == _generation:  # else the files were cleared meanwhile: stale
+                _contexts[key] = context
     return context
 
 
 def clear_tls_contexts() -> None:
-    """Forget every cached context, e.g. after certificate files were replaced on disk."""
+    """Forget every cached context, e.g. after certificate files were replaced on disk.
+
+    A context being built meanwhile (from the files as they were) is used once, not kept.
+    """
+    global _generation
+    _generation += 1
     _contexts.clear()
 
 

@@ -26,7 +26,8 @@ IDLE = 0.5
 DROP = "drop"
 
 #: One message's script: None (all accepted), DROP (hang up when its answers are due), or
-#: replies to override: {"rset": ..., "mail": ..., "rcpt": [one per recipient], "bdat": ...}.
+#: replies to override: {"rset": ..., "mail": ..., "rcpt": [one per recipient], "bdat": ...};
+#: with "bdat": DROP the envelope is answered and the server hangs up before the BDAT reply.
 Script = dict[str, Any] | str | None
 
 

@@ -113,6 +113,21 @@ def test_a_drop_with_messages_in_flight_leaves_each_of_them_in_doubt(bdat_script
     assert len(server.messages) == WINDOW and not conn.is_open
 
 
+def test_a_drop_after_a_refusal_is_still_counted_once(bdat_scripted: Any) -> None:
+    # The second message's recipient is refused, then the server hangs up before its BDAT
+    # reply. That message's outcome is its refusal; the connection's loss is the next
+    # message's to count (not collateral), and only the ones after that are collateral.
+    conn, _ = bdat_scripted(None, {"rcpt": ["550 5.1.1 no such user"], "bdat": DROP}, hold=4)
+
+    outcomes = conn.send_many(batch(4))
+
+    assert outcomes[0] == {}
+    refused, lost, later = (failure(o) for o in outcomes[1:])
+    assert (refused.step, classify(refused)) == (Step.RCPT, Classification.MESSAGE_FATAL)
+    assert [classify(lost), classify(later)] == [Classification.AMBIGUOUS] * 2
+    assert [lost.collateral, later.collateral] == [False, True]
+
+
 def test_a_421_refuses_that_message_and_those_after_it_were_not_taken(
     bdat_scripted: Any,
 ) -> None:

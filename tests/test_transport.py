@@ -381,6 +381,42 @@ def test_forked_child_makes_tls_contexts_while_the_parent_is_still_building_one(
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_forked_child_builds_the_tls_context_the_parent_is_still_building(
+    certificates: TestCertificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same certificate files: at fork() a thread of the parent holds the lock for
+    # them, building. The child's copy of that lock would stay held for ever; the child
+    # must start with fresh locks and build its own context.
+    import robust_mail.tls as tls
+
+    parent, release = os.getpid(), threading.Event()
+    real_build = tls._build
+
+    def build(*key: Any) -> Any:
+        if os.getpid() == parent:
+            release.wait(10)
+        return real_build(*key)
+
+    monkeypatch.setattr(tls, "_build", build)
+    clear_tls_contexts()
+    provider = ProviderConfig(name="same", ssl_cafile=certificates.ca_file)
+    building = threading.Thread(target=tls_context, args=(provider,))
+    building.start()
+    try:
+        for _ in range(200):  # until the builder holds the lock
+            if tls._building.get((certificates.ca_file, None, None), threading.Lock()).locked():
+                break
+            time.sleep(0.005)
+        status = in_child(lambda: tls_context(provider))
+    finally:
+        release.set()
+        building.join(10)
+        clear_tls_contexts()
+
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def _open_when_read(fifo: str) -> int:
     """Open ``fifo`` for writing as soon as someone has it open for reading."""
     for _ in range(2000):

@@ -259,8 +259,10 @@ class FaultySMTP(SMTP):
     async def smtp_BDAT(self, arg: str) -> None:
         """RFC 3030: ``BDAT <size> [LAST]`` then exactly ``size`` octets of the message.
 
-        The octets are read whatever the reply will be: they are the framing, so a
-        refused chunk leaves the session in step. The message is complete at ``LAST``
+        Once the command reaches this handler, the octets are read whatever the reply will
+        be: they are the framing, so a refused chunk leaves the session in step. (aiosmtpd
+        answers some commands before any handler sees them — 530 before STARTTLS when it
+        is required — and then the chunk is not read.) The message is complete at ``LAST``
         and goes through the same hooks (and faults) as one sent with DATA.
         """
         if not self.state.chunking:
