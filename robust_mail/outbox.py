@@ -28,6 +28,7 @@ from typing import Any
 from django.core.mail import EmailMessage
 from django.db import DatabaseError, IntegrityError, connections, router, transaction
 from django.db.models import BooleanField, Case, F, Q, TextField, Value, When
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 from django.utils.encoding import force_str
 
@@ -109,7 +110,10 @@ def enqueue(
     )
     alias = using or router.db_for_write(OutboxMessage)
     try:
+        _check_transactions(alias)
         insert(row, alias)
+    except TransactionManagementError:
+        raise  # a DatabaseError too, but the caller's usage, not the database
     except IntegrityError as exc:
         existing = _existing(idempotency_key, alias)
         if existing is None:
@@ -122,6 +126,18 @@ def enqueue(
         ) from exc
     transaction.on_commit(functools.partial(_committed, message, row.pk), using=alias)
     return row
+
+
+def _check_transactions(alias: str) -> None:
+    connection = transaction.get_connection(alias)
+    if not connection.get_autocommit() and not connection.in_atomic_block:
+        # Refused before the INSERT: transaction.on_commit() below would raise after it,
+        # leaving a row the caller's transaction may still commit.
+        raise TransactionManagementError(
+            "enqueue() needs autocommit or an atomic block: delivery is scheduled with "
+            "transaction.on_commit(), which Django does not allow under manual "
+            "transaction management (set_autocommit(False)). Nothing was queued."
+        )
 
 
 def _check_fits(message_id: str, idempotency_key: str | None) -> None:

@@ -113,6 +113,22 @@ def test_same_idempotency_key_is_queued_only_once_in_autocommit() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_manual_transaction_management_is_refused_before_anything_is_written() -> None:
+    # Django's on_commit(), which schedules the delivery, is not allowed with autocommit
+    # off outside an atomic block: say so before the INSERT, not after it.
+    from django.db.transaction import TransactionManagementError
+
+    transaction.set_autocommit(False)
+    try:
+        with pytest.raises(TransactionManagementError, match="Nothing was queued"):
+            enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]))
+        assert not OutboxMessage.objects.exists()
+    finally:
+        transaction.rollback()
+        transaction.set_autocommit(True)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_in_autocommit_a_message_is_queued_with_one_statement() -> None:
     # A request that queues a message outside any transaction pays one statement: no
     # BEGIN and COMMIT around it (each a round trip to a database server).
