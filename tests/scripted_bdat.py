@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from robust_mail.providers import ProviderConfig
-from robust_mail.resolver import Resolver
 from robust_mail.transport import SMTPConnection
+from tests.scripted_smtp import Sessions
 
 IDLE = 0.5
 DROP = "drop"
@@ -176,17 +175,10 @@ class BdatServer:
 @pytest.fixture
 def bdat_scripted() -> Iterator[Any]:
     """``bdat_scripted(*scripts, hold=)`` → (an open SMTPConnection, its server)."""
-    made: list[tuple[SMTPConnection, BdatServer]] = []
+    sessions: Sessions[BdatServer] = Sessions()
 
     def start(*scripts: Script, hold: int) -> tuple[SMTPConnection, BdatServer]:
-        server = BdatServer(list(scripts), hold=hold)
-        provider = ProviderConfig(name="scripted", host="127.0.0.1", port=server.port, timeout=5)
-        conn = SMTPConnection(provider, resolver=Resolver(), local_hostname="client.test")
-        made.append((conn, server))
-        conn.open()
-        return conn, server
+        return sessions.open(BdatServer(list(scripts), hold=hold))
 
     yield start
-    for conn, server in made:
-        conn.close()
-        server.close()
+    sessions.close()

@@ -13,13 +13,22 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import pytest
 
 from robust_mail.providers import ProviderConfig
 from robust_mail.resolver import Resolver
 from robust_mail.transport import SMTPConnection
+
+
+class _Server(Protocol):
+    port: int
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
 
 MESSAGE = b"Subject: hi\r\nMessage-ID: <1@test>\r\n\r\nHello\r\n"
 
@@ -106,22 +115,34 @@ class ScriptedServer:
         self.thread.join(5)
 
 
+class Sessions(Generic[S]):
+    """Clients opened on scripted servers for one test; all closed after it."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[SMTPConnection, S]] = []
+
+    def open(self, server: S) -> tuple[SMTPConnection, S]:
+        provider = ProviderConfig(name="scripted", host="127.0.0.1", port=server.port, timeout=5)
+        conn = SMTPConnection(provider, resolver=Resolver(), local_hostname="client.test")
+        self.made.append((conn, server))
+        conn.open()
+        return conn, server
+
+    def close(self) -> None:
+        for conn, server in self.made:
+            conn.close()
+            server.close()
+
+
 @pytest.fixture
 def scripted() -> Iterator[Any]:
     """``scripted(*transactions, withhold=, pause=)`` → (an open SMTPConnection, its server)."""
-    made: list[tuple[SMTPConnection, ScriptedServer]] = []
+    sessions: Sessions[ScriptedServer] = Sessions()
 
     def start(
         *transactions: tuple[list[str], str], withhold: bool = False, pause: float = 0.0
     ) -> tuple[SMTPConnection, ScriptedServer]:
-        server = ScriptedServer(list(transactions), withhold=withhold, pause=pause)
-        provider = ProviderConfig(name="scripted", host="127.0.0.1", port=server.port, timeout=5)
-        conn = SMTPConnection(provider, resolver=Resolver(), local_hostname="client.test")
-        made.append((conn, server))
-        conn.open()
-        return conn, server
+        return sessions.open(ScriptedServer(list(transactions), withhold=withhold, pause=pause))
 
     yield start
-    for conn, server in made:
-        conn.close()
-        server.close()
+    sessions.close()

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +182,30 @@ def test_sending_side_keeps_working_when_redis_dies_mid_run(
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
-def test_a_blackholed_cache_costs_one_socket_timeout_per_probe_interval(settings: Any) -> None:
-    # A listening socket that never answers: every cache call would wait for socket_timeout.
+@contextlib.contextmanager
+def blackholed_cache(settings: Any) -> Iterator[socket.socket]:
+    """The default cache on a listening socket that never answers (so every call would
+    wait for socket_timeout); yields the listener, non-blocking, to count connections."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
         settings.CACHES = redis_caches(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+        listener.setblocking(False)
+        yield listener
+
+
+def _accept_all(listener: socket.socket) -> int:
+    """Accept (and close) the connections waiting on ``listener``; how many."""
+    accepted = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            listener.accept()[0].close()
+            accepted += 1
+    return accepted
+
+
+def test_a_blackholed_cache_costs_one_socket_timeout_per_probe_interval(settings: Any) -> None:
+    with blackholed_cache(settings) as listener:
         breaker = get_breaker("primary", failure_threshold=2)
 
         for _ in range(50):
@@ -194,30 +213,20 @@ def test_a_blackholed_cache_costs_one_socket_timeout_per_probe_interval(settings
             breaker.record_success()
 
         assert state.guard("default").degraded
-        listener.setblocking(False)
-        attempts = []
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                attempts.append(listener.accept()[0])
-        for conn in attempts:
-            conn.close()
+        attempts = _accept_all(listener)
     # One connection, one timeout, then per-process state until the next probe.
-    assert len(attempts) == 1
+    assert attempts == 1
 
 
 def test_threads_arriving_when_a_probe_is_due_send_one_probe(settings: Any) -> None:
     # The probe interval is over and a worker's threads all want the breaker at once:
     # one of them tries the black-holed cache; the others use per-process state instead
     # of each waiting for its own socket timeout.
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        settings.CACHES = redis_caches(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+    with blackholed_cache(settings) as listener:
         breaker = get_breaker("primary", failure_threshold=2)
         breaker.allow()  # the outage is found: one timeout
         cache_guard = state.guard("default")
         assert cache_guard.degraded
-        listener.setblocking(False)
         _accept_all(listener)
 
         cache_guard._next_probe = 0.0  # the interval is over (not waited for in a test)
@@ -229,15 +238,6 @@ def test_threads_arriving_when_a_probe_is_due_send_one_probe(settings: Any) -> N
         probes = _accept_all(listener)
     assert cache_guard.degraded
     assert probes == 1
-
-
-def _accept_all(listener: socket.socket) -> int:
-    accepted = 0
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            listener.accept()[0].close()
-            accepted += 1
-    return accepted
 
 
 def test_a_delivered_message_costs_one_redis_round_trip(
