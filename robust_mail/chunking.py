@@ -190,9 +190,7 @@ class Run:
                 self._judge_oldest()
             if self.torn:
                 conn._abort()
-            self.smtp.deadline = None  # the RSET below is no message's: the timeout bounds it
-            if self.dirty and conn.is_open:
-                conn._recover(Step.DATA_END)  # RSET: a clean session for its next user
+            self._clean()  # a clean session for its next user
         except Exception:
             # Not a failure of the session (those are outcomes): whatever broke, replies
             # may be owed on it, so it must not be used again.
@@ -421,15 +419,16 @@ class Run:
                 held.recipients,
                 dict(refused),
                 entry.data,
-                data_wire(entry.data),
                 entry.options,
             )
         finally:
             self.smtp.deadline = None
 
     def _clean(self) -> bool:
-        """RSET after a refused message, before a transaction by DATA; False if closed."""
-        if self.dirty:
+        """RSET after a refused message (before a transaction by DATA, at the end of the
+        run); False if the session is closed. The RSET is no message's: the timeout
+        bounds it, not the last message's deadline."""
+        if self.dirty and self.conn.is_open:
             self.dirty = False
             self.smtp.deadline = None
             self.conn._recover(Step.DATA_END)

@@ -100,15 +100,14 @@ class Transactions:
         smtp = self._open_session(Step.MAIL)
         recipients = list(recipients)
         options = self._mail_options(smtp, from_addr, recipients, data)
-        wire = chunking.data_wire(data)
         try:
             check_deadline(deadline)
         except DeadlineReached as exc:
             raise TransportError(Step.MAIL, exc, provider=self.provider.name) from exc
         smtp.deadline = deadline
         try:
-            refused = self._transaction(smtp, from_addr, recipients, data, wire, options)
-            return self._send_the_rest(smtp, from_addr, recipients, refused, data, wire, options)
+            refused = self._transaction(smtp, from_addr, recipients, data, options)
+            return self._send_the_rest(smtp, from_addr, recipients, refused, data, options)
         finally:
             smtp.deadline = None
 
@@ -168,7 +167,6 @@ class Transactions:
                 except TransportError as exc:
                     settle(index, exc, turn)
                     continue
-                wire = chunking.data_wire(data)
                 chained = (
                     smtp.has_extn("pipelining") and len(recipients) <= pipelining.MAX_RECIPIENTS
                 )
@@ -188,7 +186,6 @@ class Transactions:
                         from_addr,
                         recipients,
                         data,
-                        wire,
                         options,
                         held=held,
                         sent=sent,
@@ -211,7 +208,7 @@ class Transactions:
                 try:
                     self._end_transaction(smtp, sent)
                     rest = self._send_the_rest(
-                        smtp, from_addr, recipients, sent.refused, data, wire, options
+                        smtp, from_addr, recipients, sent.refused, data, options
                     )
                 except TransportError as exc:
                     settle(index, exc, sent.started)
@@ -244,7 +241,6 @@ class Transactions:
         recipients: list[str],
         refused: dict[str, tuple[int, str]],
         data: bytes,
-        wire: bytes,
         options: list[str],
     ) -> dict[str, tuple[int, str]]:
         """Recipients put off with a 4xx while others were accepted: another transaction.
@@ -266,7 +262,7 @@ class Transactions:
                 refused[later[0]][0],
             )
             try:
-                again = self._transaction(smtp, from_addr, later, data, wire, options)
+                again = self._transaction(smtp, from_addr, later, data, options)
             except TransportError as exc:
                 if exc.step is Step.RCPT and exc.refused:
                     refused.update(exc.refused)  # no progress: they stay refused
@@ -291,12 +287,11 @@ class Transactions:
         from_addr: str,
         recipients: list[str],
         data: bytes,
-        wire: bytes,
         options: list[str],
     ) -> dict[str, tuple[int, str]]:
         """MAIL → RCPT… → DATA → content → final dot, on an open session."""
         started = time.monotonic()
-        refused = self._start_transaction(smtp, from_addr, recipients, data, wire, options)
+        refused = self._start_transaction(smtp, from_addr, recipients, data, options)
         return self._end_transaction(smtp, Held(-1, recipients, refused, len(data), started))
 
     def _start_transaction(
@@ -305,7 +300,6 @@ class Transactions:
         from_addr: str,
         recipients: list[str],
         data: bytes,
-        wire: bytes,
         options: list[str],
         *,
         held: Held | None = None,
@@ -405,7 +399,7 @@ class Transactions:
                 code, reply = smtp.getreply()
             if code != 354:
                 raise smtplib.SMTPDataError(code, reply)
-            smtp.write_all(wire)
+            smtp.write_all(chunking.data_wire(data))
         return refused
 
     def _end_transaction(self, smtp: Session, sent: Held) -> dict[str, tuple[int, str]]:

@@ -361,7 +361,7 @@ def test_a_pooled_connection_closed_while_idle_is_not_written_to(chunking_server
     assert outcomes[1:] == [None, None] and not conn.is_open
 
 
-def test_a_provider_with_chunking_off_sends_runs_by_data(certificates: TestCertificates) -> None:
+def test_a_provider_with_chunking_off_sends_runs_by_data() -> None:
     with SMTPTestServer(pipelining=True, chunking=True) as server:
         provider = ProviderConfig(
             name="no-bdat", host="127.0.0.1", port=server.port, timeout=3, chunking=False
