@@ -10,6 +10,7 @@ import pytest
 from django.core.mail import EmailMessage
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 from django.utils import timezone
 
 from robust_mail.models import OutboxMessage
@@ -154,6 +155,30 @@ def test_purge_deletes_only_old_finished_messages() -> None:
     left = sorted(OutboxMessage.objects.values_list("status", flat=True))
     assert left == ["queued", "sent"]  # the waiting one, and the recent one
     assert "deleted 3 outbox message(s) older than 30 day(s)" in out.getvalue()
+
+
+def test_purge_keeps_a_row_requeued_between_its_select_and_its_delete() -> None:
+    # "Retry now" in the admin, racing the purge: the row is queued again by the time the
+    # DELETE runs, and a queued message must never be deleted.
+    (row,) = queue(1)
+    OutboxMessage.objects.filter(pk=row.pk).update(
+        status="dead", created_at=timezone.now() - timedelta(days=40)
+    )
+    requeued: list[bool] = []
+
+    def requeue_after_select(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        result = execute(sql, params, many, context)
+        if not requeued and sql.lstrip().upper().startswith("SELECT"):
+            requeued.append(True)
+            # On a cursor of its own: the SELECT's rows are still to be fetched from this one.
+            OutboxMessage.objects.filter(pk=row.pk).update(status="queued")
+        return result
+
+    with connection.execute_wrapper(requeue_after_select):
+        call_command("robust_mail_purge", "--older-than", "30", stdout=io.StringIO())
+
+    assert requeued
+    assert OutboxMessage.objects.get(pk=row.pk).status == "queued"
 
 
 def test_purge_dry_run_deletes_nothing() -> None:

@@ -234,6 +234,27 @@ def test_sigterm_finishes_in_flight_messages_and_releases_the_rest(
     assert set(received) == set(ids) and set(received.values()) == {1}
 
 
+def test_a_second_signal_of_the_other_kind_stops_at_once(
+    sqlite_project: tuple[Project, Path, Any],
+) -> None:
+    # systemd's SIGTERM, then Ctrl-C from someone watching: the second must not wait for
+    # the in-flight message (its final dot is never answered here) like the first did.
+    project, _, server = sqlite_project
+    server.mode = "stall_after_data"
+    project.enqueue(3)
+    worker = project.worker("--batch", "3", "--sleep", "0.2")
+    server.wait_for(1, timeout=60)
+
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # its handler runs; the worker goes on waiting for the reply
+    assert worker.poll() is None
+    worker.send_signal(signal.SIGINT)
+    code, _, err = finish(worker, timeout=30)
+
+    assert "SIGTERM: finishing in-flight messages" in err
+    assert code == -signal.SIGINT
+
+
 @pytest.fixture
 def unreachable_db_project(tmp_path: Path) -> Project:
     """A project whose database is a PostgreSQL address where nothing listens."""

@@ -50,7 +50,8 @@ class Command(BaseCommand):
             pks = list(old.order_by("pk").values_list("pk", flat=True)[:CHUNK])
             if not pks:
                 break
-            count, _ = OutboxMessage.objects.using(alias).filter(pk__in=pks).delete()
+            # Filtered again: a row requeued since the SELECT ("Retry now") is kept.
+            count, _ = old.filter(pk__in=pks).delete()
             deleted += count
         self.stdout.write(f"deleted {deleted} outbox message(s) older than {days:g} day(s)")
         self._purge_codes()

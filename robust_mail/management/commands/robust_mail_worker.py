@@ -74,8 +74,10 @@ class Command(BaseCommand):
             name = signal.Signals(signum).name
             self.stderr.write(f"{name}: finishing in-flight messages, then stopping")
             worker.stop()
-            # A second signal stops at once, the default way.
-            signal.signal(signum, signal.SIG_DFL)
+            # A second signal stops at once, the default way: whichever it is (SIGTERM from
+            # systemd, then Ctrl-C from the person watching, say).
+            for stopping in previous:
+                signal.signal(stopping, signal.SIG_DFL)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
