@@ -196,7 +196,7 @@ class RobustEmailBackend(_RobustBackendBase):
             try:
                 result = apply_fallback(message, result, config)
             except RobustMailError:
-                raise
+                raise  # broken settings, or a message the outbox refuses: the caller's to fix
             except Exception as exc:
                 logger.error(
                     "message %s: every provider failed and the fallback %r failed too: %s",
@@ -217,4 +217,7 @@ class OutboxEmailBackend(_RobustBackendBase):
         self, message: EmailMessage, *, config: RobustMailConfig | None = None
     ) -> DeliveryResult:
         release_pins(message)
-        return queue_in_outbox(message)  # enqueue validates before anything is stored
+        result = queue_in_outbox(message)  # enqueue validates before anything is stored
+        if not result.ok:  # the database could not take it
+            emit(message_failed, type(self), message=message, result=result)
+        return result

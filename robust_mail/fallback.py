@@ -19,7 +19,7 @@ from django.core.mail import EmailMessage
 from django.utils import timezone
 
 from robust_mail.conf import ConfigurationError, RobustMailConfig
-from robust_mail.envelope import build_envelope
+from robust_mail.envelope import build_envelope, pin_message
 from robust_mail.results import DeliveryResult, DeliveryStatus
 
 logger = logging.getLogger("robust_mail")
@@ -52,12 +52,35 @@ def apply_fallback(
 
 
 def queue_in_outbox(message: EmailMessage, result: DeliveryResult | None = None) -> DeliveryResult:
-    """Store ``message`` durably for the workers; raises if the database cannot take it."""
-    from robust_mail.outbox import enqueue
+    """Store ``message`` durably for the workers and report it QUEUED.
+
+    When the database cannot take it, the result is left DEFERRED with the
+    :class:`~robust_mail.outbox.OutboxUnavailable` as its ``fallback_error``: the caller
+    reports it like any undelivered message (``fail_silently`` honoured, a
+    ``DeliveryFailed`` otherwise) — a logging handler's ``mail_admins`` must not raise
+    because the database is what failed. Raises :class:`InvalidMessage` for a message that
+    cannot be stored.
+    """
+    from robust_mail.outbox import OutboxUnavailable, enqueue
 
     delay = result.retry_after if result is not None else None
     not_before = timezone.now() + timedelta(seconds=delay) if delay else None
-    row = enqueue(message, not_before=not_before)
+    try:
+        row = enqueue(message, not_before=not_before)
+    except OutboxUnavailable as exc:
+        message_id = pin_message(message)
+        logger.error("message %s could not be queued in the outbox: %s", message_id, exc)
+        unqueued = DeliveryResult(
+            DeliveryStatus.DEFERRED,
+            message_id,
+            attempts=result.attempts if result else 0,
+            errors=result.errors if result else (),
+            ambiguous=result.ambiguous if result else False,
+            classification=result.classification if result else None,
+            fallback_error=exc,
+        )
+        message.delivery_result = unqueued  # type: ignore[attr-defined]
+        return unqueued
     queued = DeliveryResult(
         DeliveryStatus.QUEUED,
         row.message_id,

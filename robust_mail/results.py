@@ -103,9 +103,13 @@ class DeliveryResult:
         if self.rate_limited:
             return RateLimited("mail rate limit reached", retry_after=self.retry_after or 0.0)
         if self.fallback_error is not None:
+            what = (
+                "no provider accepted the message and the fallback could not take it"
+                if self.attempts or self.errors
+                else "the message could not be queued"  # OutboxEmailBackend, background=True
+            )
             error = DeliveryFailed(
-                "no provider accepted the message and the fallback could not take it "
-                f"({type(self.fallback_error).__name__}: {self.fallback_error})",
+                f"{what} ({type(self.fallback_error).__name__}: {self.fallback_error})",
                 self.errors,
                 classification=self.classification,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from smtplib import SMTPException
 from typing import Any
 
 from django.conf import settings
@@ -88,7 +89,8 @@ class EmailService:
                 raise result.to_exception()
         except ConfigurationError:
             raise
-        except RobustMailError:
+        except (RobustMailError, SMTPException, OSError):
+            # SMTPException / OSError: what another backend (Django's SMTP one) raises.
             if fail_silently:
                 logger.exception("send_email failed (fail_silently=True)")
                 return False

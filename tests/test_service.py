@@ -67,3 +67,15 @@ def test_works_with_djangos_locmem_backend_in_users_tests(settings, mailoutbox):
 
     assert result.status is DeliveryStatus.SENT
     assert len(mailoutbox) == 1
+
+
+def test_send_email_is_silent_with_djangos_smtp_backend_too(smtp_server, settings):
+    # "Works with whatever backend": Django's SMTP backend raises OSError / SMTPException,
+    # not robust_mail's errors, and fail_silently must cover those as well.
+    down = smtp_server("refuse")
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = down.host, down.port
+
+    assert EmailService.send_email("s", "b", ["t@example.com"], fail_silently=True) is False
+    with pytest.raises(ConnectionRefusedError):
+        EmailService.send_email("s", "b", ["t@example.com"])

@@ -311,3 +311,56 @@ def test_worker_once_gives_up_on_a_database_that_stays_down(
     assert done.returncode != 0
     assert done.stderr.count("cannot claim messages") == 2  # retried, then gave up
     assert "OperationalError" in done.stderr
+
+
+SEND_WITH_THE_DATABASE_DOWN = """
+import logging
+import django
+django.setup()
+from django.core.mail import send_mail
+from django.utils.log import AdminEmailHandler
+from robust_mail.signals import message_failed
+
+failed = []
+message_failed.connect(lambda sender, **kw: failed.append(str(kw["result"].status)), weak=False)
+print("silent:", send_mail("s", "b", "f@example.com", ["t@example.com"], fail_silently=True))
+try:
+    send_mail("s", "b", "f@example.com", ["t@example.com"])
+except Exception as exc:
+    text = " ".join(str(exc).split())
+    print("raised:", type(exc).__name__, "|", text, "|", type(exc.__cause__).__name__)
+# Django's error-mail handler sends with fail_silently=True: logging must not raise.
+logger = logging.getLogger("a_view")
+logger.addHandler(AdminEmailHandler())
+logger.error("the view failed")
+print("signals:", failed)
+"""
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["robust_mail.backends.OutboxEmailBackend", "robust_mail.backends.RobustEmailBackend"],
+    ids=["outbox-backend", "outbox-fallback"],
+)
+def test_database_down_under_the_outbox_is_an_undelivered_message(
+    unreachable_db_project: Project, backend: str
+) -> None:
+    # The outbox is all there is (OutboxEmailBackend), or all that is left (its one provider
+    # refuses connections, FALLBACK "outbox"); either way its database is unreachable.
+    project = unreachable_db_project
+    project.add_settings(
+        f"""
+        EMAIL_BACKEND = {backend!r}
+        ROBUST_MAIL = {{**ROBUST_MAIL, "FALLBACK": "outbox", "RETRY": {{"ATTEMPTS": 1}}}}
+        ADMINS = [("Ops", "ops@example.com")]
+        """
+    )
+
+    out = project.run("-c", SEND_WITH_THE_DATABASE_DOWN).stdout.splitlines()
+
+    assert out[0] == "silent: 0"
+    name, text, cause = (part.strip() for part in out[1].split("|"))
+    assert name == "raised: DeliveryFailed"  # an SMTPException, as Django's backend raises
+    assert "OutboxUnavailable: cannot store the message in the outbox" in text
+    assert cause == "OutboxUnavailable"
+    assert out[2] == "signals: ['deferred', 'deferred', 'deferred']"
