@@ -1,4 +1,4 @@
-"""One row written in a transaction of its own, whoever the caller is.
+"""One row written in a transaction of its own, whoever the caller is; dropping connections.
 
 Used for the outbox row that queueing a message writes and for the decoy row that stands in
 for it (:mod:`robust_mail.otp_store`): the two must cost the same statements, so they share
@@ -7,9 +7,9 @@ this. Imports only Django's database layer.
 
 from __future__ import annotations
 
-from django.db import models, transaction
+from django.db import DatabaseError, connections, models, transaction
 
-__all__ = ["insert"]
+__all__ = ["drop_connections", "insert"]
 
 
 def insert(row: models.Model, alias: str, *, like: str | None = None) -> None:
@@ -28,3 +28,18 @@ def insert(row: models.Model, alias: str, *, like: str | None = None) -> None:
             row.save(using=alias, force_insert=True)
     else:
         row.save(using=alias, force_insert=True)
+
+
+def drop_connections() -> None:
+    """Close this thread's database connections so that the next query reconnects.
+
+    Never one inside an atomic block: closing it would break the caller's transaction (in
+    tests, the test's own).
+    """
+    for conn in connections.all(initialized_only=True):
+        if conn.in_atomic_block:
+            continue
+        try:
+            conn.close()
+        except DatabaseError:
+            continue

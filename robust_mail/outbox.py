@@ -124,7 +124,7 @@ def enqueue(
         raise OutboxUnavailable(
             f"cannot store the message in the outbox (database {alias!r}): {exc}"
         ) from exc
-    transaction.on_commit(functools.partial(_committed, message, row.pk), using=alias)
+    transaction.on_commit(functools.partial(_committed, message, row.pk, alias), using=alias)
     return row
 
 
@@ -163,12 +163,15 @@ def _existing(idempotency_key: str | None, alias: str) -> OutboxMessage | None:
     return OutboxMessage.objects.using(alias).filter(idempotency_key=idempotency_key).first()
 
 
-def _committed(message: EmailMessage, pk: int) -> None:
+def _committed(message: EmailMessage, pk: int, alias: str) -> None:
     emit(message_queued, OutboxMessage, message=message, outbox_id=pk)
     from robust_mail.tasks import schedule_delivery
 
+    # The database only when it is not the router's: the task's arguments then stay the
+    # message's pk alone, as tasks queued by earlier versions have them.
+    using = None if alias == router.db_for_write(OutboxMessage) else alias
     try:
-        schedule_delivery(pk)
+        schedule_delivery(pk, using=using)
     except Exception:
         # The row is committed: a worker delivers it anyway. Never fail the caller's request.
         logger.exception("could not enqueue the delivery task for outbox message %s", pk)

@@ -18,11 +18,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
 from robust_mail.conf import ConfigurationError
-from robust_mail.outbox_delivery import delivery_config
-
-#: SMTP steps of one last attempt, each bounded by the provider's TIMEOUT (connect,
-#: greeting, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA, final dot).
-STEPS_PER_ATTEMPT = 10
+from robust_mail.outbox_delivery import STEPS_PER_ATTEMPT, delivery_config, worst_case_delivery
 
 
 @register("mail", "robust_mail")
@@ -51,8 +47,7 @@ def _check_lease() -> list[CheckMessage]:
                 id="robust_mail.E030",
             )
         ]
-    timeout = max((p.timeout for p in config.providers), default=0.0)
-    worst = deadline + STEPS_PER_ATTEMPT * timeout
+    worst = worst_case_delivery(config)
     if lease < worst:
         return [
             Warning(

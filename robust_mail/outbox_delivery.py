@@ -9,6 +9,7 @@ built on these, and deliver with :func:`delivery_config`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING, Any, cast
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
+from robust_mail.db import drop_connections
 from robust_mail.exceptions import Classification, InvalidMessage
 from robust_mail.fenced_update import FencedUpdates
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
@@ -37,10 +39,13 @@ __all__ = [
     "attempt",
     "attempt_many",
     "delivery_config",
+    "lease_margin",
     "process",
     "process_pk",
     "record",
     "record_many",
+    "record_through_outages",
+    "worst_case_delivery",
 ]
 
 logger = logging.getLogger("robust_mail.outbox")
@@ -49,6 +54,33 @@ Clock = Callable[[], datetime]
 
 #: Shortest wait before a deferred message is due again (seconds).
 MIN_DELAY = 1.0
+#: Pause after a database outage while writing outcomes, doubled each time up to the
+#: maximum (seconds).
+DB_RETRY_FIRST = 1.0
+DB_RETRY_MAX = 30.0
+#: A database that cannot be reached now (as opposed to one refusing a value).
+OUTAGES = (OperationalError, InterfaceError)
+#: SMTP steps of one last attempt, each bounded by the provider's TIMEOUT (connect,
+#: greeting, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT, DATA, final dot).
+STEPS_PER_ATTEMPT = 10
+
+
+def worst_case_delivery(config: RobustMailConfig) -> float:
+    """Seconds one message can take at most: RETRY DEADLINE plus a last attempt's steps."""
+    timeout = max((p.timeout for p in config.providers), default=0.0)
+    return config.retry.deadline + STEPS_PER_ATTEMPT * timeout
+
+
+def lease_margin(config: RobustMailConfig) -> float:
+    """How much of its lease a claim must have left to start one more message.
+
+    A message started later could still be sending when the lease ends, and another worker
+    would send it too. Half the lease when LEASE is shorter than one worst-case delivery
+    (check W030 warns): otherwise nothing would ever start.
+    """
+    return min(worst_case_delivery(config), config.outbox.lease / 2)
+
+
 #: The backends whose MAILERS OPTIONS are a robust_mail configuration (Django 6.1).
 ROBUST_BACKENDS = frozenset(
     {"robust_mail.backends.RobustEmailBackend", "robust_mail.backends.OutboxEmailBackend"}
@@ -91,6 +123,22 @@ class Outcome:
     fields: dict[str, Any]
     result: DeliveryResult | None = None
     message: EmailMessage | None = None
+
+    def bare(self, error: Exception) -> Outcome:
+        """This outcome without the values the database refused: its status and schedule.
+
+        A row left ``sending`` because its outcome could not be written is taken over
+        after its lease and sent again, and again: an outcome with less detail is better.
+        """
+        fields = {key: self.fields[key] for key in _BARE if key in self.fields}
+        fields["last_error"] = (
+            f"the outcome ({self.status}) was recorded without its details, which the "
+            f"database refused ({type(error).__name__})"
+        )
+        return Outcome(self.status, fields, self.result, self.message)
+
+
+_BARE = ("sent_at", "next_attempt_at", "attempts", "ambiguous", "last_classification")
 
 
 def attempt(
@@ -196,7 +244,9 @@ def _decide(
         refused = {addr: [code, reply] for addr, (code, reply) in result.refused.items()}
         note = f"refused: {', '.join(sorted(refused))}" if refused else ""
         fields = {
-            "provider": result.provider or "",
+            "provider": (result.provider or "")[
+                : OutboxMessage._meta.get_field("provider").max_length
+            ],
             "sent_at": clock(),
             "refused": refused,
             "ambiguous": ambiguous,
@@ -289,6 +339,58 @@ def record_many(held: Claim, outcomes: list[tuple[OutboxMessage, Outcome]]) -> l
     return written
 
 
+def record_through_outages(
+    held: Claim,
+    outcomes: list[tuple[OutboxMessage, Outcome]],
+    *,
+    clock: Clock = timezone.now,
+    patient: bool = True,
+) -> list[bool]:
+    """:func:`record_many`, retried through database outages while the lease lasts.
+
+    After the lease another worker owns the rows and the writes would be fenced off
+    anyway. A row whose outcome the database refuses outright (a value it cannot hold;
+    not an outage) costs the others nothing: each is then written on its own, and that
+    one :meth:`~Outcome.bare`. Not ``patient``: an outage is raised at once.
+    """
+    pause = DB_RETRY_FIRST
+    while True:
+        try:
+            return _record_or_bare(held, outcomes)
+        except OUTAGES as exc:
+            if not patient:
+                raise
+            lease_until = outcomes[0][0].lease_until
+            if lease_until is None or clock() >= lease_until:
+                logger.error(
+                    "%d outbox outcome(s) not recorded, lease over: %s", len(outcomes), exc
+                )
+                return [False] * len(outcomes)
+            logger.warning(
+                "cannot record %d outbox outcome(s) (%s); retrying in %.0fs",
+                len(outcomes),
+                exc,
+                pause,
+            )
+            drop_connections()
+            # Not interrupted by a worker's stop(): finishing a message includes this.
+            threading.Event().wait(pause)
+            pause = min(pause * 2, DB_RETRY_MAX)
+
+
+def _record_or_bare(held: Claim, outcomes: list[tuple[OutboxMessage, Outcome]]) -> list[bool]:
+    try:
+        return record_many(held, outcomes)
+    except OUTAGES:
+        raise
+    except Exception as exc:
+        if len(outcomes) > 1:
+            return [_record_or_bare(held, [item])[0] for item in outcomes]
+        row, outcome = outcomes[0]
+        logger.exception("outbox message %s: the database refused its outcome", row.pk)
+        return record_many(held, [(row, outcome.bare(exc))])
+
+
 def _values(row: OutboxMessage, outcome: Outcome) -> dict[str, Any]:
     fields = dict(outcome.fields)
     if outcome.status in _FINAL:
@@ -296,7 +398,33 @@ def _values(row: OutboxMessage, outcome: Outcome) -> dict[str, Any]:
         if row.sensitive:
             # The secret has done its job (or never will): keep only the headers.
             fields["payload"] = redacted(row.payload)
-    return {"status": outcome.status, "lease_until": None, "lease_token": "", **fields}
+    return {
+        "status": outcome.status,
+        "lease_until": None,
+        "lease_token": "",
+        **{key: _storable(value) for key, value in fields.items()},
+    }
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with text every database column takes: no NUL, no lone surrogate.
+
+    Replies come from servers and exceptions (decoded with ``errors="replace"``, which
+    keeps a NUL): PostgreSQL refuses a NUL in text and jsonb.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_storable(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(item) for item in value]
+    return value
 
 
 def _report(row: OutboxMessage, outcome: Outcome, written: bool) -> None:
@@ -330,7 +458,8 @@ def process(
 ) -> Outcome:
     """Attempt one claimed row and record the outcome."""
     outcome = attempt(row, dispatcher=dispatcher, config=config, clock=clock)
-    record(row, held, outcome)
+    # Through outages too: a message sent but not recorded is sent again after its lease.
+    record_through_outages(held, [(row, outcome)], clock=clock)
     return outcome
 
 

@@ -67,9 +67,11 @@ def tasks_configured() -> bool:
     return bool(overridden and getattr(settings, "TASKS", None))
 
 
-def deliver_outbox_message(message_pk: int) -> str | None:
+def deliver_outbox_message(message_pk: int, using: str | None = None) -> str | None:
     """Deliver outbox message ``message_pk`` if it is due; return its status afterwards.
 
+    ``using``: the database the message was queued in (``enqueue(using=...)``); None, the
+    router's choice, as in tasks enqueued by earlier versions.
     Safe to run more than once and concurrently with workers: the message is
     claimed first, so only one runner sends it. A deferred message is
     re-enqueued for its next attempt when the backend can run tasks later;
@@ -77,12 +79,12 @@ def deliver_outbox_message(message_pk: int) -> str | None:
     """
     from robust_mail.outbox_delivery import process_pk
 
-    row = process_pk(message_pk)
+    row = process_pk(message_pk, using=using)
     if row is None:
         return None
     if row.status == "queued":
         try:
-            schedule_delivery(row.pk, run_after=row.next_attempt_at)
+            schedule_delivery(row.pk, run_after=row.next_attempt_at, using=using)
         except Exception:
             logger.exception("could not re-enqueue outbox message %s", row.pk)
     return str(row.status)
@@ -121,11 +123,14 @@ def probe() -> Exception | None:
     return None
 
 
-def schedule_delivery(message_pk: int, *, run_after: datetime | None = None) -> bool:
+def schedule_delivery(
+    message_pk: int, *, run_after: datetime | None = None, using: str | None = None
+) -> bool:
     """Enqueue the delivery task for one message; False when it is left to the worker.
 
     Called after the enqueuing transaction commits. ``run_after`` is honoured only
     by backends that support deferred tasks; for the others the worker retries.
+    ``using``: the message's database, passed on to the task.
     """
     if _task is None or not tasks_configured():
         return False
@@ -134,5 +139,8 @@ def schedule_delivery(message_pk: int, *, run_after: datetime | None = None) -> 
         if not task.get_backend().supports_defer:
             return False
         task = task.using(run_after=run_after)
-    task.enqueue(message_pk)
+    if using is None:
+        task.enqueue(message_pk)
+    else:
+        task.enqueue(message_pk, using=using)
     return True

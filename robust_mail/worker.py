@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connections, router
+from django.db import DatabaseError, connections, router
 from django.utils import timezone
 
 from robust_mail import outbox, outbox_delivery
 from robust_mail.conf import RobustMailConfig
+from robust_mail.db import drop_connections
 from robust_mail.dispatch import Dispatcher
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
 
@@ -137,7 +138,7 @@ class Worker:
                     if self.once and failures >= ONCE_DB_ATTEMPTS:
                         raise  # a one-shot run (cron, deploy step) reports the outage
                     logger.warning("cannot claim messages (%s); retrying in %.0fs", exc, pause)
-                    _drop_connections()
+                    drop_connections()
                     self._stop.wait(pause)
                     pause = min(pause * 2, DB_RETRY_MAX)
                     continue
@@ -191,7 +192,7 @@ class Worker:
             else:
                 try:
                     self._record_group([item], patient=False)
-                except (OperationalError, InterfaceError):
+                except outbox_delivery.OUTAGES:
                     late.append(item)
 
         outcomes = outbox_delivery.attempt_many(
@@ -199,7 +200,7 @@ class Worker:
             dispatcher=self.dispatcher,
             config=self.config.outbox,
             clock=self.clock,
-            proceed=lambda: not self._stop.is_set(),
+            proceed=lambda: not self._stop.is_set() and self._lease_allows_one_more(rows),
             on_outcome=record,
         )
         if self._recorder is None:
@@ -212,63 +213,39 @@ class Worker:
         if untried:
             self._release(held, untried, counts)
 
+    def _lease_allows_one_more(self, rows: list[OutboxMessage]) -> bool:
+        # One lease covers the whole batch, sent one message after another: a message
+        # started too close to its end could still be sending when another worker takes
+        # it over. The rest of the run is released instead, and claimed again.
+        lease_until = rows[0].lease_until
+        if lease_until is None:
+            return True
+        left = (lease_until - self.clock()).total_seconds()
+        return left > outbox_delivery.lease_margin(self.config)
+
     def _record_group(self, group: list[Any], *, patient: bool = True) -> None:
         """Write the outcomes of ``group`` (one claim's); count each as written or lost.
 
-        A row the database refuses outright (not an outage) must not cost the rest of the
-        group its outcome: then each is written on its own, and only that one is lost (its
-        lease expires and it is tried again, flagged ambiguous). Not ``patient``: an
+        Outages are waited out while the lease lasts, and a row the database refuses is
+        written bare (:func:`outbox_delivery.record_through_outages`). Not ``patient``: an
         outage is raised at once instead of waited out.
         """
+        held = group[0][0]
+        outcomes = [(row, outcome) for _, row, outcome, _ in group]
         try:
-            written = self._write(group, patient=patient)
+            written = outbox_delivery.record_through_outages(
+                held, outcomes, clock=self.clock, patient=patient
+            )
         except Exception as exc:
-            if isinstance(exc, OperationalError | InterfaceError) and not patient:
-                _drop_connections()
+            if isinstance(exc, outbox_delivery.OUTAGES) and not patient:
+                drop_connections()
                 raise
-            if len(group) == 1:
-                logger.exception("outbox message %s: outcome not recorded", group[0][1].pk)
-                written = [False]
-            else:
-                for item in group:
-                    self._record_group([item])
-                return
+            # Left "sending": its lease expires and it is tried again, flagged ambiguous.
+            logger.exception("%d outbox outcome(s) not recorded", len(group))
+            written = [False] * len(group)
         with self._lock:
             for (_, _, outcome, counts), ok in zip(group, written, strict=True):
                 counts[_KINDS[outcome.status] if ok else "lost"] += 1
-
-    def _write(self, group: list[Any], *, patient: bool = True) -> list[bool]:
-        """``record_many`` for ``group``, retried through outages while the lease lasts
-        (not ``patient``: an outage is raised).
-
-        After the lease another worker owns the rows and the writes would be fenced off
-        anyway.
-        """
-        held, row = group[0][0], group[0][1]
-        outcomes = [(row, outcome) for _, row, outcome, _ in group]
-        pause = DB_RETRY_FIRST
-        while True:
-            try:
-                return outbox_delivery.record_many(held, outcomes)
-            except (OperationalError, InterfaceError) as exc:
-                if not patient:
-                    raise
-                lease_until = row.lease_until
-                if lease_until is None or self.clock() >= lease_until:
-                    logger.error(
-                        "%d outbox outcome(s) not recorded, lease over: %s", len(group), exc
-                    )
-                    return [False] * len(group)
-                logger.warning(
-                    "cannot record %d outbox outcome(s) (%s); retrying in %.0fs",
-                    len(group),
-                    exc,
-                    pause,
-                )
-                _drop_connections()
-                # Not interrupted by stop(): finishing an in-flight message includes this.
-                threading.Event().wait(pause)
-                pause = min(pause * 2, DB_RETRY_MAX)
 
     def _release(self, held: outbox.Claim, rows: list[OutboxMessage], counts: Counter[str]) -> None:
         try:
@@ -345,17 +322,6 @@ def _refresh_connections() -> None:
     for conn in connections.all(initialized_only=True):
         if not conn.in_atomic_block:
             conn.close_if_unusable_or_obsolete()
-
-
-def _drop_connections() -> None:
-    """Close this thread's connections so the next query reconnects."""
-    for conn in connections.all(initialized_only=True):
-        if conn.in_atomic_block:
-            continue  # not ours to close (a caller's transaction)
-        try:
-            conn.close()
-        except DatabaseError:
-            continue
 
 
 class _Threads:

@@ -129,7 +129,7 @@ def pg_db(request: pytest.FixtureRequest, tmp_path: Path, django_db_blocker: Any
         yield alias
 
 
-def test_a_row_the_database_refuses_costs_only_its_own_outcome(
+def test_a_row_the_database_refuses_is_written_bare_and_costs_the_others_nothing(
     pg_db: str, smtp_server: Any, robust: Any
 ) -> None:
     from collections import Counter
@@ -151,12 +151,26 @@ def test_a_row_the_database_refuses_costs_only_its_own_outcome(
         (held, row, attempt(row, dispatcher=worker.dispatcher, config=worker.config.outbox), counts)
         for row in held.rows
     ]
-    # PostgreSQL refuses a NUL in a text column (a reply quoting one, say): the group's
-    # transaction fails, and the worker writes the rows one by one.
-    group[1][2].fields["last_error"] = "refused: \x00"
+    # A server's reply quoting a NUL, which PostgreSQL refuses in text and jsonb: stored
+    # with U+FFFD in its place.
+    group[0][2].fields["last_error"] = "refused: \x00"
+    group[0][2].fields["refused"] = {"to@example.com": [550, "no\x00such user"]}
+    # A value a column cannot hold: the group's transaction fails, the rows are written one
+    # by one, and that one without its details (left "sending", it would be taken over
+    # after its lease and sent again, and again).
+    group[1][2].fields["provider"] = "p" * 101
 
     worker._record_group(group)
 
-    assert counts == Counter({"sent": 2, "lost": 1})
-    statuses = dict(OutboxMessage.objects.using(pg_db).values_list("pk", "status"))
-    assert [statuses[r.pk] for r in held.rows] == ["sent", "sending", "sent"]
+    assert counts == Counter({"sent": 3})
+    stored_rows = {row.pk: row for row in OutboxMessage.objects.using(pg_db)}
+    first, second, third = (stored_rows[r.pk] for r in held.rows)
+    assert [first.status, second.status, third.status] == ["sent", "sent", "sent"]
+    assert (first.last_error, first.refused) == (
+        "refused: \ufffd",
+        {"to@example.com": [550, "no\ufffdsuch user"]},
+    )
+    assert second.provider == "" and second.sent_at is not None
+    assert "recorded without its details" in second.last_error
+    assert "DataError" in second.last_error
+    assert third.provider == "local"

@@ -143,3 +143,61 @@ def test_django_tasks_is_used_for_its_own_backends(settings: Any) -> None:
     modern = pytest.importorskip("django.tasks", reason="django.tasks is new in Django 6.0")
     settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
     assert tasks._choose_framework() is modern
+
+
+@pytest.fixture
+def second_db(request: Any, tmp_path: Path, django_db_blocker: Any) -> Any:
+    from tests.postgres_server import database_alias
+
+    request.param = "sqlite"
+    with database_alias("second", request, tmp_path, django_db_blocker, "second") as alias:
+        yield alias
+
+
+@needs_framework
+def test_the_task_delivers_from_the_database_the_message_was_queued_in(
+    settings: Any, smtp_server: Any, robust: Any, second_db: str
+) -> None:
+    server = smtp_server()
+    robust([provider(server, "only")])
+    settings.TASKS = {"default": {"BACKEND": backend_path("dummy.DummyBackend")}}
+    dummy_backend().clear()
+
+    row = enqueue(message(), using=second_db)
+
+    (result,) = dummy_backend().results
+    assert (list(result.args), result.kwargs) == ([row.pk], {"using": second_db})
+    assert tasks.deliver_outbox_message.call(*result.args, **result.kwargs) == "sent"  # type: ignore[attr-defined]
+    assert [m.message_id for m in server.messages] == [row.message_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_task_waits_out_a_database_outage_before_recording(
+    smtp_server: Any, robust: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The message is sent; then the database is briefly unreachable. Left "sending", it
+    # would be sent again once its lease expired: the task retries the write, as the
+    # worker does. (The outage is injected: a real one cannot be timed to the write.)
+    from django.db import OperationalError
+
+    from robust_mail import outbox_delivery
+
+    server = smtp_server()
+    robust([provider(server, "only")])
+    row = enqueue(message())
+    write = outbox_delivery.record_many
+    calls: list[int] = []
+
+    def unreachable_once(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return write(*args)
+
+    monkeypatch.setattr(outbox_delivery, "record_many", unreachable_once)
+    monkeypatch.setattr(outbox_delivery, "DB_RETRY_FIRST", 0.01)
+
+    after = outbox_delivery.process_pk(row.pk)
+
+    assert after is not None and after.status == "sent"
+    assert len(calls) == 2 and len(server.messages) == 1

@@ -253,3 +253,33 @@ def test_one_message_s_unexpected_error_costs_only_that_message(
         assert (stats.sent, stats.retried) == (3, 1)
         assert broken.status == "queued" and "RuntimeError: something broke" in broken.last_error
         assert len(server.messages) == 3
+
+
+def test_no_message_is_started_too_close_to_the_end_of_the_lease(
+    smtp_server: Any, robust: Any
+) -> None:
+    # One lease covers a whole batch, sent one message after another. Here time jumps 200 s
+    # while the first message is sent (a slow provider): with 100 s of the 300 s lease left,
+    # less than one worst-case delivery (RETRY DEADLINE + 10 x TIMEOUT = 130 s), the rest is
+    # released rather than sent while another worker may take it over, then claimed again.
+    now: list[Any] = []
+    slow: list[Any] = []
+
+    def slow_provider(received: Any) -> None:
+        if not slow:
+            slow.append(received)
+            now[0] += timedelta(seconds=200)
+
+    server = smtp_server(on_message=slow_provider)
+    robust([provider(server, "only", TIMEOUT=10)], RETRY={"DEADLINE": 30})
+    rows = queue(3)
+    now.append(timezone.now())
+    lines: list[str] = []
+
+    stats = Worker(once=True, batch=3, clock=lambda: now[0], report=lines.append).run()
+
+    assert stats.sent == 3 and stats.released >= 1
+    assert "released" in lines[0]
+    received = [m.message_id for m in server.messages]
+    assert sorted(received) == sorted(r.message_id for r in rows)
+    assert set(OutboxMessage.objects.values_list("attempts", flat=True)) == {1}
