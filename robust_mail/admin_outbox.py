@@ -109,11 +109,16 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
         retryable = queryset.filter(status__in=RETRYABLE).exclude(
             sensitive=True, status__in=(OutboxStatus.FAILED, OutboxStatus.DEAD)
         )
-        count = retryable.update(
+        now = timezone.now()
+        count = retryable.filter(status=OutboxStatus.QUEUED).update(next_attempt_at=now)
+        # A failed or dead message starts over: the whole schedule, MAX_AGE from now.
+        count += retryable.filter(status__in=(OutboxStatus.FAILED, OutboxStatus.DEAD)).update(
             status=OutboxStatus.QUEUED,
-            next_attempt_at=timezone.now(),
+            next_attempt_at=now,
             lease_until=None,
             lease_token="",
+            retried_at=now,
+            attempts=0,
         )
         self.message_user(request, f"{count} message(s) queued for delivery now.", messages.SUCCESS)
 

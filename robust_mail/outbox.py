@@ -28,23 +28,28 @@ from typing import Any
 from django.core.mail import EmailMessage
 from django.db import DatabaseError, IntegrityError, connections, router, transaction
 from django.db.models import BooleanField, Case, F, Q, TextField, Value, When
+from django.db.models.functions import Coalesce
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 from django.utils.encoding import force_str
 
 from robust_mail.db import insert
 from robust_mail.envelope import build_envelope, pin_message
-from robust_mail.exceptions import InvalidMessage, RobustMailError
+from robust_mail.exceptions import Classification, InvalidMessage, RobustMailError
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
-from robust_mail.serialization import message_to_data
+from robust_mail.serialization import message_to_data, redacted
 from robust_mail.signals import emit, message_queued
 
-__all__ = ["Claim", "OutboxUnavailable", "claim", "enqueue", "release"]
+__all__ = ["Claim", "GiveUp", "OutboxUnavailable", "claim", "enqueue", "release", "taken_over"]
 
 logger = logging.getLogger("robust_mail.outbox")
 
 _LEASE_LOST = (
     "a worker's lease expired before it recorded an outcome; the message may have been sent"
+)
+_ABANDONED = (
+    "dead: abandoned by its worker (crashed or killed while sending it) once too often, "
+    "past MAX_AGE or the retry schedule's attempts; it may have been sent"
 )
 _ORDER = ("-priority", "next_attempt_at", "pk")
 
@@ -189,6 +194,20 @@ class Claim:
     rows: list[OutboxMessage] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class GiveUp:
+    """When a message abandoned by its worker is not taken over again, but ``dead``.
+
+    ``max_age``: seconds since it was queued (``OUTBOX MAX_AGE``); ``attempts``: claims
+    made (every claim counts, a crashed one too), the schedule's whole run
+    (:func:`robust_mail.outbox_delivery.give_up`). A message that kills every worker that
+    sends it (out of memory, say) is otherwise taken over after every lease, forever.
+    """
+
+    max_age: float
+    attempts: int
+
+
 def claim(
     *,
     limit: int,
@@ -196,17 +215,21 @@ def claim(
     using: str | None = None,
     now: datetime | None = None,
     pk: int | None = None,
+    give_up: GiveUp | None = None,
 ) -> Claim:
     """Claim up to ``limit`` due messages (highest priority, then oldest due first).
 
     Due: ``queued`` with ``next_attempt_at`` reached, or ``sending`` with an
-    expired lease (its worker died) — those are flagged ``ambiguous``.
+    expired lease (its worker died) — those are flagged ``ambiguous``, unless
+    ``give_up`` says they have had their time: those become ``dead`` instead.
     ``attempts`` counts claims, so an attempt cut short by a crash counts too.
     """
     alias = using or router.db_for_write(OutboxMessage)
     now = now or timezone.now()
     token = uuid.uuid4().hex
     rows = OutboxMessage.objects.using(alias)
+    if give_up is not None:
+        _bury_abandoned(rows if pk is None else rows.filter(pk=pk), give_up, now)
     due = rows.filter(
         Q(status=OutboxStatus.QUEUED, next_attempt_at__lte=now)
         | Q(status=OutboxStatus.SENDING, lease_until__lt=now)
@@ -244,6 +267,35 @@ def claim(
             due.filter(pk__in=pks).update(**changes)
     held = list(rows.filter(lease_token=token, status=OutboxStatus.SENDING).order_by(*_ORDER))
     return Claim(token=token, using=alias, rows=held if pks else [])
+
+
+def _bury_abandoned(rows: Any, give_up: GiveUp, now: datetime) -> None:
+    abandoned = rows.filter(status=OutboxStatus.SENDING, lease_until__lt=now)
+    queued_since = Coalesce("retried_at", "created_at")
+    due_to_die = abandoned.alias(queued_since=queued_since).filter(
+        Q(queued_since__lte=now - timedelta(seconds=give_up.max_age))
+        | Q(attempts__gte=give_up.attempts)
+    )
+    # Row by row (rare): a sensitive one's bodies are erased as for any final row.
+    for row in due_to_die.only("pk", "sensitive", "payload"):
+        changes: dict[str, Any] = {
+            "status": OutboxStatus.DEAD,
+            "lease_until": None,
+            "lease_token": "",
+            "mime": None,
+            "ambiguous": True,
+            "last_classification": Classification.AMBIGUOUS.value,
+            "last_error": _ABANDONED,
+        }
+        if row.sensitive:
+            changes["payload"] = redacted(row.payload)
+        if abandoned.filter(pk=row.pk).update(**changes):
+            logger.warning("outbox message %s: %s", row.pk, _ABANDONED)
+
+
+def taken_over(row: OutboxMessage) -> bool:
+    """True when this claim took ``row`` over from a worker whose lease expired."""
+    return row.last_error == _LEASE_LOST
 
 
 def release(held: Claim, rows: list[OutboxMessage]) -> int:

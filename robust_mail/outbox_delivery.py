@@ -9,6 +9,7 @@ built on these, and deliver with :func:`delivery_config`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from robust_mail.db import drop_connections
 from robust_mail.exceptions import Classification, InvalidMessage
 from robust_mail.fenced_update import FencedUpdates
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
-from robust_mail.outbox import Claim, claim
+from robust_mail.outbox import Claim, GiveUp, claim
 from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.serialization import redacted
 from robust_mail.signals import emit, message_failed
@@ -39,6 +40,7 @@ __all__ = [
     "attempt",
     "attempt_many",
     "delivery_config",
+    "give_up",
     "lease_margin",
     "process",
     "process_pk",
@@ -69,6 +71,22 @@ def worst_case_delivery(config: RobustMailConfig) -> float:
     """Seconds one message can take at most: RETRY DEADLINE plus a last attempt's steps."""
     timeout = max((p.timeout for p in config.providers), default=0.0)
     return config.retry.deadline + STEPS_PER_ATTEMPT * timeout
+
+
+def give_up(config: OutboxConfig) -> GiveUp:
+    """When an abandoned message is dead rather than taken over (see :class:`GiveUp`):
+    past ``MAX_AGE``, or once it has been claimed as many times as the retry schedule
+    tries a message before ``MAX_AGE`` (the last try lands on ``MAX_AGE`` itself)."""
+    elapsed, attempts = 0.0, 1
+    for step in config.retry_schedule:
+        if elapsed >= config.max_age:
+            return GiveUp(config.max_age, attempts)
+        elapsed += max(step, MIN_DELAY)
+        attempts += 1
+    if elapsed < config.max_age and config.retry_schedule:
+        last = max(config.retry_schedule[-1], MIN_DELAY)
+        attempts += math.ceil((config.max_age - elapsed) / last)
+    return GiveUp(config.max_age, attempts)
 
 
 def lease_margin(config: RobustMailConfig) -> float:
@@ -290,7 +308,7 @@ def _defer(
         "last_classification": (classification or Classification.TRANSIENT).value,
         "ambiguous": row.ambiguous or bool(result and result.ambiguous),
     }
-    deadline = row.created_at + timedelta(seconds=config.max_age)
+    deadline = row.queued_since + timedelta(seconds=config.max_age)
     if now >= deadline:
         fields["last_error"] = (
             f"undelivered after {row.attempts} attempt(s) in {config.max_age:.0f}s "
@@ -478,7 +496,14 @@ def process_pk(
     from robust_mail.dispatch import Dispatcher
 
     config = delivery_config()
-    held = claim(limit=1, lease=config.outbox.lease, using=using, now=clock(), pk=pk)
+    held = claim(
+        limit=1,
+        lease=config.outbox.lease,
+        using=using,
+        now=clock(),
+        pk=pk,
+        give_up=give_up(config.outbox),
+    )
     if not held.rows:
         return None
     row = held.rows[0]

@@ -132,6 +132,7 @@ class Worker:
                         lease=self.config.outbox.lease,
                         using=self.using,
                         now=self.clock(),
+                        give_up=outbox_delivery.give_up(self.config.outbox),
                     )
                 except DatabaseError as exc:
                     failures += 1
@@ -149,7 +150,7 @@ class Worker:
                     self._stop.wait(self.sleep)
                     continue
                 counts: Counter[str] = Counter()
-                jobs = [(held, rows, counts) for rows in _chunks(held.rows, self.concurrency)]
+                jobs = [(held, rows, counts) for rows in _runs(held.rows, self.concurrency)]
                 if threads is not None:
                     threads.run(jobs)
                     # The line below and the next claim come after every outcome is written.
@@ -287,6 +288,18 @@ _KINDS = {
 
 #: Most messages one thread sends on its connection in one go (see ``_chunks``).
 CHAIN = 25
+
+
+def _runs(rows: list[OutboxMessage], threads: int) -> list[list[OutboxMessage]]:
+    """The runs a batch is sent in: :func:`_chunks`, but each message taken over from a
+    worker that died sending it in a run of its own.
+
+    Had it killed that worker (out of memory, say), it would otherwise take the messages
+    after it in its run down with it again, and again, until all of them were given up.
+    """
+    alone = [[row] for row in rows if outbox.taken_over(row)]
+    rest = [row for row in rows if not outbox.taken_over(row)]
+    return alone + _chunks(rest, threads)
 
 
 def _chunks(rows: list[OutboxMessage], threads: int) -> list[list[OutboxMessage]]:

@@ -268,6 +268,44 @@ def test_an_expired_lease_is_claimed_again_and_flagged_ambiguous() -> None:
     assert OutboxMessage.objects.get(pk=row.pk).status == "sent"
 
 
+def test_an_abandoned_message_that_had_its_time_is_dead_not_taken_over_again() -> None:
+    # A message that kills every worker sending it (out of memory, say) would otherwise be
+    # taken over after every lease, forever: past MAX_AGE, or once claimed as many times as
+    # the retry schedule tries a message, it is dead instead.
+    from robust_mail.outbox import GiveUp
+
+    worn_out, too_old, recent = queue(3)
+    worn_out.sensitive = True
+    worn_out.save()
+    now = timezone.now()
+    claim(limit=3, lease=60, now=now)  # the worker that dies
+    OutboxMessage.objects.filter(pk=worn_out.pk).update(attempts=17)
+    OutboxMessage.objects.filter(pk=too_old.pk).update(created_at=now - timedelta(days=4))
+    later = now + timedelta(seconds=61)
+
+    held = claim(limit=3, lease=60, now=later, give_up=GiveUp(max_age=3 * 86400, attempts=17))
+
+    assert [r.pk for r in held.rows] == [recent.pk]
+    rows = {r.pk: r for r in OutboxMessage.objects.all()}
+    for pk in (worn_out.pk, too_old.pk):
+        assert (rows[pk].status, rows[pk].ambiguous, rows[pk].lease_token) == ("dead", True, "")
+        assert "abandoned by its worker" in rows[pk].last_error
+        assert rows[pk].mime is None
+    assert rows[worn_out.pk].payload["redacted"] is True  # sensitive: bodies erased
+    assert "redacted" not in rows[too_old.pk].payload
+
+
+def test_give_up_follows_the_retry_schedule() -> None:
+    from robust_mail.conf import OutboxConfig
+    from robust_mail.outbox_delivery import give_up
+
+    # 0, 1 min, 6 min, 36 min, 2 h 36, 8 h 36, then every 6 h, the last at 3 days.
+    assert give_up(OutboxConfig()).attempts == 17
+    # 0, 10 s, 20 s, and the last at MAX_AGE.
+    assert give_up(OutboxConfig(retry_schedule=(10.0,), max_age=25.0)).attempts == 4
+    assert give_up(OutboxConfig(retry_schedule=(60.0, 300.0), max_age=30.0)).attempts == 2
+
+
 def test_claims_respect_the_limit_priority_and_due_time() -> None:
     low = queue(2)
     high = queue(1, priority=9)

@@ -88,6 +88,34 @@ def test_retry_now_requeues_failed_and_dead_but_never_sent_messages(
     assert statuses == {failed.pk: "queued", dead.pk: "queued", sent.pk: "sent"}
 
 
+def test_a_dead_message_retried_by_hand_gets_the_whole_schedule_again(
+    admin_client: Client, smtp_server: Any, robust: Any
+) -> None:
+    # Dead after MAX_AGE; "Retry now" must not mean a single try that a greylisting 451
+    # (or an open breaker) turns straight back into "dead".
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from robust_mail.worker import Worker
+    from tests.conftest import provider
+
+    robust([provider(smtp_server("refuse"), "down")])
+    dead = queued("a", "a@example.com", status="dead", attempts=17)
+    OutboxMessage.objects.filter(pk=dead.pk).update(created_at=timezone.now() - timedelta(days=4))
+
+    admin_client.post(reverse(CHANGELIST), {"action": "retry_now", "_selected_action": [dead.pk]})
+    dead.refresh_from_db()
+    assert (dead.status, dead.attempts) == ("queued", 0)
+    assert dead.retried_at is not None
+
+    Worker(once=True, report=lambda line: None).run()  # the provider is down: transient
+
+    dead.refresh_from_db()
+    assert (dead.status, dead.attempts) == ("queued", 1)
+    assert dead.next_attempt_at - dead.retried_at >= timedelta(seconds=59)  # first step
+
+
 def test_cancel_fails_waiting_messages_and_says_who(admin_client: Client) -> None:
     waiting = queued("a", "a@example.com")
     sent = queued("b", "b@example.com", status="sent")

@@ -283,3 +283,40 @@ def test_no_message_is_started_too_close_to_the_end_of_the_lease(
     received = [m.message_id for m in server.messages]
     assert sorted(received) == sorted(r.message_id for r in rows)
     assert set(OutboxMessage.objects.values_list("attempts", flat=True)) == {1}
+
+
+def test_a_message_abandoned_too_often_is_dead_and_not_sent_again(
+    smtp_server: Any, robust: Any
+) -> None:
+    from robust_mail.outbox import claim
+
+    server = smtp_server()
+    robust([provider(server, "only")])
+    poison, fine = queue(2)
+    claim(limit=2, lease=60)  # by a worker that died: its lease is over
+    OutboxMessage.objects.update(lease_until=timezone.now() - timedelta(seconds=1))
+    # Claimed (and abandoned) as often as the default schedule tries a message in MAX_AGE.
+    OutboxMessage.objects.filter(pk=poison.pk).update(attempts=17)
+
+    stats = Worker(once=True, report=lambda line: None).run()
+
+    assert stats.sent == 1
+    assert [m.message_id for m in server.messages] == [fine.message_id]
+    assert OutboxMessage.objects.get(pk=poison.pk).status == "dead"
+
+
+def test_each_message_taken_over_from_a_dead_worker_is_sent_in_a_run_of_its_own() -> None:
+    # If it killed that worker, it must not take the messages of its run down with it again.
+    from robust_mail.outbox import claim
+    from robust_mail.worker import _runs
+
+    abandoned = queue(2)
+    claim(limit=2, lease=60)  # by a worker that died: its lease is over
+    OutboxMessage.objects.update(lease_until=timezone.now() - timedelta(seconds=1))
+    fresh = queue(3)
+
+    held = claim(limit=10, lease=60)
+
+    runs = [[row.pk for row in run] for run in _runs(held.rows, threads=1)]
+    assert sorted(runs[:2]) == [[abandoned[0].pk], [abandoned[1].pk]]
+    assert runs[2:] == [[row.pk for row in fresh]]

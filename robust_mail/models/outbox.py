@@ -73,6 +73,9 @@ class OutboxMessage(models.Model):
     sensitive = models.BooleanField(default=False)
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    #: When "Retry now" sent it back to the queue after it had failed or died: MAX_AGE
+    #: counts from here then, so the retry gets the whole schedule, not a single try.
+    retried_at = models.DateTimeField(null=True, blank=True, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=255, unique=True, null=True, blank=True)
 
@@ -88,6 +91,11 @@ class OutboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.message_id} ({self.status})"
+
+    @property
+    def queued_since(self) -> Any:
+        """Where its MAX_AGE counts from: queued, or last retried by hand."""
+        return self.retried_at or self.created_at
 
     def rebuild(self) -> Any:
         """The stored message as a Django ``EmailMessage`` (raises ``InvalidMessage``)."""
