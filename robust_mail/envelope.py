@@ -110,15 +110,17 @@ def _prep_text(text: str) -> str:
         raise InvalidMessage(f"invalid address {text!r}: line breaks are not allowed")
     try:
         parsed = AddressHeader.value_parser(text)
-    except _BUILD_ERRORS as exc:
+        defects = {str(d) for d in parsed.all_defects}
+        mailboxes = parsed.all_mailboxes
+    except Exception as exc:
+        # Not only ValueError: the parser trips over some malformed input with IndexError
+        # ("a@") or AttributeError ("a@["), which must not escape as a crash of the batch.
         raise InvalidMessage(f"invalid address {text!r}: {exc}") from exc
-    defects = {str(d) for d in parsed.all_defects}
     # Django allows local mailboxes such as "webmaster" (no domain).
     defects.discard("addr-spec local part with no domain")
     defects = {d for d in defects if "non-ASCII" not in d}
     if defects:
         raise InvalidMessage(f"invalid address {text!r}: {'; '.join(sorted(defects))}")
-    mailboxes = parsed.all_mailboxes
     if len(mailboxes) != 1:
         raise InvalidMessage(f"invalid address {text!r}: must be a single address")
     mailbox = mailboxes[0]

@@ -18,6 +18,7 @@ from django.conf import settings
 from django.core.mail import EmailMessage
 from django.utils import timezone
 
+from robust_mail import metrics
 from robust_mail.conf import ConfigurationError, RobustMailConfig
 from robust_mail.envelope import build_envelope, pin_message
 from robust_mail.results import DeliveryResult, DeliveryStatus
@@ -48,6 +49,11 @@ def apply_fallback(
     else:  # pragma: no cover - rejected by conf.py and the system checks
         raise ConfigurationError(f"unknown ROBUST_MAIL FALLBACK {config.fallback!r}")
     message.delivery_result = handled  # type: ignore[attr-defined]
+    if handled.ok:
+        # Counted against the last provider tried: the one whose failure (or open breaker)
+        # left the message to the fallback. An alert on it means "every provider is down".
+        last = result.errors[-1].provider if result.errors else "-"
+        metrics.incr(last, "fallback")
     return handled
 
 

@@ -54,7 +54,8 @@ COUNTERS: dict[str, str] = {
     "failed": "attempts that failed at this provider",
     "retried": "retries after a transient failure",
     "failed_over": "messages handed on to the next provider",
-    "fallback": "messages handled by the fallback (outbox or console)",
+    "fallback": "messages handled by the fallback (outbox or console) after this provider, "
+    "the last one tried, failed or was skipped",
     "breaker_opened": "times the provider's circuit breaker opened",
     "refused_recipients": "recipients the provider refused while accepting the message",
     "ambiguous": "attempts that may or may not have delivered (no reply after DATA)",

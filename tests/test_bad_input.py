@@ -25,6 +25,8 @@ def server(smtp_server, robust):
         "not an address",
         "two@example.com, addresses@example.com",
         "victim@example.com\r\nBcc: everyone@example.com",
+        "a@",  # the email package's parser raises IndexError on these two
+        "a@[",  # (AttributeError), not ValueError
     ],
 )
 def test_invalid_recipient_raises_before_anything_is_sent(server, address):
@@ -41,6 +43,16 @@ def test_invalid_address_raises_even_with_fail_silently(server):
 
     with pytest.raises(InvalidMessage):
         message.send(fail_silently=True)
+
+
+def test_a_malformed_address_costs_only_its_own_message_in_a_batch(server):
+    good = [EmailMessage("Hi", "Body", "from@example.com", [f"ok{i}@example.com"]) for i in (1, 2)]
+    bad = EmailMessage("Hi", "Body", "from@example.com", ["a@"])
+
+    with mail.get_connection() as connection, pytest.raises(InvalidMessage):
+        connection.send_messages([good[0], bad, good[1]])
+
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == ["ok1@example.com", "ok2@example.com"]
 
 
 def test_header_injection_in_subject_is_refused(server):

@@ -216,3 +216,22 @@ def test_prometheus_collector_reports_breaker_states(robust: Any) -> None:
     assert 'robust_mail_breaker_state{provider="primary"} 1.0' in text
     assert 'robust_mail_breaker_state{provider="backup"} 0.0' in text
     assert 'robust_mail_messages_sent_total{provider="backup"} 0.0' in text
+
+
+def test_a_message_left_to_the_fallback_is_counted(smtp_server: Any, robust: Any) -> None:
+    from django.core.mail import send_mail
+
+    from tests.conftest import provider
+
+    first, last = smtp_server("refuse"), smtp_server("refuse")
+    robust(
+        [provider(first, "first"), provider(last, "last")],
+        FALLBACK="console",
+        RETRY={"ATTEMPTS": 1},
+    )
+
+    assert send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1
+
+    snapshot = metrics.snapshot()
+    assert snapshot["last"]["fallback"] == 1
+    assert snapshot["first"]["fallback"] == 0
