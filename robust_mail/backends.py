@@ -33,6 +33,12 @@ logger = logging.getLogger("robust_mail")
 
 #: Keyword options the backends take: ROBUST_MAIL's keys in lower case (MAILERS OPTIONS).
 OPTION_KEYS = frozenset(key.lower() for key in TOP_LEVEL_KEYS)
+#: Django's SMTP backend's per-connection options (``get_connection(username=...)``,
+#: ``send_mail(auth_user=..., auth_password=...)``): meaningless with several providers.
+SMTP_KEYS = frozenset(
+    {"host", "port", "username", "password", "use_tls", "use_ssl", "timeout"}
+    | {"ssl_keyfile", "ssl_certfile"}
+)
 
 # Django 6.1 reports a broken MAILERS entry with InvalidMailer; before 6.1 there are no
 # MAILERS and the base is just ImproperlyConfigured (already a base of ConfigurationError).
@@ -52,6 +58,18 @@ class _RobustBackendBase(BaseEmailBackend):
         self, fail_silently: bool = False, *, alias: str | None = None, **kwargs: Any
     ) -> None:
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in OPTION_KEYS}
+        smtp = {key: kwargs.pop(key) for key in list(kwargs) if key in SMTP_KEYS}
+        # Empty ones (send_mail passes username=None; Django's backend tests "") ask for
+        # nothing. Others Django's base class would drop without a word, and the message
+        # would go out through the configured providers, as another account than asked for.
+        if given := sorted(key for key, value in smtp.items() if value):
+            raise TypeError(
+                f"{type(self).__name__} does not take SMTP connection options per call "
+                f"({', '.join(given)}; from get_connection() or send_mail(auth_user=..., "
+                "auth_password=...)): it sends through ROBUST_MAIL's PROVIDERS. To send "
+                "through another server or account, configure it as a provider (or, on "
+                "Django 6.1, a MAILERS alias of its own)."
+            )
         super().__init__(alias=alias, **kwargs)
         self.alias = alias
         self.fail_silently = fail_silently

@@ -25,6 +25,7 @@ W001   FALLBACK "console" while DEBUG is False
 W002   a provider sends its password without TLS to a host that is not local
 W003   a provider's TIMEOUT is not shorter than RETRY DEADLINE
 W004   the shared cache is a RedisCache without socket timeouts
+W005   MAILERS is set on a Django before 6.1, which ignores it
 =====  ==================================================================
 """
 
@@ -35,10 +36,11 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
+import django
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from robust_mail.conf import RobustMailConfig, read_config, setting_label
+from robust_mail.conf import RobustMailConfig, mailers_setting, read_config, setting_label
 
 #: The backends whose OPTIONS (Django 6.1 MAILERS) are robust_mail configurations.
 ROBUST_BACKENDS = frozenset(
@@ -52,6 +54,7 @@ _DJANGO_OPTIONS = frozenset({"fail_silently"})
 def check_settings(app_configs: object = None, **kwargs: object) -> list[CheckMessage]:
     """Check ``ROBUST_MAIL`` (when used) and every MAILERS alias served by robust_mail."""
     messages: list[CheckMessage] = []
+    messages += _check_early_mailers()
     if _classic_form_in_use():
         messages += _check_one(None, alias=None)
     for alias, options in _robust_mailers():
@@ -59,19 +62,34 @@ def check_settings(app_configs: object = None, **kwargs: object) -> list[CheckMe
     return messages
 
 
+def _check_early_mailers() -> list[CheckMessage]:
+    if mailers_setting() is not None or not hasattr(settings, "MAILERS"):
+        return []
+    return [
+        Warning(
+            f"MAILERS is set, but Django {django.get_version()} does not read it (MAILERS "
+            "arrived in Django 6.1): mail is sent as EMAIL_BACKEND, EMAIL_* and ROBUST_MAIL "
+            "say.",
+            hint="Remove MAILERS until you upgrade to Django 6.1, or keep the classic "
+            "settings complete until then.",
+            id="robust_mail.W005",
+        )
+    ]
+
+
 def _classic_form_in_use() -> bool:
     # is_overridden() reads no setting, so it never triggers Django 6.1's EMAIL_* warnings.
     overridden = cast(Any, settings).is_overridden
     if overridden("ROBUST_MAIL"):
         return True
-    if hasattr(settings, "MAILERS"):
+    if mailers_setting() is not None:
         return False  # Django 6.1 with MAILERS: EMAIL_BACKEND does not exist
     return bool(overridden("EMAIL_BACKEND") and settings.EMAIL_BACKEND in ROBUST_BACKENDS)
 
 
 def _robust_mailers() -> Iterator[tuple[str, Any]]:
-    mailers = getattr(settings, "MAILERS", None)
-    if not isinstance(mailers, Mapping):
+    mailers = mailers_setting()
+    if not mailers:
         return
     for alias, entry in mailers.items():
         if isinstance(entry, Mapping) and entry.get("BACKEND") in ROBUST_BACKENDS:
@@ -184,9 +202,9 @@ def _check_redis_timeouts(alias: str, caches: Mapping[str, Any]) -> list[CheckMe
 
 
 def _check_mailer(here: str, target: str, *, alias: str | None) -> list[CheckMessage]:
-    mailers = getattr(settings, "MAILERS", None)
+    mailers = mailers_setting()
     hint: str | None
-    if not isinstance(mailers, Mapping):
+    if mailers is None:
         problem = f"{here} delegates to mailer {target!r}, but MAILERS is not defined."
         hint = "MAILER providers need Django 6.1's MAILERS setting."
     elif target == alias:

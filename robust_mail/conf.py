@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import django
 from django.conf import global_settings, settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
@@ -427,8 +428,21 @@ def _no_providers(r: f.Reader) -> tuple[ProviderConfig, ...]:
     return ()
 
 
+def mailers_setting() -> Mapping[str, Any] | None:
+    """``settings.MAILERS`` where Django reads it (6.1 and later), else None.
+
+    Before 6.1 Django ignores a MAILERS setting (one written ahead of an upgrade, say), so
+    robust_mail does too: the classic ``EMAIL_BACKEND`` / ``EMAIL_*`` / ``ROBUST_MAIL``
+    configuration is what sends.
+    """
+    if django.VERSION < (6, 1) or not hasattr(settings, "MAILERS"):
+        return None
+    mailers = getattr(settings, "MAILERS", None)
+    return mailers if isinstance(mailers, Mapping) else {}
+
+
 def _email_settings_provider(r: f.Reader, force_ipv4: bool) -> tuple[ProviderConfig, ...]:
-    if hasattr(settings, "MAILERS"):
+    if mailers_setting() is not None:
         # Django 6.1 with MAILERS: EMAIL_* do not exist, and every robust_mail backend takes
         # its providers from its own OPTIONS. ROBUST_MAIL then only carries the settings
         # that are not per mailer (OTP, outbox, cache...), so no providers is not an error;

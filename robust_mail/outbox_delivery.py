@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.db import InterfaceError, OperationalError, transaction
@@ -113,10 +112,9 @@ def delivery_config(mailer: str | None = None) -> RobustMailConfig:
     robust_mail serves it, else the first alias it serves, else ``ROBUST_MAIL``
     (with Django's ``EMAIL_*`` settings), as :func:`robust_mail.conf.get_config` reads it.
     """
-    from robust_mail.conf import get_config
+    from robust_mail.conf import get_config, mailers_setting
 
-    mailers = getattr(settings, "MAILERS", None)
-    mailers = mailers if isinstance(mailers, Mapping) else {}
+    mailers = mailers_setting() or {}
     if mailer is None:
         ours = [
             alias

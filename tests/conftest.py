@@ -6,10 +6,15 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import django
 import pytest
 from django.core.cache import caches
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: For tests of Django 6.1's MAILERS setting, which earlier Djangos (and robust_mail on
+#: them) ignore.
+needs_mailers = pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS arrived in Django 6.1")
 
 
 def require(condition: bool, reason: str) -> None:

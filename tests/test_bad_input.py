@@ -116,3 +116,26 @@ def test_quoted_local_part_keeps_its_quotes_in_the_envelope(server):
     EmailMessage("Hi", "Body", "from@example.com", [tricky]).send()
 
     assert server.messages[0].rcpt_tos == [tricky]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: mail.send_mail(
+            "s", "b", "f@example.com", ["t@example.com"], auth_user="alice", auth_password="pw"
+        ),
+        lambda: mail.get_connection(host="smtp.example.com", port=2525),
+    ],
+    ids=["send_mail-auth_user", "get_connection-host"],
+)
+def test_smtp_options_per_call_are_refused_rather_than_ignored(server, call):
+    # Django's SMTP backend would send as alice; ignoring it would send as the configured
+    # account without a word.
+    with pytest.raises(TypeError, match="does not take SMTP connection options per call"):
+        call()
+    assert server.connections_total == 0
+
+
+def test_django_passing_no_smtp_options_is_fine(server):
+    # send_mail() always passes username=None, password=None to get_connection().
+    assert mail.send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import django
 import pytest
 from django.core.checks import CheckMessage, run_checks
 
 from robust_mail.checks import check_settings
+from tests.conftest import needs_mailers
 
 ROBUST = "robust_mail.backends.RobustEmailBackend"
 OUTBOX = "robust_mail.backends.OutboxEmailBackend"
@@ -47,6 +49,7 @@ def test_check_function_is_registered_with_django() -> None:
 # --- E001 -----------------------------------------------------------------------------
 
 
+@needs_mailers
 def test_e001_mailers_alias_without_providers(settings: Any) -> None:
     settings.MAILERS = {"default": {"BACKEND": ROBUST, "OPTIONS": {}}}
     message = only("robust_mail.E001")
@@ -86,6 +89,7 @@ def test_e003_unknown_key_is_named_and_valid_keys_listed(
     assert valid in (message.hint or "")
 
 
+@needs_mailers
 def test_e003_in_mailers_options_uses_lower_case_keys(settings: Any) -> None:
     settings.MAILERS = {
         "default": {"BACKEND": OUTBOX, "OPTIONS": {"providers": ["smtp://h"], "Retry": {}}}
@@ -168,6 +172,7 @@ def test_e010_mailer_provider_needs_mailers(settings: Any) -> None:
     assert "MAILERS" in (only("robust_mail.E010").hint or "")
 
 
+@needs_mailers
 def test_e010_mailer_provider_names_a_missing_alias(settings: Any) -> None:
     settings.MAILERS = {
         "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h", {"mailer": "ses"}]}},
@@ -178,6 +183,7 @@ def test_e010_mailer_provider_names_a_missing_alias(settings: Any) -> None:
     assert "'console'" in (message.hint or "")
 
 
+@needs_mailers
 def test_e010_mailer_provider_delegating_to_itself(settings: Any) -> None:
     settings.MAILERS = {
         "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": [{"mailer": "default"}]}}
@@ -185,6 +191,7 @@ def test_e010_mailer_provider_delegating_to_itself(settings: Any) -> None:
     assert "its own mailer" in only("robust_mail.E010").msg
 
 
+@needs_mailers
 def test_mailer_provider_naming_another_alias_passes(settings: Any) -> None:
     settings.MAILERS = {
         "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h", {"mailer": "ses"}]}},
@@ -270,6 +277,7 @@ def test_w004_redis_cache_without_socket_timeouts(settings: Any) -> None:
 # --- which configurations are checked -------------------------------------------------
 
 
+@needs_mailers
 def test_mailers_aliases_with_other_backends_are_not_checked(settings: Any) -> None:
     settings.MAILERS = {
         "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h"]}},
@@ -278,6 +286,7 @@ def test_mailers_aliases_with_other_backends_are_not_checked(settings: Any) -> N
     assert ids() == []
 
 
+@needs_mailers
 def test_every_robust_mailers_alias_is_checked(settings: Any) -> None:
     settings.MAILERS = {
         "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h"], "fallback": "x"}},
@@ -286,3 +295,23 @@ def test_every_robust_mailers_alias_is_checked(settings: Any) -> None:
     found = {m.id: m.msg for m in messages()}
     assert "MAILERS['default']" in found["robust_mail.E006"]
     assert "MAILERS['bulk']" in found["robust_mail.E008"]
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 1), reason="Django 6.1 reads MAILERS")
+def test_w005_mailers_before_django_6_1_is_ignored_and_said_so(
+    settings: Any, smtp_server: Any, robust: Any
+) -> None:
+    # Written ahead of an upgrade: Django ignores it, so robust_mail must not read its
+    # providers from there and leave the classic backend with none.
+    from django.core.mail import send_mail
+
+    from tests.conftest import provider
+
+    server = smtp_server()
+    robust([provider(server, "classic")])
+    settings.MAILERS = {"default": {"BACKEND": ROBUST, "OPTIONS": {"providers": []}}}
+
+    message = only("robust_mail.W005")
+    assert "does not read it" in message.msg
+    assert send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1
+    assert len(server.messages) == 1

@@ -30,6 +30,7 @@ from robust_mail.providers import (
     parse_bool,
     parse_provider_url,
 )
+from tests.conftest import needs_mailers
 
 SECRET = "s3cr3t-Pa55"
 
@@ -254,6 +255,7 @@ def test_no_providers_and_no_email_host_is_an_error() -> None:
         get_config()
 
 
+@needs_mailers
 @override_settings(MAILERS={}, ROBUST_MAIL={"OTP": {"LENGTH": 8}})
 def test_with_mailers_the_classic_form_has_no_providers_and_never_invents_one() -> None:
     # Django 6.1: the backends take providers from MAILERS OPTIONS; ROBUST_MAIL still

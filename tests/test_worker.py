@@ -16,7 +16,7 @@ from django.utils import timezone
 from robust_mail.models import OutboxMessage
 from robust_mail.outbox import enqueue
 from robust_mail.worker import Worker
-from tests.conftest import provider
+from tests.conftest import needs_mailers, provider
 
 pytestmark = pytest.mark.django_db
 
@@ -192,6 +192,7 @@ def test_purge_dry_run_deletes_nothing() -> None:
     assert OutboxMessage.objects.count() == 1
 
 
+@needs_mailers
 def test_worker_delivers_with_the_options_of_a_mailers_alias(
     smtp_server: Any, robust: Any, settings: Any
 ) -> None:
