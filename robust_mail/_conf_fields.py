@@ -39,11 +39,15 @@ class Problem:
 class Invalid(Exception):
     """Raised by a converter: ``expected`` completes "<setting> ..." in the message."""
 
-    def __init__(self, expected: str, *, code: str = "E008", hint: str = "") -> None:
+    def __init__(
+        self, expected: str, *, code: str = "E008", hint: str = "", shown: str | None = None
+    ) -> None:
         super().__init__(expected)
         self.expected = expected
         self.code = code
         self.hint = hint
+        #: What to say the value was, instead of the value itself (it may hold a secret).
+        self.shown = shown
 
 
 class Reader:
@@ -112,6 +116,7 @@ class Reader:
             shown = (
                 f"a value of type {type(value).__name__}" if key in SECRET_KEYS else _show(value)
             )
+            shown = exc.shown or shown
             hint = exc.hint or "Correct the value, or remove the key to use its default."
             self.report(exc.code, f"{label} {exc.expected}, got {shown}.", hint)
 
@@ -211,7 +216,22 @@ def any_text(value: object) -> str:
 def host(value: object) -> str:
     if not isinstance(value, str) or not value.strip("[] ") or " " in value.strip():
         raise Invalid("must be a host name or IP address")
-    return value.strip().strip("[]")  # "[::1]" as in URLs is accepted
+    name = value.strip().strip("[]")  # "[::1]" as in URLs is accepted
+    hint = (
+        "Give the host alone (smtp.example.com), the port in PORT and credentials in "
+        "USERNAME / PASSWORD; or the whole URL as a PROVIDERS entry (a string)."
+    )
+    if "@" in name or "/" in name:
+        # A URL or user@host here would make the provider's name, its metric labels and
+        # its log lines carry the credentials: refused, and not repeated in the message.
+        raise Invalid(
+            "must be a host name or IP address, not a URL or user@host",
+            hint=hint,
+            shown="a URL or user@host (not shown: it may contain a password)",
+        )
+    if name.count(":") == 1:  # "host:587"; IPv6 addresses have two or more
+        raise Invalid("must be a host name or IP address, without a port", hint=hint)
+    return name
 
 
 def choice(*choices: object, code: str = "E008") -> Converter:

@@ -315,3 +315,33 @@ def test_w005_mailers_before_django_6_1_is_ignored_and_said_so(
     assert "does not read it" in message.msg
     assert send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1
     assert len(server.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("smtp://apikey:" + SECRET + "@smtp.sendgrid.net:587", "not a URL or user@host"),
+        ("apikey:" + SECRET + "@smtp.sendgrid.net", "not a URL or user@host"),
+        ("smtp.example.com:587", "without a port"),
+    ],
+    ids=["url", "user-at-host", "host-port"],
+)
+def test_e008_host_must_be_a_host_alone_and_a_password_in_it_is_not_shown(
+    settings: Any, given: str, expected: str
+) -> None:
+    # Accepted, the provider's name, metric labels and log lines would carry the password.
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": given}]}
+    message = only("robust_mail.E008")
+    assert expected in message.msg
+    assert "PORT" in (message.hint or "")
+    assert SECRET not in message.msg + (message.hint or "")
+
+    settings.ROBUST_MAIL = None
+    del settings.ROBUST_MAIL
+    settings.EMAIL_HOST = given
+    assert expected in only("robust_mail.E008").msg
+
+
+def test_ipv6_hosts_are_still_accepted(settings: Any) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": "::1"}, {"NAME": "b", "HOST": "[::1]"}]}
+    assert messages() == []
