@@ -25,10 +25,11 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render, resolve_url
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.csrf import csrf_protect
+from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_http_methods
 
 from robust_mail.exceptions import RateLimited, RobustMailError
-from robust_mail.otp import IssuedCode, OTPService
+from robust_mail.otp import IssuedCode, OTPService, SecretCode
 from robust_mail.password_reset import issue_account_code, users_with_email
 
 __all__ = [
@@ -82,6 +83,8 @@ class EmailCodeBackend(ModelBackend):
 
     purpose = LOGIN_PURPOSE
 
+    # The code in Django's error reports as stars (DEBUG off), as Django does for passwords.
+    @sensitive_variables("code")
     def authenticate(  # type: ignore[override]
         self,
         request: HttpRequest | None,
@@ -132,11 +135,14 @@ class EmailCodeAdminLoginForm(AdminAuthenticationForm):
             widget=forms.TextInput(attrs={"autocomplete": "one-time-code"}),
         )
 
+    @sensitive_variables("code")
     def clean(self) -> dict[str, Any]:
         email = self.cleaned_data.get("username")
         code = self.cleaned_data.get("password")
         if email and code:
-            self.user_cache = authenticate(self.request, email=email, code=code)
+            # Django sends the credentials to user_login_failed receivers and masks only
+            # password-like keys: a SecretCode at least keeps the code out of their repr.
+            self.user_cache = authenticate(self.request, email=email, code=SecretCode(code))
             if self.user_cache is None:
                 raise self.get_invalid_login_error()
             self.confirm_login_allowed(self.user_cache)

@@ -10,6 +10,9 @@ Security properties (docs/otp.md says what they do and do not protect against):
 - issuing is limited by a cooldown, hourly and daily limits per identifier and an hourly
   limit per IP address (an IPv6 /64 counting as one address); a code whose email could
   not be sent is withdrawn and uses up no limit;
+- a code is pending, and cannot be verified, until its email has been handed to the mail
+  system (:meth:`OTPStore.activate <robust_mail.otp_store.OTPStore.activate>`), so no
+  attempt can be made on a code that a failed send then withdraws;
 - the code is never in a subject, a log line, an exception or a ``repr`` — the rendered
   bodies are :class:`SecretText`, whose ``repr`` is withheld, so tracebacks with local
   variables (error trackers) do not show them either.
@@ -33,6 +36,7 @@ from django.core.validators import validate_email
 from django.template.loader import render_to_string, select_template
 from django.utils import timezone
 from django.utils.module_loading import import_string
+from django.views.decorators.debug import sensitive_variables
 
 from robust_mail import serialization
 from robust_mail.classcall import class_or_instance
@@ -328,7 +332,10 @@ class OTPService:
         """
         from robust_mail.service import EmailService
 
-        if discard and not (self.config.notify_unknown and self._may_notify()):
+        # Asked for a code email too, not only for a notice: the cache round trips would
+        # otherwise tell a known address from an unknown one (see _may_notify).
+        may_notify = self.config.notify_unknown and self._may_notify(count=discard)
+        if discard and not may_notify:
             subject, text, html = self.render(address, code, purpose, expires_at)
             # What EmailService.send_email builds from the same arguments.
             message = EmailMultiAlternatives(subject, text, settings.DEFAULT_FROM_EMAIL, [address])
@@ -345,6 +352,10 @@ class OTPService:
     # -- verify ---------------------------------------------------------------------------
 
     @class_or_instance
+    # Innermost: it wraps the function, which class_or_instance then binds. Django's error
+    # reports (DEBUG off) then show the typed and the normalised code as stars, here and
+    # in every frame below this one.
+    @sensitive_variables("code", "candidate")
     def verify(
         self,
         identifier: Any,
@@ -386,7 +397,16 @@ class OTPService:
         logger.info("verified a %s code for %s, key %s", purpose, mask(ident), record.key)
         return VerifyResult(True, Reason.OK)
 
-    def _may_notify(self) -> bool:
+    def _may_notify(self, *, count: bool) -> bool:
+        """Whether ``MAX_NOTICES_PER_HOUR`` lets one more "no account" notice go out.
+
+        ``count=True`` (a notice) counts it. ``count=False`` (a code for an account) counts
+        nothing, but makes the same cache calls on the same counter — ``add``, ``incr`` and,
+        exactly when a counted hit would be refused, the ``decr`` — so that the number of
+        round trips to the cache does not tell the two apart, capped or not. A separate
+        counter would not do: its ``decr`` would follow another count than the one an
+        attacker can drive to the cap with unknown addresses.
+        """
         # Notices go to whatever address was typed; the per-address limits cannot see that
         # a+1@x and a+2@x are one mailbox, and the per-client one needs the caller's IP.
         cap = self.config.max_notices_per_hour
@@ -399,10 +419,17 @@ class OTPService:
             fail_open=True,
         )
         try:
-            limiter.hit("all", Rate(cap, 3600))
+            hit = limiter.hit("all", Rate(cap, 3600), amount=1 if count else 0)
         except RateLimited:
-            logger.warning("over OTP MAX_NOTICES_PER_HOUR: no notice sent for an unknown address")
+            if count:
+                logger.warning(
+                    "over OTP MAX_NOTICES_PER_HOUR: no notice sent for an unknown address"
+                )
             return False
+        if not count and hit is not None and hit.count >= cap:
+            # A counted hit would have gone over and been given back: give back nothing,
+            # in the same call.
+            limiter.release(hit, amount=0)
         return True
 
     def _ip_may_try(self, ip_address: str) -> bool:

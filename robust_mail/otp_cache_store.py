@@ -31,11 +31,14 @@ class _CachedCode:
 class CacheOTPStore:
     """Codes in the Django cache ``cache_alias`` (Redis through ``django.core.cache``).
 
-    Records expire with the code. Attempts are ``incr`` counters; single use is
-    ``cache.add`` of a "consumed" marker (SET NX on Redis), so it is atomic wherever
-    ``add`` is. Limits are fixed-window counters of :class:`~robust_mail.ratelimit.RateLimiter`
-    and the cooldown a key created with ``add``. Needs a shared cache with atomic
-    ``add``/``incr`` — Redis or memcached, not LocMem outside tests.
+    Records expire with the code. A code is pending until ``activate`` puts its key in the
+    index of its identifier and purpose, where ``latest`` looks. Attempts are ``incr``
+    counters; single use is ``cache.add`` of a "consumed" marker (SET NX on Redis), so it
+    is atomic wherever ``add`` is. Limits are fixed-window counters of
+    :class:`~robust_mail.ratelimit.RateLimiter` (aligned to UTC: around a boundary an
+    identifier can get up to twice a limit, docs/otp.md) and the cooldown a key created
+    with ``add``. Needs a shared cache with atomic ``add``/``incr`` — Redis or memcached,
+    not LocMem outside tests.
     """
 
     def __init__(self, cache_alias: str = "default", *, prefix: str = "robust_mail:otp") -> None:
@@ -96,14 +99,15 @@ class CacheOTPStore:
         record = _CachedCode(stored, code.ip_address, tuple(hits), cooldown_key)
         self.cache.set(self._k("code", key), record, timeout=ttl + 60)
         self.cache.set(self._k("attempts", key), 0, timeout=ttl + 60)
-        self._push(code.identifier, code.purpose, key, ttl + 60)
-        return key
+        return key  # pending: in no index until activate
 
     def _push(self, identifier: str, purpose: str, key: str, ttl: float) -> None:
-        # The list of candidate keys, newest last. Lost updates here only hide a code
-        # (the user asks again), never reveal or revive one.
+        # The list of activated keys, the last activated last. Lost updates here only hide
+        # a code (the user asks again), never reveal or revive one.
         index = self._k("index", identifier, purpose)
-        keys = [k for k in self.cache.get(index, []) if self.cache.get(self._k("code", k))]
+        keys = [
+            k for k in self.cache.get(index, []) if k != key and self.cache.get(self._k("code", k))
+        ]
         self.cache.set(index, [*keys, key], timeout=ttl)
 
     def _release(self, hits: tuple[Hit, ...], cooldown_key: str | None) -> None:
@@ -129,11 +133,12 @@ class CacheOTPStore:
         record = self._record(key)
         if record is None:
             return
-        index = self._k("index", record.code.identifier, record.code.purpose)
-        for other in self.cache.get(index, []):
-            if other == key:
-                break
-            self._kill(other)
+        code = record.code
+        for other in self.cache.get(self._k("index", code.identifier, code.purpose), []):
+            if other != key:
+                self._kill(other)
+        ttl = max(1.0, (code.expires_at - code.created_at).total_seconds())
+        self._push(code.identifier, code.purpose, key, ttl + 60)
 
     def _kill(self, key: str) -> None:
         record = self.cache.get(self._k("code", key))
@@ -163,6 +168,9 @@ class CacheOTPStore:
         record = self._record(key)
         if record is None or record.code.expires_at <= now:
             return False
+        index = self._k("index", record.code.identifier, record.code.purpose)
+        if key not in self.cache.get(index, []):
+            return False  # pending: never activated, so never sent
         ttl = max(1.0, (record.code.expires_at - record.code.created_at).total_seconds())
         # SET NX: exactly one caller creates the marker.
         return bool(self.cache.add(self._k("consumed", key), now.timestamp(), timeout=ttl + 60))

@@ -10,6 +10,10 @@ Ids are stable and never reused:
 - ``robust_mail.W021`` the cache OTP store is used with such a cache.
 - ``robust_mail.W022`` OTP ``SECRET`` equals ``SECRET_KEY`` (one leak then exposes both).
 - ``robust_mail.W023`` codes shorter than 6 characters.
+- ``robust_mail.W024`` OTP is in use (an ``OTP`` section in ``ROBUST_MAIL``, or
+  ``EmailCodeBackend`` in ``AUTHENTICATION_BACKENDS``) with another store than the cache
+  store, DEBUG is off, and the ``CACHE`` that counts code attempts per IP address and
+  ``MAX_NOTICES_PER_HOUR`` is dummy (nothing is counted) or LocMem (per process).
 
 A configuration that does not even read is reported by ``checks.py`` (E001-E019); these
 checks then stay quiet rather than repeat it.
@@ -25,7 +29,7 @@ from django.utils.module_loading import import_string
 
 from robust_mail.conf import RobustMailConfig, read_config
 
-__all__ = ["check_otp", "check_rate_limit_cache"]
+__all__ = ["check_otp", "check_otp_limit_cache", "check_rate_limit_cache"]
 
 MIN_SECRET_LENGTH = 32
 
@@ -48,6 +52,15 @@ def _config() -> RobustMailConfig | None:
 def _weak_cache(alias: str) -> str | None:
     backend = str(settings.CACHES.get(alias, {}).get("BACKEND", ""))
     return WEAK_CACHES.get(backend)
+
+
+#: Caches on which the OTP limits kept in ``CACHE`` do not hold at all across processes.
+UNSHARED_CACHES = {
+    "django.core.cache.backends.locmem.LocMemCache": "per process",
+    "django.core.cache.backends.dummy.DummyCache": "a no-op",
+}
+
+EMAIL_CODE_BACKEND = "robust_mail.auth_backends.EmailCodeBackend"
 
 
 def _secret_key() -> str:
@@ -131,6 +144,57 @@ def check_otp(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
                     )
                 )
     return messages
+
+
+def _otp_in_use() -> bool:
+    # Codes can be issued without either sign (PasswordResetService with the defaults):
+    # docs/otp.md tells those projects to add "OTP": {} so that this check runs.
+    configured = getattr(settings, "ROBUST_MAIL", None)
+    if isinstance(configured, dict) and "OTP" in configured:
+        return True
+    for dotted in getattr(settings, "AUTHENTICATION_BACKENDS", []):
+        try:
+            backend = import_string(dotted)
+        except ImportError:
+            continue  # Django's own checks report it
+        # By name: importing auth_backends here would pull in the admin's forms for
+        # projects that only use ModelBackend.
+        names = {f"{cls.__module__}.{cls.__qualname__}" for cls in getattr(backend, "__mro__", ())}
+        if EMAIL_CODE_BACKEND in names:
+            return True
+    return False
+
+
+def _uses_cache_store(otp: Any) -> bool:
+    from robust_mail.otp_cache_store import CacheOTPStore
+
+    try:
+        store = import_string(otp.store) if getattr(otp, "store", None) else None
+    except ImportError:
+        return False  # E022
+    return isinstance(store, type) and issubclass(store, CacheOTPStore)
+
+
+@register("robust_mail")
+def check_otp_limit_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    config = _config()
+    if config is None or settings.DEBUG or not _otp_in_use():
+        return []
+    backend = str(settings.CACHES.get(config.cache, {}).get("BACKEND", ""))
+    unshared = UNSHARED_CACHES.get(backend)
+    # With the cache store, W021 already says the cache is unfit, for more than this.
+    if unshared is None or _uses_cache_store(config.otp):
+        return []
+    return [
+        Warning(
+            f"One-time codes count attempts per IP address and MAX_NOTICES_PER_HOUR in "
+            f"cache {config.cache!r}, which is {unshared}: those limits do not hold "
+            "across processes.",
+            hint="Point ROBUST_MAIL['CACHE'] at a shared cache with atomic increments "
+            "(django.core.cache.backends.redis.RedisCache or memcached).",
+            id="robust_mail.W024",
+        )
+    ]
 
 
 @register("robust_mail")

@@ -3,10 +3,16 @@
 The service (:mod:`robust_mail.otp`) owns the rules — hashing, expiry, attempts, reasons;
 a store only keeps records and gives the atomic operations the rules need:
 
-- ``add`` stores a new code after checking the issue limits, and refuses with
-  :class:`~robust_mail.exceptions.RateLimited` without keeping anything when over one;
-- ``withdraw`` removes a code as if it had never been issued (its email failed), so it
-  counts toward no limit; ``activate`` then retires the older live codes;
+- ``add`` stores a new code *pending* after checking the issue limits, and refuses with
+  :class:`~robust_mail.exceptions.RateLimited` without keeping anything when over one. A
+  pending code counts toward the limits but no verification can find it: a code must not
+  be guessable while its email is still being sent, nor take attempts that ``withdraw``
+  would then wipe out with it;
+- ``activate`` (its email has been handed to the mail system) makes it the live code and
+  retires every other live code for the same identifier and purpose: of two codes whose
+  emails crossed, the one sent last works. ``withdraw`` (its email failed) removes a
+  pending code as if it had never been issued, so it counts toward no limit, and the
+  code live before it stays live;
 - ``count_attempt`` and ``consume`` are conditional and atomic: of any number of
   concurrent callers, at most ``max_attempts`` resp. exactly one succeed.
 
@@ -88,16 +94,21 @@ class OTPStore(Protocol):
     """The operations the OTP service needs. Keys are opaque strings."""
 
     def add(self, code: NewCode, limits: IssueLimits) -> str:
-        """Store ``code``; raise RateLimited (storing nothing) when over a limit."""
+        """Store ``code`` pending; raise RateLimited (storing nothing) when over a limit.
+
+        A pending code counts toward the limits; ``latest`` does not return it."""
 
     def withdraw(self, key: str) -> None:
-        """Remove a code as if never issued: it no longer counts toward any limit."""
+        """Remove a pending code as if never issued: it no longer counts toward any limit."""
 
     def activate(self, key: str) -> None:
-        """Invalidate every live code for the same identifier and purpose issued before it."""
+        """Make a pending code live and invalidate every other live code for the same
+        identifier and purpose. Called once per code, by whoever added it; does nothing
+        for a code withdrawn or gone."""
 
     def latest(self, identifier: str, purpose: str) -> StoredCode | None:
-        """The newest code neither consumed nor invalidated (it may have expired)."""
+        """The newest live code: activated, neither consumed nor invalidated (it may have
+        expired)."""
 
     def count_attempt(self, key: str, max_attempts: int) -> bool:
         """Atomically count one attempt if fewer than ``max_attempts`` were made.
@@ -127,6 +138,11 @@ class DatabaseOTPStore:
     Limits are checked *after* inserting, counting the new row: two concurrent requests
     then both see each other and both back off, so a limit is never exceeded (at worst
     both retry). Rows stay for a day after they expire so the daily limit keeps counting.
+
+    A pending row is inserted ``invalidated`` — not live, hidden from ``latest`` — and
+    ``activate`` clears the flag (the model has no column of its own for it). A process
+    that dies between ``add`` and ``activate`` thus leaves a code that never verifies
+    and still counts toward the limits, as its email may have gone out.
     """
 
     def __init__(self, using: str | None = None) -> None:
@@ -158,6 +174,7 @@ class DatabaseOTPStore:
                 expires_at=code.expires_at,
                 ip_address=code.ip_address,
                 user_agent=code.user_agent[:255],
+                invalidated=True,  # pending: see the class docstring
             )
         try:
             self._check_limits(row.pk, code, limits)
@@ -207,11 +224,21 @@ class DatabaseOTPStore:
         self._rows().filter(pk=int(key)).delete()
 
     def activate(self, key: str) -> None:
-        row = self._rows().filter(pk=int(key)).values("identifier", "purpose").first()
+        pk = int(key)
+        row = self._rows().filter(pk=pk).values("identifier", "purpose").first()
         if row is None:
             return
-        self._live(row["identifier"], row["purpose"]).filter(pk__lt=int(key)).update(
-            invalidated=True
+        # One UPDATE, so there is never a moment with two live codes or none: this row
+        # becomes live and every other live one is retired.
+        self._rows().filter(
+            models.Q(pk=pk) | models.Q(invalidated=False),
+            identifier=row["identifier"],
+            purpose=row["purpose"],
+            consumed_at__isnull=True,
+        ).update(
+            invalidated=models.Case(
+                models.When(pk=pk, then=models.Value(False)), default=models.Value(True)
+            )
         )
 
     def _live(self, identifier: str, purpose: str) -> models.QuerySet[Any]:

@@ -37,6 +37,7 @@ from django.core import signing
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.utils.crypto import constant_time_compare, salted_hmac
+from django.views.decorators.debug import sensitive_variables
 
 from robust_mail.classcall import class_or_instance
 from robust_mail.exceptions import RobustMailError
@@ -185,6 +186,7 @@ class PasswordResetService:
         )
 
     @class_or_instance
+    @sensitive_variables("code")  # stars in Django's error reports, as in OTPService.verify
     def verify(self, email: str, code: object, *, ip_address: str | None = None) -> str | None:
         """A single-use reset token when ``code`` is right, else None (never raises).
 

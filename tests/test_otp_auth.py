@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import authenticate
+from django.contrib.auth.signals import user_login_failed
 from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -193,3 +194,24 @@ def test_request_view_rejects_a_malformed_address(client):
 
     assert page.status_code == 200
     assert OutboxMessage.objects.count() == 0
+
+
+def test_failed_admin_sign_in_keeps_the_code_out_of_logged_credentials(mail_server, staff, client):
+    # Django masks only password-like keys before user_login_failed; a receiver that logs
+    # the credentials (the dict, so the repr of each value) must not log the code.
+    server = mail_server()
+    code = login_code(server)
+    wrong = "000000" if code != "000000" else "111111"
+    logged: list[str] = []
+
+    def receiver(sender: Any, credentials: dict[str, Any], **kwargs: Any) -> None:
+        logged.append(f"failed sign-in with {credentials}")
+
+    user_login_failed.connect(receiver)
+    try:
+        client.post("/admin/login/", {"username": EMAIL, "password": wrong})
+    finally:
+        user_login_failed.disconnect(receiver)
+
+    (line,) = logged
+    assert EMAIL in line and wrong not in line

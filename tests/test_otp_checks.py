@@ -1,11 +1,12 @@
-"""System checks of the OTP helper: every id has a test (E020-E022, W020 in test_ratelimit)."""
+"""System checks of the OTP helper: every id has a test (E020-E022, W021-W024; W020 in
+test_ratelimit)."""
 
 from __future__ import annotations
 
 import pytest
 from django.core.checks import run_checks
 
-from robust_mail.otp_checks import check_otp
+from robust_mail.otp_checks import check_otp, check_otp_limit_cache
 
 
 def _ids() -> set[str]:
@@ -88,3 +89,50 @@ def test_cache_store_on_redis_is_fine(settings):
     }
 
     assert check_otp() == []
+
+
+DUMMY = {"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}}
+REDIS = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": "redis://127.0.0.1:1/0",
+    }
+}
+
+
+@pytest.mark.parametrize("caches", [None, DUMMY], ids=["locmem", "dummy"])
+def test_w024_otp_limits_in_an_unshared_cache_outside_debug(settings, caches):
+    # The tests' default cache is LocMem: per process, like a deployment that forgot CACHES.
+    if caches is not None:
+        settings.CACHES = caches
+    settings.ROBUST_MAIL = {"OTP": {}}
+
+    (message,) = check_otp_limit_cache()
+    assert message.id == "robust_mail.W024"
+    assert "MAX_NOTICES_PER_HOUR" in message.msg and "RedisCache" in message.hint
+    assert "robust_mail.W024" in _ids()
+    settings.DEBUG = True
+    assert check_otp_limit_cache() == []
+
+
+def test_w024_when_codes_sign_users_in(settings):
+    settings.AUTHENTICATION_BACKENDS = [
+        "django.contrib.auth.backends.ModelBackend",
+        "robust_mail.auth_backends.EmailCodeBackend",
+    ]
+
+    assert [m.id for m in check_otp_limit_cache()] == ["robust_mail.W024"]
+
+
+def test_no_w024_without_otp_or_on_a_shared_cache(settings):
+    assert check_otp_limit_cache() == []  # mail only: the OTP limits are not used
+    settings.ROBUST_MAIL = {"OTP": {}}
+    settings.CACHES = REDIS
+    assert check_otp_limit_cache() == []
+
+
+def test_no_w024_beside_w021_for_the_cache_store(settings):
+    settings.ROBUST_MAIL = {"OTP": {"STORE": "robust_mail.otp_store.CacheOTPStore"}}
+
+    assert "robust_mail.W021" in _ids()
+    assert check_otp_limit_cache() == []

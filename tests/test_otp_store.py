@@ -28,6 +28,13 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 NO_LIMITS = IssueLimits(cooldown=0, per_hour=1000, per_day=1000, per_ip_per_hour=1000)
 
 
+def live(store: OTPStore, code: NewCode, limits: IssueLimits = NO_LIMITS) -> str:
+    """Add ``code`` and activate it, as the service does once its email has gone."""
+    key = store.add(code, limits)
+    store.activate(key)
+    return key
+
+
 def new(
     identifier: str = "a@example.com",
     purpose: str = "login",
@@ -72,7 +79,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.redis]
 
 class TestStoreContract:
     def test_added_code_is_the_latest(self, store):
-        key = store.add(new(), NO_LIMITS)
+        key = live(store, new())
 
         latest = store.latest("a@example.com", "login")
 
@@ -83,17 +90,45 @@ class TestStoreContract:
         assert store.latest("b@example.com", "login") is None
 
     def test_newer_code_is_the_latest_and_activation_retires_older(self, store):
-        old = store.add(new(code_hash="1" * 64), NO_LIMITS)
-        store.activate(old)
-        newer = store.add(new(at=T0 + timedelta(seconds=1), code_hash="2" * 64), NO_LIMITS)
+        old = live(store, new(code_hash="1" * 64))
+        newer = live(store, new(at=T0 + timedelta(seconds=1), code_hash="2" * 64))
 
         assert store.latest("a@example.com", "login").key == newer
-        store.activate(newer)
         store.withdraw(newer)
 
         # The older one was retired by activating the newer: nothing is live.
         assert store.latest("a@example.com", "login") is None
         assert not store.consume(old, T0)
+
+    def test_a_pending_code_cannot_be_found_or_used_until_activated(self, store):
+        # Its email is still being sent: nobody can have it, so nobody may try it, and
+        # attempts on it would vanish with it if the email failed.
+        old = live(store, new(code_hash="1" * 64))
+        pending = store.add(new(at=T0 + timedelta(seconds=1), code_hash="2" * 64), NO_LIMITS)
+
+        assert store.latest("a@example.com", "login").key == old
+        assert not store.consume(pending, T0)
+        assert store.invalidate("a@example.com", "login") == 1  # the old one only
+
+        store.activate(pending)
+
+        assert store.latest("a@example.com", "login").key == pending
+        assert store.consume(pending, T0)
+
+    def test_a_pending_code_alone_is_not_found(self, store):
+        store.add(new(), NO_LIMITS)
+
+        assert store.latest("a@example.com", "login") is None
+
+    def test_the_code_activated_last_is_the_live_one(self, store):
+        # Two codes whose emails crossed (the first send was slow): the last one sent works.
+        first = store.add(new(code_hash="1" * 64), NO_LIMITS)
+        second = store.add(new(at=T0 + timedelta(seconds=1), code_hash="2" * 64), NO_LIMITS)
+        store.activate(second)
+        store.activate(first)
+
+        assert store.latest("a@example.com", "login").key == first
+        assert not store.consume(second, T0)
 
     def test_withdrawing_before_activation_brings_the_older_code_back(self, store):
         old = store.add(new(code_hash="1" * 64), NO_LIMITS)
@@ -105,7 +140,7 @@ class TestStoreContract:
         assert store.latest("a@example.com", "login").key == old
 
     def test_attempts_are_counted_up_to_the_maximum(self, store):
-        key = store.add(new(), NO_LIMITS)
+        key = live(store, new())
 
         counted = [store.count_attempt(key, 3) for _ in range(5)]
 
@@ -113,19 +148,19 @@ class TestStoreContract:
         assert store.latest("a@example.com", "login").attempts >= 3
 
     def test_consume_succeeds_once(self, store):
-        key = store.add(new(), NO_LIMITS)
+        key = live(store, new())
 
         assert store.consume(key, T0)
         assert not store.consume(key, T0)
         assert store.latest("a@example.com", "login") is None
 
     def test_expired_code_cannot_be_consumed(self, store):
-        key = store.add(new(ttl=60), NO_LIMITS)
+        key = live(store, new(ttl=60))
 
         assert not store.consume(key, T0 + timedelta(seconds=60))
 
     def test_invalidate_retires_every_live_code(self, store):
-        key = store.add(new(), NO_LIMITS)
+        key = live(store, new())
 
         assert store.invalidate("a@example.com", "login") == 1
         assert store.latest("a@example.com", "login") is None
@@ -133,7 +168,7 @@ class TestStoreContract:
 
     def test_cooldown_refuses_and_keeps_nothing(self, store):
         limits = IssueLimits(cooldown=60, per_hour=10, per_day=10, per_ip_per_hour=10)
-        first = store.add(new(), limits)
+        first = live(store, new(), limits)
 
         with pytest.raises(RateLimited) as refused:
             store.add(new(at=T0 + timedelta(seconds=10), code_hash="2" * 64), limits)
@@ -206,7 +241,7 @@ def test_cache_store_consume_is_won_by_one_of_fifty_threads_on_redis(redis_serve
         },
     }
     store = CacheOTPStore("otp")
-    key = store.add(new(), NO_LIMITS)
+    key = live(store, new())
     barrier = threading.Barrier(50)
     results: list[bool] = []
 

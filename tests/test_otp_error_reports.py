@@ -1,0 +1,106 @@
+"""Django's error reports (the 500 email, ``AdminEmailHandler``) show no typed code.
+
+A store that fails while a code is being checked raises out of ``verify`` with the code
+in its locals; Django's ``ExceptionReporter`` renders every frame's locals unless a
+``sensitive_variables`` decorator names them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import pytest
+from django.contrib.auth import authenticate
+from django.views.debug import ExceptionReporter
+
+from robust_mail.auth_backends import EmailCodeAdminLoginForm
+from robust_mail.otp import OTPService
+from robust_mail.otp_store import DatabaseOTPStore
+
+pytestmark = pytest.mark.django_db
+
+EMAIL = "alice@example.com"
+STORE = "tests.test_otp_error_reports.FailingStore"
+
+
+class FailingStore(DatabaseOTPStore):
+    """Fails where a right code is being used up: every local of ``verify`` is set."""
+
+    def consume(self, key: str, now: datetime) -> bool:
+        raise RuntimeError("the store went away")
+
+
+@pytest.fixture
+def typed(settings: Any) -> str:
+    """A live code for EMAIL as a user types it (lower case, a dash): ``abcd-efgh``.
+
+    Eight letters from the alphanumeric alphabet, which no address, timestamp or hex id
+    in a report can contain by chance.
+    """
+    settings.ROBUST_MAIL = {"OTP": {"ALPHABET": "alphanumeric", "LENGTH": 8, "STORE": STORE}}
+    settings.AUTHENTICATION_BACKENDS = ["robust_mail.auth_backends.EmailCodeBackend"]
+    code = str(OTPService().issue(EMAIL, send=False).code)
+    return f"{code[:4]}-{code[4:]}".lower()
+
+
+def report(excinfo: pytest.ExceptionInfo[BaseException]) -> str:
+    """The text and HTML reports Django makes of the exception, DEBUG off (production).
+
+    The test's own frames are left out: they hold the code as the test knows it.
+    """
+    tb: TracebackType | None = excinfo.tb
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    reporter = ExceptionReporter(None, excinfo.type, excinfo.value, tb)
+    return reporter.get_traceback_text() + reporter.get_traceback_html()
+
+
+@pytest.mark.parametrize("called_on", ["instance", "class"])
+def test_verify_keeps_the_code_out_of_error_reports(typed, called_on):
+    otp = OTPService() if called_on == "instance" else OTPService  # class_or_instance too
+
+    with pytest.raises(RuntimeError) as excinfo:
+        otp.verify(EMAIL, typed)
+
+    text = report(excinfo)
+    assert "in verify" in text and "record" in text  # the frame and its locals are there
+    assert typed not in text
+    assert typed.replace("-", "").upper() not in text  # the normalised candidate
+
+
+SIGN_IN = {
+    "authenticate": lambda email, code: authenticate(None, email=email, code=code),
+    "admin_form": lambda email, code: EmailCodeAdminLoginForm(
+        None, data={"username": email, "password": code}
+    ).is_valid(),
+}
+
+
+@pytest.mark.parametrize("via", SIGN_IN)
+def test_sign_in_keeps_the_code_out_of_error_reports(django_user_model, typed, via):
+    django_user_model.objects.create_user("alice", EMAIL)
+
+    with pytest.raises(RuntimeError) as excinfo:
+        SIGN_IN[via](EMAIL, typed)
+
+    text = report(excinfo)
+    assert "in authenticate" in text
+    assert typed not in text
+    assert typed.replace("-", "").upper() not in text
+
+
+def test_password_reset_verify_keeps_the_code_out_of_error_reports(django_user_model, settings):
+    from robust_mail.password_reset import PasswordResetService
+
+    settings.ROBUST_MAIL = {"OTP": {"ALPHABET": "alphanumeric", "LENGTH": 8, "STORE": STORE}}
+    django_user_model.objects.create_user("alice", EMAIL, password="an old password")
+    code = str(OTPService().issue(EMAIL, "password_reset", send=False).code).lower()
+
+    with pytest.raises(RuntimeError) as excinfo:
+        PasswordResetService.verify(EMAIL, code)
+
+    text = report(excinfo)
+    assert "password_reset.py" in text and "in verify" in text
+    assert code not in text

@@ -1,0 +1,83 @@
+"""A code is pending while its email is being sent: nobody can try it, nothing is lost.
+
+Before, a code was live from the moment it was stored: it could be verified while the
+email carrying it was still being sent, and if the send then failed, withdrawing it
+deleted the attempts made on it meanwhile — unlimited guessing for an address whose mail
+bounces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from robust_mail.exceptions import DeliveryFailed
+from robust_mail.otp import OTPService, Reason, VerifyResult
+from robust_mail.otp_store import CacheOTPStore, DatabaseOTPStore, OTPStore
+from tests.test_otp_support import Clock, code_from, mail_server
+
+__all__ = ["mail_server"]  # the fixture
+
+pytestmark = pytest.mark.django_db
+
+USER = "alice@example.com"
+
+
+def right(code: str) -> str:
+    return code
+
+
+def wrong(code: str) -> str:
+    return "000000" if code != "000000" else "111111"
+
+
+class GuessingWhileSending(OTPService):
+    """Someone tries a code for the address while the email with the new one is on its way."""
+
+    def __init__(self, guess: Callable[[str], str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guess = guess
+        self.during_send: list[VerifyResult] = []
+
+    def send(self, address: str, code: str, *args: Any, **kwargs: Any) -> None:
+        self.during_send.append(self.verify(address, self.guess(code)))
+        super().send(address, code, *args, **kwargs)
+
+
+@pytest.fixture(params=["database", "cache"])
+def store(request: pytest.FixtureRequest) -> OTPStore:
+    return DatabaseOTPStore() if request.param == "database" else CacheOTPStore("default")
+
+
+def test_a_code_cannot_be_used_before_its_email_is_sent(mail_server, store):
+    server = mail_server()
+    otp = GuessingWhileSending(right, store=store, clock=Clock())
+
+    otp.issue(USER)
+
+    assert [r.reason for r in otp.during_send] == [Reason.NO_CODE]  # not even the right one
+    assert otp.verify(USER, code_from(server.messages[0])).ok  # once it has been sent
+
+
+def test_attempts_made_during_a_failed_send_are_kept(mail_server, store):
+    # No cooldown: the cache store's runs on the cache's own clock, not the test's.
+    server = mail_server(OTP={"COOLDOWN": 0})
+    clock = Clock()
+    OTPService(store=store, clock=clock).issue(USER)
+    previous = store.latest(USER, "login")
+    clock.advance(1)
+    server.mode = "mail_421"
+    otp = GuessingWhileSending(wrong, store=store, clock=clock)
+
+    with pytest.raises(DeliveryFailed):
+        otp.issue(USER)
+
+    # The guess was tried against the code the address had: it counts there, and the
+    # failed send, which withdrew the new code, took no attempt away with it.
+    assert [r.reason for r in otp.during_send] == [Reason.INVALID]
+    latest = store.latest(USER, "login")
+    assert latest is not None and previous is not None
+    assert (latest.key, latest.attempts) == (previous.key, 1)
+    assert otp.verify(USER, code_from(server.messages[0])).ok
