@@ -33,8 +33,11 @@ class CacheOTPStore:
 
     Records expire with the code. A code is pending until ``activate`` puts its key in the
     index of its identifier and purpose, where ``latest`` looks. Attempts are ``incr``
-    counters; single use is ``cache.add`` of a "consumed" marker (SET NX on Redis), so it
-    is atomic wherever ``add`` is. Limits are fixed-window counters of
+    counters. Single use, and retiring a replaced code, *delete* the record: ``delete``
+    says whether this caller removed it (DEL on Redis), so of concurrent callers exactly
+    one consumes it; and a cache that evicts keys (``maxmemory``) can then only lose a
+    code, never bring a used or replaced one back, as a lost "used" marker would. Limits
+    are fixed-window counters of
     :class:`~robust_mail.ratelimit.RateLimiter` (aligned to UTC: around a boundary an
     identifier can get up to twice a limit, docs/otp.md) and the cooldown a key created
     with ``add``. Needs a shared cache with atomic ``add``/``incr`` — Redis or memcached,
@@ -119,9 +122,7 @@ class CacheOTPStore:
 
     def _record(self, key: str) -> _CachedCode | None:
         record = self.cache.get(self._k("code", key))
-        if not isinstance(record, _CachedCode) or self.cache.get(self._k("dead", key)):
-            return None
-        return record
+        return record if isinstance(record, _CachedCode) else None
 
     def withdraw(self, key: str) -> None:
         record = self.cache.get(self._k("code", key))
@@ -140,16 +141,14 @@ class CacheOTPStore:
         ttl = max(1.0, (code.expires_at - code.created_at).total_seconds())
         self._push(code.identifier, code.purpose, key, ttl + 60)
 
-    def _kill(self, key: str) -> None:
-        record = self.cache.get(self._k("code", key))
-        if isinstance(record, _CachedCode):
-            ttl = max(1.0, (record.code.expires_at - record.code.created_at).total_seconds())
-            self.cache.set(self._k("dead", key), True, timeout=ttl + 60)
+    def _kill(self, key: str) -> bool:
+        """Retire a code for good; True if this call did (it was there)."""
+        return bool(self.cache.delete(self._k("code", key)))
 
     def latest(self, identifier: str, purpose: str) -> StoredCode | None:
         for key in reversed(self.cache.get(self._k("index", identifier, purpose), [])):
             record = self._record(key)
-            if record is None or self.cache.get(self._k("consumed", key)) is not None:
+            if record is None:
                 continue
             attempts = self.cache.get(self._k("attempts", key), 0)
             return replace(record.code, attempts=int(attempts))
@@ -171,18 +170,12 @@ class CacheOTPStore:
         index = self._k("index", record.code.identifier, record.code.purpose)
         if key not in self.cache.get(index, []):
             return False  # pending: never activated, so never sent
-        ttl = max(1.0, (record.code.expires_at - record.code.created_at).total_seconds())
-        # SET NX: exactly one caller creates the marker.
-        return bool(self.cache.add(self._k("consumed", key), now.timestamp(), timeout=ttl + 60))
+        # DEL: exactly one caller removes it.
+        return self._kill(key)
 
     def invalidate(self, identifier: str, purpose: str) -> int:
         keys = self.cache.get(self._k("index", identifier, purpose), [])
-        count = 0
-        for key in keys:
-            if self._record(key) is not None and self.cache.get(self._k("consumed", key)) is None:
-                self._kill(key)
-                count += 1
-        return count
+        return sum(1 for key in keys if self._kill(key))
 
     def purge_expired(self, now: datetime) -> int:
         # The cache expires records by itself.

@@ -277,3 +277,49 @@ def test_store_setting_picks_the_store(settings):
     assert isinstance(store, CacheOTPStore) and store.cache_alias == "codes"
     settings.ROBUST_MAIL = {}
     assert isinstance(OTPService().store, DatabaseOTPStore)
+
+
+def test_cache_store_eviction_never_brings_a_used_or_replaced_code_back(redis_server, settings):
+    # Redis under maxmemory evicts keys (volatile-lru: every key here has a TTL). Whatever
+    # one key it loses, a code that was used, or replaced by a newer one, must stay dead:
+    # losing a key may only lose a code.
+    import redis as redis_client
+
+    settings.CACHES = {
+        **settings.CACHES,
+        "otp": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_server.url,
+        },
+    }
+    store = CacheOTPStore("otp")
+    direct = redis_client.Redis.from_url(redis_server.url)
+
+    def after_each_eviction(check: Any) -> None:
+        for evicted in direct.keys("*"):
+            saved, ttl = direct.dump(evicted), direct.pttl(evicted)
+            direct.delete(evicted)
+            check(evicted)
+            direct.restore(evicted, max(ttl, 0), saved)
+
+    def used_stays_used(evicted: bytes) -> None:
+        assert not store.consume(used, T0), evicted
+        assert store.latest("a@example.com", "login") is None, evicted
+
+    def replaced_stays_replaced(evicted: bytes) -> None:
+        assert not store.consume(replaced, T0), evicted
+        latest = store.latest("a@example.com", "login")
+        assert latest is None or latest.key == newer, evicted
+
+    try:
+        used = live(store, new())
+        assert store.consume(used, T0)
+        after_each_eviction(used_stays_used)
+
+        replaced = live(store, new())
+        newer = live(store, new())
+        after_each_eviction(replaced_stays_replaced)
+        assert store.latest("a@example.com", "login").key == newer  # type: ignore[union-attr]
+    finally:
+        direct.close()
+        close_cache("otp")
