@@ -31,11 +31,12 @@ Both pass ``tests/test_otp_store.py``'s contract tests.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from django.db import models, router, transaction
+from django.db import connections, models, router, transaction
 
 from robust_mail.db import insert
 from robust_mail.exceptions import RateLimited
@@ -166,6 +167,7 @@ class DatabaseOTPStore:
     def add(self, code: NewCode, limits: IssueLimits) -> str:
         code = replace(code, ip_address=ip_bucket(code.ip_address))
         with transaction.atomic(using=self.using):
+            self._one_issue_at_a_time(code.identifier)
             row = self._rows().create(
                 identifier=code.identifier,
                 purpose=code.purpose,
@@ -182,6 +184,25 @@ class DatabaseOTPStore:
             self._rows().filter(pk=row.pk).delete()
             raise
         return str(row.pk)
+
+    def _one_issue_at_a_time(self, identifier: str) -> None:
+        """On PostgreSQL, wait for any other transaction issuing a code for ``identifier``.
+
+        Inside the caller's transaction (``ATOMIC_REQUESTS``), concurrent requests do not
+        see each other's uncommitted rows, so each would pass the limits: 30 at once got 30
+        codes. An advisory lock held to the end of the transaction makes the next one count
+        the row of the one before. SQLite needs none (one writer at a time, and its snapshot
+        starts after the wait); on MySQL the limits are only as strict as in autocommit.
+        """
+        connection = connections[self.using]
+        if connection.vendor != "postgresql":
+            return
+        digest = hashlib.sha256(f"robust_mail.otp.issue:{identifier}".encode()).digest()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s)",
+                [int.from_bytes(digest[:8], "big", signed=True)],
+            )
 
     def _times(self, own: int, since: datetime, **where: Any) -> list[datetime]:
         rows = self._rows().filter(created_at__gt=since, **where).exclude(pk=own)

@@ -125,3 +125,30 @@ def test_store_consume_is_won_by_exactly_one_thread(file_db):
 
     assert errors == []
     assert results.count(True) == 1 and results.count(False) == THREADS - 1
+
+
+def test_concurrent_issues_inside_transactions_still_respect_the_limits(file_db):
+    # ATOMIC_REQUESTS wraps each view in a transaction: concurrent requests do not see each
+    # other's uncommitted rows, and each passed the cooldown (PostgreSQL: 30 got 30 codes).
+    import time
+
+    from django.db import transaction
+
+    from robust_mail.exceptions import RateLimited
+
+    otp = OTPService(store=DatabaseOTPStore(using=file_db), clock=Clock())
+
+    def request() -> bool:
+        with transaction.atomic(using=file_db):
+            try:
+                otp.issue(USER, send=False)
+            except RateLimited:
+                return False
+            time.sleep(0.05)  # the rest of the view, still in its transaction
+        return True
+
+    results, errors = run_together(10, request)
+
+    assert errors == []
+    assert results.count(True) == 1  # the cooldown: one code, the others refused
+    assert OneTimePassword.objects.using(file_db).count() == 1
