@@ -21,6 +21,7 @@ E008   a value has the wrong type or is out of range
 E009   CACHE names an alias that is not in CACHES
 E010   a MAILER provider names a missing MAILERS alias, or its own alias
 E011   an SSL_CAFILE / SSL_CERTFILE / SSL_KEYFILE file does not exist
+E012   one provider NAME for different servers in two configurations (MAILERS aliases)
 W001   FALLBACK "console" while DEBUG is False
 W002   a provider sends its password without TLS to a host that is not local
 W003   a provider's TIMEOUT is not shorter than RETRY DEADLINE
@@ -33,21 +34,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import Any
 
 import django
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from robust_mail.conf import RobustMailConfig, mailers_setting, read_config, setting_label
-
-#: The backends whose OPTIONS (Django 6.1 MAILERS) are robust_mail configurations.
-ROBUST_BACKENDS = frozenset(
-    {"robust_mail.backends.RobustEmailBackend", "robust_mail.backends.OutboxEmailBackend"}
-)
-# OPTIONS that Django's BaseEmailBackend itself takes; not ours to judge.
-_DJANGO_OPTIONS = frozenset({"fail_silently"})
+from robust_mail.mailers import classic_form_in_use, configurations, robust_mailers
 
 
 @register("mail", "robust_mail")
@@ -55,10 +50,35 @@ def check_settings(app_configs: object = None, **kwargs: object) -> list[CheckMe
     """Check ``ROBUST_MAIL`` (when used) and every MAILERS alias served by robust_mail."""
     messages: list[CheckMessage] = []
     messages += _check_early_mailers()
-    if _classic_form_in_use():
+    if classic_form_in_use():
         messages += _check_one(None, alias=None)
-    for alias, options in _robust_mailers():
+    for alias, options in robust_mailers():
         messages += _check_one(options, alias=alias)
+    messages += _check_names_across_mailers()
+    return messages
+
+
+def _check_names_across_mailers() -> list[CheckMessage]:
+    # Breakers and counters are keyed by provider name: within one configuration E007
+    # keeps names apart; across MAILERS aliases one name must mean one server.
+    seen: dict[str, tuple[str, tuple[object, ...]]] = {}
+    messages: list[CheckMessage] = []
+    for alias, config in configurations():
+        where = setting_label(alias=alias) if alias is not None else "ROBUST_MAIL"
+        for provider in config.providers:
+            server = (provider.host, provider.port, provider.mailer)
+            first = seen.setdefault(provider.name, (where, server))
+            if first[1] != server:
+                messages.append(
+                    Error(
+                        f"Provider name {provider.name!r} is used for different servers in "
+                        f"{first[0]} and {where}: they would share one circuit breaker (one "
+                        "failing would stop sends to the other) and one set of counters.",
+                        hint="Give each server its own NAME; the same name is fine only for "
+                        "the same host and port.",
+                        id="robust_mail.E012",
+                    )
+                )
     return messages
 
 
@@ -75,28 +95,6 @@ def _check_early_mailers() -> list[CheckMessage]:
             id="robust_mail.W005",
         )
     ]
-
-
-def _classic_form_in_use() -> bool:
-    # is_overridden() reads no setting, so it never triggers Django 6.1's EMAIL_* warnings.
-    overridden = cast(Any, settings).is_overridden
-    if overridden("ROBUST_MAIL"):
-        return True
-    if mailers_setting() is not None:
-        return False  # Django 6.1 with MAILERS: EMAIL_BACKEND does not exist
-    return bool(overridden("EMAIL_BACKEND") and settings.EMAIL_BACKEND in ROBUST_BACKENDS)
-
-
-def _robust_mailers() -> Iterator[tuple[str, Any]]:
-    mailers = mailers_setting()
-    if not mailers:
-        return
-    for alias, entry in mailers.items():
-        if isinstance(entry, Mapping) and entry.get("BACKEND") in ROBUST_BACKENDS:
-            options = entry.get("OPTIONS", {})
-            if isinstance(options, Mapping):
-                options = {k: v for k, v in options.items() if k not in _DJANGO_OPTIONS}
-            yield str(alias), options
 
 
 def _check_one(options: Any, *, alias: str | None) -> list[CheckMessage]:

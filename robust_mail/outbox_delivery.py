@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
@@ -98,12 +98,6 @@ def lease_margin(config: RobustMailConfig) -> float:
     return min(worst_case_delivery(config), config.outbox.lease / 2)
 
 
-#: The backends whose MAILERS OPTIONS are a robust_mail configuration (Django 6.1).
-ROBUST_BACKENDS = frozenset(
-    {"robust_mail.backends.RobustEmailBackend", "robust_mail.backends.OutboxEmailBackend"}
-)
-
-
 def delivery_config(mailer: str | None = None) -> RobustMailConfig:
     """The configuration outbox messages are delivered with.
 
@@ -112,23 +106,17 @@ def delivery_config(mailer: str | None = None) -> RobustMailConfig:
     robust_mail serves it, else the first alias it serves, else ``ROBUST_MAIL``
     (with Django's ``EMAIL_*`` settings), as :func:`robust_mail.conf.get_config` reads it.
     """
-    from robust_mail.conf import get_config, mailers_setting
+    from robust_mail.conf import get_config
+    from robust_mail.mailers import robust_mailers
 
-    mailers = mailers_setting() or {}
+    ours = dict(robust_mailers())
     if mailer is None:
-        ours = [
-            alias
-            for alias, entry in mailers.items()
-            if isinstance(entry, Mapping) and entry.get("BACKEND") in ROBUST_BACKENDS
-        ]
         if not ours:
             return get_config()
-        mailer = "default" if "default" in ours else str(ours[0])
-    entry = mailers.get(mailer)
-    if not isinstance(entry, Mapping):
-        raise ImproperlyConfigured(f"MAILERS has no alias {mailer!r}")
-    options = cast(Mapping[str, Any], entry.get("OPTIONS") or {})
-    return get_config({k: v for k, v in options.items() if k != "fail_silently"}, alias=mailer)
+        mailer = "default" if "default" in ours else next(iter(ours))
+    if mailer not in ours:
+        raise ImproperlyConfigured(f"MAILERS has no alias {mailer!r} served by robust_mail")
+    return get_config(ours[mailer], alias=mailer)
 
 
 @dataclass

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from prometheus_client.core import (
     REGISTRY,
@@ -43,6 +42,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from robust_mail import metrics
 from robust_mail.breaker import BreakerState
+from robust_mail.mailers import providers_in_use
 
 __all__ = ["RobustMailCollector", "register"]
 
@@ -114,15 +114,9 @@ class RobustMailCollector(Collector):
         return []
 
 
-def _configured() -> Any:
-    from robust_mail.conf import get_config
-
-    return get_config()
-
-
 def _provider_names() -> list[str]:
     try:
-        return [provider.name for provider in _configured().providers]
+        return list(providers_in_use())
     except Exception:
         return []
 
@@ -131,8 +125,10 @@ def _breaker_states() -> list[tuple[str, BreakerState]]:
     from robust_mail.state import get_breaker
 
     try:
-        config = _configured()
-        return [(p.name, get_breaker(p.name, config).state) for p in config.providers]
+        # Every configuration: the classic one and each MAILERS alias served by robust_mail.
+        return [
+            (name, get_breaker(name, config).state) for name, config in providers_in_use().items()
+        ]
     except Exception:
         logger.debug("breaker states unavailable", exc_info=True)
         return []

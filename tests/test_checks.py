@@ -345,3 +345,18 @@ def test_e008_host_must_be_a_host_alone_and_a_password_in_it_is_not_shown(
 def test_ipv6_hosts_are_still_accepted(settings: Any) -> None:
     settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": "::1"}, {"NAME": "b", "HOST": "[::1]"}]}
     assert messages() == []
+
+
+@needs_mailers
+def test_e012_one_provider_name_for_two_servers_across_mailers(settings: Any) -> None:
+    # Breakers are keyed by name: one failing server would stop sends to the other.
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://h1?name=primary"]}},
+        "bulk": {"BACKEND": OUTBOX, "OPTIONS": {"providers": ["smtp://h2?name=primary"]}},
+    }
+    message = only("robust_mail.E012")
+    assert "'primary'" in message.msg and "MAILERS['bulk']" in message.msg
+    assert "NAME" in (message.hint or "")
+
+    settings.MAILERS["bulk"]["OPTIONS"]["providers"] = ["smtp://h1?name=primary"]
+    assert "robust_mail.E012" not in ids()  # the same server: one breaker is right

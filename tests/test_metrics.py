@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from robust_mail import metrics, state
 from robust_mail.prometheus import register
+from tests.conftest import needs_mailers
 
 BROKEN_CACHE = {
     "default": {
@@ -235,3 +236,30 @@ def test_a_message_left_to_the_fallback_is_counted(smtp_server: Any, robust: Any
     snapshot = metrics.snapshot()
     assert snapshot["last"]["fallback"] == 1
     assert snapshot["first"]["fallback"] == 0
+
+
+MAILERS = {
+    "default": {
+        "BACKEND": "robust_mail.backends.RobustEmailBackend",
+        "OPTIONS": {"providers": ["smtp://127.0.0.1:1?name=a"]},
+    },
+    "bulk": {
+        "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+        "OPTIONS": {"providers": ["smtp://127.0.0.1:2?name=b"]},
+    },
+}
+
+
+@needs_mailers
+def test_prometheus_reports_the_breakers_of_every_mailers_alias(settings: Any) -> None:
+    from robust_mail.outbox_delivery import delivery_config
+
+    settings.MAILERS = MAILERS
+    state.get_breaker("b", delivery_config("bulk")).trip()
+    registry = CollectorRegistry()
+    register(registry)
+
+    text = generate_latest(registry).decode()
+
+    assert 'robust_mail_breaker_state{provider="a"} 0.0' in text
+    assert 'robust_mail_breaker_state{provider="b"} 1.0' in text

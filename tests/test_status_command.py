@@ -8,7 +8,7 @@ from io import StringIO
 from django.core.mail import EmailMessage
 from django.core.management import call_command
 
-from tests.conftest import provider
+from tests.conftest import needs_mailers, provider
 
 
 def _status(*args: str) -> str:
@@ -50,3 +50,19 @@ def test_status_with_nothing_sent_lists_the_configured_providers(smtp_server, ro
     assert [p["name"] for p in data["providers"]] == ["only"]
     assert data["providers"][0]["breaker"] == "closed"
     assert data["providers"][0]["latency_p50"] is None
+
+
+@needs_mailers
+def test_status_lists_the_providers_of_every_mailers_alias(settings):
+    from robust_mail.outbox_delivery import delivery_config
+    from robust_mail.state import get_breaker
+    from tests.test_metrics import MAILERS
+
+    settings.MAILERS = MAILERS
+    get_breaker("b", delivery_config("bulk")).trip()
+
+    data = json.loads(_status("--json"))
+
+    by_name = {p["name"]: p for p in data["providers"]}
+    assert by_name["a"]["breaker"] == "closed" and by_name["a"]["configured"]
+    assert by_name["b"]["breaker"] == "open" and by_name["b"]["configured"]

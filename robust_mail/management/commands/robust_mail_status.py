@@ -14,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from robust_mail import metrics
 from robust_mail.conf import get_config
+from robust_mail.mailers import providers_in_use
 from robust_mail.state import get_breaker
 
 _COLUMNS = ("sent", "failed", "retried", "failed_over", "refused_recipients", "ambiguous")
@@ -34,14 +35,16 @@ class Command(BaseCommand):
 
 
 def collect() -> dict[str, Any]:
-    """Breaker state and counters per configured provider, plus any other reported ones."""
-    config = get_config()
-    names = [p.name for p in config.providers]
+    """Breaker state and counters per configured provider (of the classic configuration
+    and of every MAILERS alias served by robust_mail), plus any other reported ones."""
+    config = get_config()  # the counters' cache, ROBUST_MAIL's
+    owners = providers_in_use()
+    names = list(owners)
     counters = metrics.snapshot(names)
     now = time.time()
     providers: list[dict[str, Any]] = []
     for name in [*names, *sorted(set(counters) - set(names))]:
-        breaker = get_breaker(name, config)
+        breaker = get_breaker(name, owners.get(name, config))
         retry_at = breaker.retry_at
         latency = counters.get(name, {}).get("latency", {"count": 0, "buckets": {}})
         providers.append(
