@@ -212,7 +212,7 @@ class RobustEmailBackend(_RobustBackendBase):
         """Apply the fallback to a deferred result; signal a failure."""
         if result.status is DeliveryStatus.DEFERRED and not result.rate_limited:
             try:
-                result = apply_fallback(message, result, config)
+                result = apply_fallback(message, result, config, mailer=self.alias)
             except RobustMailError:
                 raise  # broken settings, or a message the outbox refuses: the caller's to fix
             except Exception as exc:
@@ -235,7 +235,8 @@ class OutboxEmailBackend(_RobustBackendBase):
         self, message: EmailMessage, *, config: RobustMailConfig | None = None
     ) -> DeliveryResult:
         release_pins(message)
-        result = queue_in_outbox(message)  # enqueue validates before anything is stored
+        # enqueue validates before anything is stored; the alias delivers it later.
+        result = queue_in_outbox(message, mailer=self.alias)
         if not result.ok:  # the database could not take it
             emit(message_failed, type(self), message=message, result=result)
         return result

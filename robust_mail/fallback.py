@@ -29,9 +29,17 @@ _console_lock = threading.Lock()
 
 
 def apply_fallback(
-    message: EmailMessage, result: DeliveryResult, config: RobustMailConfig
+    message: EmailMessage,
+    result: DeliveryResult,
+    config: RobustMailConfig,
+    *,
+    mailer: str | None = None,
 ) -> DeliveryResult:
-    """Hand a DEFERRED message to the configured fallback; return the new result."""
+    """Hand a DEFERRED message to the configured fallback; return the new result.
+
+    ``mailer``: the MAILERS alias whose configuration this is, kept with an outbox row so
+    that it is delivered later through the same providers.
+    """
     if result.status is not DeliveryStatus.DEFERRED or config.fallback is None:
         return result
     if config.fallback == "console":
@@ -45,7 +53,7 @@ def apply_fallback(
             classification=result.classification,
         )
     elif config.fallback == "outbox":
-        handled = queue_in_outbox(message, result)
+        handled = queue_in_outbox(message, result, mailer=mailer)
     else:  # pragma: no cover - rejected by conf.py and the system checks
         raise ConfigurationError(f"unknown ROBUST_MAIL FALLBACK {config.fallback!r}")
     message.delivery_result = handled  # type: ignore[attr-defined]
@@ -57,7 +65,9 @@ def apply_fallback(
     return handled
 
 
-def queue_in_outbox(message: EmailMessage, result: DeliveryResult | None = None) -> DeliveryResult:
+def queue_in_outbox(
+    message: EmailMessage, result: DeliveryResult | None = None, *, mailer: str | None = None
+) -> DeliveryResult:
     """Store ``message`` durably for the workers and report it QUEUED.
 
     When the database cannot take it, the result is left DEFERRED with the
@@ -72,7 +82,7 @@ def queue_in_outbox(message: EmailMessage, result: DeliveryResult | None = None)
     delay = result.retry_after if result is not None else None
     not_before = timezone.now() + timedelta(seconds=delay) if delay else None
     try:
-        row = enqueue(message, not_before=not_before)
+        row = enqueue(message, not_before=not_before, mailer=mailer)
     except OutboxUnavailable as exc:
         message_id = pin_message(message)
         logger.error("message %s could not be queued in the outbox: %s", message_id, exc)

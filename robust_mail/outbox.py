@@ -69,6 +69,7 @@ def enqueue(
     using: str | None = None,
     not_before: datetime | None = None,
     sensitive: bool | None = None,
+    mailer: str | None = None,
 ) -> OutboxMessage:
     """Store ``message`` for delivery by a task or a worker, and return its row.
 
@@ -85,6 +86,9 @@ def enqueue(
     ``sensitive`` (default: the message's ``robust_mail_sensitive`` attribute, which
     ``EmailService.send_email(..., sensitive=True)`` sets) marks a message whose bodies
     hold a secret: the admin withholds them and they are erased once the row is final.
+
+    ``mailer``: the Django 6.1 MAILERS alias whose configuration (providers, retries)
+    delivers it; the backends of such an alias pass their own. None: the classic one.
 
     Raises :class:`InvalidMessage` for a message that cannot be sent or stored (a
     Message-ID over 255 characters included), ``ValueError`` for an ``idempotency_key``
@@ -109,6 +113,7 @@ def enqueue(
         next_attempt_at=not_before or now,
         created_at=now,
         idempotency_key=idempotency_key,
+        mailer=mailer or "",
         sensitive=bool(getattr(message, "robust_mail_sensitive", False))
         if sensitive is None
         else sensitive,

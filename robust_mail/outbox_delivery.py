@@ -88,14 +88,36 @@ def give_up(config: OutboxConfig) -> GiveUp:
     return GiveUp(config.max_age, attempts)
 
 
-def lease_margin(config: RobustMailConfig) -> float:
-    """How much of its lease a claim must have left to start one more message.
+def lease_margin(config: RobustMailConfig, lease: float) -> float:
+    """How much of its ``lease`` a claim must have left to start one more message, sent
+    with ``config``.
 
     A message started later could still be sending when the lease ends, and another worker
     would send it too. Half the lease when LEASE is shorter than one worst-case delivery
     (check W030 warns): otherwise nothing would ever start.
     """
-    return min(worst_case_delivery(config), config.outbox.lease / 2)
+    return min(worst_case_delivery(config), lease / 2)
+
+
+def row_config(row: OutboxMessage, fallback: RobustMailConfig) -> RobustMailConfig:
+    """The configuration that delivers ``row``: its MAILERS alias's, else ``fallback``.
+
+    An alias no longer served by robust_mail (the settings changed since it was queued) is
+    logged, and ``fallback`` delivers the message rather than leave it queued forever.
+    """
+    if not row.mailer:
+        return fallback
+    try:
+        return delivery_config(row.mailer)
+    except ImproperlyConfigured as exc:  # ConfigurationError too
+        logger.warning(
+            "outbox message %s was queued by mailer %r, which cannot deliver it now (%s): "
+            "delivering it with the worker's configuration",
+            row.pk,
+            row.mailer,
+            exc,
+        )
+        return fallback
 
 
 def delivery_config(mailer: str | None = None) -> RobustMailConfig:
@@ -493,6 +515,7 @@ def process_pk(
     if not held.rows:
         return None
     row = held.rows[0]
+    config = row_config(row, config)
     process(
         row, held, dispatcher=dispatcher or Dispatcher(config), config=config.outbox, clock=clock
     )

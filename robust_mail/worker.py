@@ -102,6 +102,8 @@ class Worker:
         self.clock = clock
         self.report = report or (lambda line: logger.info("%s", line))
         self.stats = WorkerStats()
+        # Rows queued by a MAILERS alias go with its configuration: (config, dispatcher).
+        self._deliveries: dict[str, tuple[RobustMailConfig, Dispatcher]] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._recorder: _Recorder | None = None
@@ -196,12 +198,13 @@ class Worker:
                 except outbox_delivery.OUTAGES:
                     late.append(item)
 
+        config, dispatcher = self._delivery(rows[0])  # a run's rows share their mailer
         outcomes = outbox_delivery.attempt_many(
             rows,
-            dispatcher=self.dispatcher,
-            config=self.config.outbox,
+            dispatcher=dispatcher,
+            config=config.outbox,
             clock=self.clock,
-            proceed=lambda: not self._stop.is_set() and self._lease_allows_one_more(rows),
+            proceed=lambda: not self._stop.is_set() and self._lease_allows(rows, config),
             on_outcome=record,
         )
         if self._recorder is None:
@@ -214,7 +217,18 @@ class Worker:
         if untried:
             self._release(held, untried, counts)
 
-    def _lease_allows_one_more(self, rows: list[OutboxMessage]) -> bool:
+    def _delivery(self, row: OutboxMessage) -> tuple[RobustMailConfig, Dispatcher]:
+        if not row.mailer:
+            return self.config, self.dispatcher
+        with self._lock:
+            found = self._deliveries.get(row.mailer)
+            if found is None:
+                config = outbox_delivery.row_config(row, self.config)
+                dispatcher = self.dispatcher if config is self.config else Dispatcher(config)
+                found = self._deliveries[row.mailer] = (config, dispatcher)
+        return found
+
+    def _lease_allows(self, rows: list[OutboxMessage], config: RobustMailConfig) -> bool:
         # One lease covers the whole batch, sent one message after another: a message
         # started too close to its end could still be sending when another worker takes
         # it over. The rest of the run is released instead, and claimed again.
@@ -222,7 +236,7 @@ class Worker:
         if lease_until is None:
             return True
         left = (lease_until - self.clock()).total_seconds()
-        return left > outbox_delivery.lease_margin(self.config)
+        return left > outbox_delivery.lease_margin(config, self.config.outbox.lease)
 
     def _record_group(self, group: list[Any], *, patient: bool = True) -> None:
         """Write the outcomes of ``group`` (one claim's); count each as written or lost.
@@ -298,8 +312,12 @@ def _runs(rows: list[OutboxMessage], threads: int) -> list[list[OutboxMessage]]:
     after it in its run down with it again, and again, until all of them were given up.
     """
     alone = [[row] for row in rows if outbox.taken_over(row)]
-    rest = [row for row in rows if not outbox.taken_over(row)]
-    return alone + _chunks(rest, threads)
+    by_mailer: dict[str, list[OutboxMessage]] = {}
+    for row in rows:
+        if not outbox.taken_over(row):
+            by_mailer.setdefault(row.mailer, []).append(row)
+    # A run goes through one Dispatcher: the rows of one MAILERS alias (or none) together.
+    return alone + [run for group in by_mailer.values() for run in _chunks(group, threads)]
 
 
 def _chunks(rows: list[OutboxMessage], threads: int) -> list[list[OutboxMessage]]:

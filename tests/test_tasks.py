@@ -16,7 +16,7 @@ from django.db import transaction
 from robust_mail import tasks
 from robust_mail.models import OutboxMessage
 from robust_mail.outbox import enqueue
-from tests.conftest import provider
+from tests.conftest import needs_mailers, provider
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,3 +201,26 @@ def test_the_task_waits_out_a_database_outage_before_recording(
 
     assert after is not None and after.status == "sent"
     assert len(calls) == 2 and len(server.messages) == 1
+
+
+@needs_mailers
+@pytest.mark.django_db(transaction=True)
+def test_the_task_delivers_with_the_mailer_that_queued_the_message(
+    smtp_server: Any, settings: Any
+) -> None:
+    from robust_mail.outbox_delivery import process_pk
+
+    main, bulk = smtp_server(), smtp_server()
+    settings.MAILERS = {
+        name: {
+            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+            "OPTIONS": {"providers": [{"name": name, "host": "127.0.0.1", "port": server.port}]},
+        }
+        for name, server in (("default", main), ("bulk", bulk))
+    }
+    row = enqueue(message(), mailer="bulk")
+
+    after = process_pk(row.pk)
+
+    assert after is not None and (after.status, after.provider) == ("sent", "bulk")
+    assert len(bulk.messages) == 1 and main.messages == []

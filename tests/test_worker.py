@@ -321,3 +321,54 @@ def test_each_message_taken_over_from_a_dead_worker_is_sent_in_a_run_of_its_own(
     runs = [[row.pk for row in run] for run in _runs(held.rows, threads=1)]
     assert sorted(runs[:2]) == [[abandoned[0].pk], [abandoned[1].pk]]
     assert runs[2:] == [[row.pk for row in fresh]]
+
+
+@needs_mailers
+def test_each_message_goes_through_the_providers_of_the_mailer_that_queued_it(
+    smtp_server: Any, settings: Any
+) -> None:
+    # Queued by an OutboxEmailBackend alias, or by a RobustEmailBackend alias's outbox
+    # fallback: delivered later with *that* alias's providers, not the default alias's.
+    from django.core import mail
+
+    main, bulk, relay = smtp_server(), smtp_server(), smtp_server("refuse")
+
+    def options(server: Any, name: str, **more: Any) -> dict[str, Any]:
+        return {"providers": [{"name": name, "host": "127.0.0.1", "port": server.port}], **more}
+
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": options(main, "main"),
+        },
+        "bulk": {
+            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+            "OPTIONS": options(bulk, "bulk"),
+        },
+        "relay": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": options(relay, "relay", fallback="outbox", retry={"attempts": 1}),
+        },
+    }
+    newsletter = EmailMessage("news", "b", "f@example.com", ["n@example.com"])
+    alert = EmailMessage("alert", "b", "f@example.com", ["a@example.com"])
+    assert mail.mailers["bulk"].send_messages([newsletter]) == 1
+    assert mail.mailers["relay"].send_messages([alert]) == 1  # relay down: queued
+    relay.mode = "accept"
+
+    Worker(once=True, report=lambda line: None).run()
+
+    rows = {row.subject: row for row in OutboxMessage.objects.all()}
+    assert (rows["news"].mailer, rows["news"].status, rows["news"].provider) == (
+        "bulk",
+        "sent",
+        "bulk",
+    )
+    assert (rows["alert"].mailer, rows["alert"].status, rows["alert"].provider) == (
+        "relay",
+        "sent",
+        "relay",
+    )
+    assert [m.subject for m in bulk.messages] == ["news"]
+    assert [m.subject for m in relay.messages] == ["alert"]
+    assert main.messages == []

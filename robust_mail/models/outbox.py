@@ -78,6 +78,9 @@ class OutboxMessage(models.Model):
     retried_at = models.DateTimeField(null=True, blank=True, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=255, unique=True, null=True, blank=True)
+    #: The Django 6.1 MAILERS alias that queued it (its OPTIONS are the configuration it
+    #: is delivered with); empty: the classic configuration (``ROBUST_MAIL``).
+    mailer = models.CharField(max_length=100, blank=True, default="")
 
     class Meta:
         app_label = "robust_mail"

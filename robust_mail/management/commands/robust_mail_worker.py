@@ -42,8 +42,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--mailer",
             default=None,
-            help="Django 6.1: the MAILERS alias whose OPTIONS to deliver with "
-            "(default: 'default' if robust_mail serves it, else ROBUST_MAIL).",
+            help="Django 6.1: the MAILERS alias whose OPTIONS deliver messages queued "
+            "without one, and set LEASE and BATCH (default: 'default' if robust_mail "
+            "serves it, else ROBUST_MAIL). A message queued through an alias always goes "
+            "with that alias.",
         )
         parser.add_argument(
             "--database", default=None, help="Database alias of the outbox (default: the router's)."
