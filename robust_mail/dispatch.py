@@ -507,7 +507,13 @@ def _send_via_mailer(provider: ProviderConfig, message: EmailMessage) -> dict[st
     try:
         sent = backend.send_messages([message])
     except Exception as exc:
-        raise TransportError(Step.DATA, exc, provider=provider.name) from exc
+        cause: BaseException = exc
+        if isinstance(exc, ValueError | TypeError) and not isinstance(exc, InvalidMessage):
+            # Another backend's ValueError (anymail's "unsupported feature", say) is that
+            # backend's limit, not proof that no provider takes the message: transient,
+            # like any failure of a mailer provider, so the next provider is tried.
+            cause = RuntimeError(f"mailer {provider.mailer!r}: {type(exc).__name__}: {exc}")
+        raise TransportError(Step.DATA, cause, provider=provider.name) from exc
     if not sent:
         raise TransportError(
             Step.DATA,

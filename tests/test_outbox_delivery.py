@@ -144,11 +144,15 @@ def test_message_still_undelivered_after_max_age_is_dead_with_the_reason(
     # The next wait would pass MAX_AGE: one last try at the deadline itself.
     assert reload(row).next_attempt_at == row.created_at + timedelta(seconds=3000)
     failures: list[Any] = []
-    message_failed.connect(lambda sender, **kw: failures.append(kw["result"]), weak=False)
+
+    def on_failed(sender: Any, **kw: Any) -> None:
+        failures.append(kw["result"])
+
+    message_failed.connect(on_failed)
     try:
         stats = drain(clock.at(row, 3000))
     finally:
-        message_failed.receivers.clear()
+        message_failed.disconnect(on_failed)  # this receiver only: others may be connected
 
     row = reload(row)
     assert stats.dead == 1
