@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from smtplib import SMTPException
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.core import mail
@@ -57,6 +57,7 @@ class EmailService:
         fail_silently: bool = False,
         background: bool = False,
         sensitive: bool = False,
+        using: str | None = None,
         **extra: Any,
     ) -> bool:
         """Build and send one message; True when it was sent, queued or printed.
@@ -68,6 +69,8 @@ class EmailService:
         errors are always raised. ``sensitive=True`` marks a message that carries a
         secret (a one-time code, a reset link): if it waits in the outbox, the admin
         withholds its bodies and they are erased once it is sent, failed or dead.
+        ``using``: a Django 6.1 ``MAILERS`` alias to send (or queue) through instead of
+        the default one.
         """
         email = EmailMultiAlternatives(
             subject,
@@ -84,7 +87,7 @@ class EmailService:
         try:
             if not email.recipients():
                 raise InvalidMessage("the message has no recipients (to, cc and bcc are all empty)")
-            result = cls.send(email, background=background)
+            result = cls.send(email, background=background, using=using)
             if not result.ok:
                 raise result.to_exception()
         except ConfigurationError:
@@ -98,19 +101,38 @@ class EmailService:
         return True
 
     @classmethod
-    def send(cls, message: EmailMessage, *, background: bool = False) -> DeliveryResult:
+    def send(
+        cls, message: EmailMessage, *, background: bool = False, using: str | None = None
+    ) -> DeliveryResult:
         """Send (or with ``background=True`` queue) ``message``; return what happened.
 
+        Through ``message.connection`` when it has one (as ``message.send()`` would), else
+        the ``MAILERS`` alias ``using`` (Django 6.1), else the default backend; queued with
+        ``background=True``, to be delivered with ``using``'s configuration.
         Delivery failures are reported in the result, not raised; a message
         that cannot be built raises :class:`InvalidMessage`.
         """
         if background:
             release_pins(message)
-            return queue_in_outbox(message)  # enqueue validates before storing
-        backend = default_backend()
+            # enqueue validates before storing
+            return queue_in_outbox(message, mailer=using)
+        backend = _backend_for(message, using)
         if isinstance(backend, _RobustBackendBase):
             return backend.deliver(message)
         return _send_through_other(backend, message)
+
+
+def _backend_for(message: EmailMessage, using: str | None) -> BaseEmailBackend:
+    if using is not None:
+        mailers = getattr(mail, "mailers", None)
+        if mailers is None:
+            raise ConfigurationError(
+                f"using={using!r} names a MAILERS alias: MAILERS arrived in Django 6.1."
+            )
+        return cast(BaseEmailBackend, mailers[using])
+    if message.connection is not None:
+        return cast(BaseEmailBackend, message.connection)
+    return default_backend()
 
 
 def _send_through_other(backend: BaseEmailBackend, message: EmailMessage) -> DeliveryResult:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import django
 import pytest
 from django.core.mail import EmailMessage
 
 from robust_mail import EmailService
 from robust_mail.exceptions import DeliveryFailed
 from robust_mail.results import DeliveryStatus
-from tests.conftest import provider
+from tests.conftest import needs_mailers, provider
 
 
 def test_send_email_returns_true_and_sends_text_and_html(smtp_server, robust):
@@ -79,3 +80,43 @@ def test_send_email_is_silent_with_djangos_smtp_backend_too(smtp_server, setting
     assert EmailService.send_email("s", "b", ["t@example.com"], fail_silently=True) is False
     with pytest.raises(ConnectionRefusedError):
         EmailService.send_email("s", "b", ["t@example.com"])
+
+
+def test_send_goes_through_the_message_s_own_connection_like_message_send(smtp_server, robust):
+    from django.core import mail
+
+    server = smtp_server()
+    robust([provider(server, "only")])
+    connection = mail.get_connection("django.core.mail.backends.locmem.EmailBackend")
+    mail.outbox = []
+    message = EmailMessage("s", "b", "f@example.com", ["t@example.com"], connection=connection)
+
+    result = EmailService.send(message)
+
+    assert (result.status, result.provider) == (DeliveryStatus.SENT, "EmailBackend")
+    assert len(mail.outbox) == 1 and server.messages == []
+
+
+@needs_mailers
+def test_send_email_through_a_mailers_alias(smtp_server, settings):
+    main, bulk = smtp_server(), smtp_server()
+    settings.MAILERS = {
+        name: {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": [{"name": name, "host": "127.0.0.1", "port": server.port}]},
+        }
+        for name, server in (("default", main), ("bulk", bulk))
+    }
+
+    assert EmailService.send_email("s", "b", ["t@example.com"], using="bulk")
+
+    assert len(bulk.messages) == 1 and main.messages == []
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 1), reason="Django 6.1 has MAILERS")
+def test_using_before_django_6_1_is_a_configuration_error(robust, smtp_server):
+    from robust_mail.conf import ConfigurationError
+
+    robust([provider(smtp_server(), "only")])
+    with pytest.raises(ConfigurationError, match=r"MAILERS arrived in Django 6\.1"):
+        EmailService.send_email("s", "b", ["t@example.com"], using="bulk", fail_silently=True)
