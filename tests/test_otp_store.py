@@ -232,7 +232,9 @@ class TestStoreContract:
         assert not otp.verify("a@example.com", code).ok
 
 
-def test_cache_store_consume_is_won_by_one_of_fifty_threads_on_redis(redis_server, settings):
+@pytest.fixture
+def redis_store(redis_server: Any, settings: Any) -> Iterator[CacheOTPStore]:
+    """A cache store on cache "otp", a real Redis."""
     settings.CACHES = {
         **settings.CACHES,
         "otp": {
@@ -240,7 +242,12 @@ def test_cache_store_consume_is_won_by_one_of_fifty_threads_on_redis(redis_serve
             "LOCATION": redis_server.url,
         },
     }
-    store = CacheOTPStore("otp")
+    yield CacheOTPStore("otp")
+    close_cache("otp")
+
+
+def test_cache_store_consume_is_won_by_one_of_fifty_threads_on_redis(redis_store):
+    store = redis_store
     key = live(store, new())
     barrier = threading.Barrier(50)
     results: list[bool] = []
@@ -279,20 +286,13 @@ def test_store_setting_picks_the_store(settings):
     assert isinstance(OTPService().store, DatabaseOTPStore)
 
 
-def test_cache_store_eviction_never_brings_a_used_or_replaced_code_back(redis_server, settings):
+def test_cache_store_eviction_never_brings_a_used_or_replaced_code_back(redis_store, redis_server):
     # Redis under maxmemory evicts keys (volatile-lru: every key here has a TTL). Whatever
     # one key it loses, a code that was used, or replaced by a newer one, must stay dead:
     # losing a key may only lose a code.
     import redis as redis_client
 
-    settings.CACHES = {
-        **settings.CACHES,
-        "otp": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": redis_server.url,
-        },
-    }
-    store = CacheOTPStore("otp")
+    store = redis_store
     direct = redis_client.Redis.from_url(redis_server.url)
 
     def after_each_eviction(check: Any) -> None:
@@ -322,4 +322,3 @@ def test_cache_store_eviction_never_brings_a_used_or_replaced_code_back(redis_se
         assert store.latest("a@example.com", "login").key == newer  # type: ignore[union-attr]
     finally:
         direct.close()
-        close_cache("otp")
