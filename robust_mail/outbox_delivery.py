@@ -411,10 +411,21 @@ def _record_or_bare(held: Claim, outcomes: list[tuple[OutboxMessage, Outcome]]) 
         raise
     except Exception as exc:
         if len(outcomes) > 1:
-            return [_record_or_bare(held, [item])[0] for item in outcomes]
+            return [_record_alone(held, item) for item in outcomes]
         row, outcome = outcomes[0]
         logger.exception("outbox message %s: the database refused its outcome", row.pk)
         return record_many(held, [(row, outcome.bare(exc))])
+
+
+def _record_alone(held: Claim, item: tuple[OutboxMessage, Outcome]) -> bool:
+    # One row the database refuses even bare must not cost the rows after it theirs.
+    try:
+        return _record_or_bare(held, [item])[0]
+    except OUTAGES:
+        raise
+    except Exception:
+        logger.exception("outbox message %s: outcome not recorded", item[0].pk)
+        return False
 
 
 def _values(row: OutboxMessage, outcome: Outcome) -> dict[str, Any]:

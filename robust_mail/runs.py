@@ -127,11 +127,13 @@ class Runs:
             else:
                 done(index, self._conclude(messages[index][0], limited))
 
-        def finish(index: int, first: First | None) -> None:
+        def finish(index: int, first: First | None, *, more: bool = True) -> None:
             message, envelope = messages[index][0], envelopes[index]
             # Its own DEADLINE, as if it had come alone: what its first attempt took counts,
-            # the time spent on the other messages of the run does not.
-            deadline = self.clock() + self.config.retry.deadline - (first.seconds if first else 0)
+            # the time spent on the other messages of the run does not. Not ``more``: no
+            # time at all, so its first attempt decides (retried later by the caller).
+            budget = self.config.retry.deadline - (first.seconds if first else 0)
+            deadline = self.clock() + (budget if more else 0.0)
             result: DeliveryResult | Exception
             try:
                 result = self._deliver(message, envelope, deadline, first=first)
@@ -158,7 +160,13 @@ class Runs:
         for index, first in zip(admitted, firsts, strict=True):
             if results[index] is not None:
                 continue  # accepted in the run, already finished
-            if first is None and proceed is not None and not proceed():
+            if proceed is not None and not proceed():
+                if first is not None:
+                    # Tried in the run and failed, but the caller wants nothing more sent
+                    # now (a worker stopping, or its lease running out): no retry and no
+                    # failover, which could still be sending when another worker has taken
+                    # the message over; its first attempt is its outcome for now.
+                    finish(index, first, more=False)
                 continue
             finish(index, first)
         return results

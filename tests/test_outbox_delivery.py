@@ -316,3 +316,36 @@ def test_a_row_without_stored_bytes_is_built_again_from_its_payload(
     (received,) = server.messages
     assert received.data == on_the_wire(built)
     assert reload(row).status == "sent"
+
+
+def test_a_row_refused_even_bare_costs_the_rows_after_it_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What makes a database refuse even the bare outcome cannot be produced on purpose:
+    # the refusal is injected where the row's values are made.
+    from django.utils import timezone
+
+    from robust_mail import outbox_delivery
+    from robust_mail.outbox import claim
+
+    for i in range(3):
+        enqueue(EmailMessage(f"m{i}", "Body", "from@example.com", ["to@example.com"]))
+    held = claim(limit=3, lease=60)
+    refused = held.rows[1].pk
+    values = outbox_delivery._values
+
+    def refuse_one(row: Any, outcome: Any) -> Any:
+        if row.pk == refused:
+            raise TypeError("a value this database cannot take")
+        return values(row, outcome)
+
+    monkeypatch.setattr(outbox_delivery, "_values", refuse_one)
+    outcomes = [
+        (row, outbox_delivery.Outcome("sent", {"sent_at": timezone.now()})) for row in held.rows
+    ]
+
+    written = outbox_delivery.record_through_outages(held, outcomes)
+
+    assert written == [True, False, True]
+    statuses = dict(OutboxMessage.objects.values_list("pk", "status"))
+    assert [statuses[row.pk] for row in held.rows] == ["sent", "sending", "sent"]

@@ -507,3 +507,36 @@ def test_a_stale_connection_is_replaced_also_after_a_message_refused_before_traf
     assert all(m.delivery_result.attempts == 1 for m in small)
     assert all(m.delivery_result.errors == () for m in small)
     assert len(server.messages) == 3
+
+
+@both_paths
+def test_once_proceed_says_stop_a_message_tried_in_the_run_is_neither_retried_nor_failed_over(
+    smtp_server: Any, robust: Any
+) -> None:
+    # The outbox worker asks proceed() for its lease: a retry or a failover after the lease
+    # ran low could still be sending when another worker has taken the message over.
+    from robust_mail.conf import get_config
+    from robust_mail.dispatch import Dispatcher
+    from robust_mail.results import DeliveryStatus
+
+    _, backup = _primary_and_backup(smtp_server, robust, "data_451")
+    messages = _messages(3)
+    asked: list[bool] = []
+
+    def proceed() -> bool:
+        # Yes for the first three questions: the run's first attempts (with BDAT it also
+        # asks after making room, so fewer go out; those are reported not attempted).
+        asked.append(True)
+        return len(asked) <= 3
+
+    results = Dispatcher(get_config()).deliver_many([(m, None) for m in messages], proceed=proceed)
+
+    assert backup.messages == []
+    tried = [result for result in results if result is not None]
+    assert tried
+    for result in tried:
+        assert not isinstance(result, Exception)
+        assert result.status is DeliveryStatus.DEFERRED
+        assert [(e.provider, e.code, e.attempts) for e in result.errors][:1] == [
+            ("primary", 451, 1)
+        ]
