@@ -4,7 +4,7 @@ Registered when imported (``apps.py`` imports this module in ``ready()``).
 
 =====  ==================================================================
 E030   OUTBOX LEASE is not longer than RETRY DEADLINE
-W030   OUTBOX LEASE is shorter than one worst-case delivery
+W030   OUTBOX LEASE is shorter than two worst-case deliveries
 W031   TASKS is set but no tasks framework is installed
 W032   the delivery task could not be defined for the TASKS backend
 =====  ==================================================================
@@ -48,13 +48,19 @@ def _check_lease() -> list[CheckMessage]:
             )
         ]
     worst = worst_case_delivery(config)
-    if lease < worst:
+    if lease < 2 * worst:
+        # A worker starts no message with less than one worst-case delivery left on its
+        # lease; for the first message of a batch to have that, LEASE needs twice it.
         return [
             Warning(
-                f"ROBUST_MAIL OUTBOX LEASE ({lease:g}s) is shorter than one worst-case "
-                f"delivery ({worst:g}s: RETRY DEADLINE plus {STEPS_PER_ATTEMPT} provider "
-                "TIMEOUTs for a last attempt).",
-                hint="Raise LEASE so that a slow send is not taken over by another worker.",
+                f"ROBUST_MAIL OUTBOX LEASE ({lease:g}s) is shorter than two worst-case "
+                f"deliveries ({2 * worst:g}s; one is RETRY DEADLINE plus {STEPS_PER_ATTEMPT} "
+                "provider TIMEOUTs for a last attempt).",
+                hint=(
+                    f"Raise LEASE to at least {2 * worst:g}s: a worker then never starts a "
+                    "message that a slow provider could keep sending past its lease, when "
+                    "another worker may have taken it over."
+                ),
                 id="robust_mail.W030",
             )
         ]

@@ -455,7 +455,8 @@ def _storable(value: Any) -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            value = value.encode("utf-8", "replace").decode("utf-8")
+            # Lone surrogates (the only str UTF-8 cannot encode): U+FFFD, as for a NUL.
+            value = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
         return value
     if isinstance(value, dict):
         return {_storable(key): _storable(item) for key, item in value.items()}

@@ -153,7 +153,7 @@ def test_a_row_the_database_refuses_is_written_bare_and_costs_the_others_nothing
     ]
     # A server's reply quoting a NUL, which PostgreSQL refuses in text and jsonb: stored
     # with U+FFFD in its place.
-    group[0][2].fields["last_error"] = "refused: \x00"
+    group[0][2].fields["last_error"] = "refused: \x00 \udcff"
     group[0][2].fields["refused"] = {"to@example.com": [550, "no\x00such user"]}
     # A value a column cannot hold: the group's transaction fails, the rows are written one
     # by one, and that one without its details (left "sending", it would be taken over
@@ -167,7 +167,7 @@ def test_a_row_the_database_refuses_is_written_bare_and_costs_the_others_nothing
     first, second, third = (stored_rows[r.pk] for r in held.rows)
     assert [first.status, second.status, third.status] == ["sent", "sent", "sent"]
     assert (first.last_error, first.refused) == (
-        "refused: \ufffd",
+        "refused: \ufffd \ufffd",
         {"to@example.com": [550, "no\ufffdsuch user"]},
     )
     assert second.provider == "" and second.sent_at is not None
