@@ -167,7 +167,7 @@ class DatabaseOTPStore:
     def add(self, code: NewCode, limits: IssueLimits) -> str:
         code = replace(code, ip_address=ip_bucket(code.ip_address))
         with transaction.atomic(using=self.using):
-            self._one_issue_at_a_time(code.identifier)
+            self._one_issue_at_a_time(code.identifier, limits)
             row = self._rows().create(
                 identifier=code.identifier,
                 purpose=code.purpose,
@@ -185,14 +185,17 @@ class DatabaseOTPStore:
             raise
         return str(row.pk)
 
-    def _one_issue_at_a_time(self, identifier: str) -> None:
-        """On PostgreSQL, wait for any other transaction issuing a code for ``identifier``.
+    def _one_issue_at_a_time(self, identifier: str, limits: IssueLimits) -> None:
+        """On PostgreSQL, refuse to issue while another transaction issues for ``identifier``.
 
         Inside the caller's transaction (``ATOMIC_REQUESTS``), concurrent requests do not
         see each other's uncommitted rows, so each would pass the limits: 30 at once got 30
-        codes. An advisory lock held to the end of the transaction makes the next one count
-        the row of the one before. SQLite needs none (one writer at a time, and its snapshot
-        starts after the wait); on MySQL the limits are only as strict as in autocommit.
+        codes. An advisory lock held to the end of the transaction stops that. Tried, not
+        waited for: waiting would hold a web worker for the other request's whole send,
+        and could deadlock with a verify's row lock in the same request. The refusal is the
+        cooldown's (the other request's code, once sent, would trigger it anyway). SQLite
+        needs none (one writer at a time, its snapshot taken after the wait); on MySQL the
+        limits are only as strict as in autocommit.
         """
         connection = connections[self.using]
         if connection.vendor != "postgresql":
@@ -200,8 +203,13 @@ class DatabaseOTPStore:
         digest = hashlib.sha256(f"robust_mail.otp.issue:{identifier}".encode()).digest()
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT pg_advisory_xact_lock(%s)",
+                "SELECT pg_try_advisory_xact_lock(%s)",
                 [int.from_bytes(digest[:8], "big", signed=True)],
+            )
+            (locked,) = cursor.fetchone()
+        if not locked:
+            raise RateLimited(
+                "a code is being sent for this address", retry_after=max(limits.cooldown, 1.0)
             )
 
     def _times(self, own: int, since: datetime, **where: Any) -> list[datetime]:

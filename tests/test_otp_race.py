@@ -152,3 +152,66 @@ def test_concurrent_issues_inside_transactions_still_respect_the_limits(file_db)
     assert errors == []
     assert results.count(True) == 1  # the cooldown: one code, the others refused
     assert OneTimePassword.objects.using(file_db).count() == 1
+
+
+def test_an_issue_waits_for_no_other_request_and_cannot_deadlock_with_a_verify(file_db, settings):
+    # Request B verifies (a row lock on the live code) and then asks for a new code in the
+    # same transaction, while request A is issuing a code: waiting for each other's locks,
+    # PostgreSQL would abort one with "deadlock detected". A concurrent issue is refused
+    # instead (as the cooldown would refuse it), and nobody waits.
+    import threading
+
+    from django.db import transaction
+
+    from robust_mail.exceptions import RateLimited
+
+    settings.ROBUST_MAIL = {"OTP": {"COOLDOWN": 0}}
+    store = DatabaseOTPStore(using=file_db)
+    otp = OTPService(store=store, clock=Clock())
+    otp.issue(USER, send=False)
+    live = store.latest(USER, "login")
+    assert live is not None
+    b_verified, a_issued = threading.Event(), threading.Event()
+    outcome: dict[str, str] = {}
+
+    def request_b() -> None:
+        try:
+            with transaction.atomic(using=file_db):
+                store.count_attempt(live.key, 3)  # row-locks the live code until commit
+                b_verified.set()
+                a_issued.wait(timeout=1)  # A is then waiting for our row lock
+                try:
+                    otp.issue(USER, send=False)
+                    outcome["B"] = "issued"
+                except RateLimited:
+                    outcome["B"] = "refused"
+        except Exception as exc:
+            outcome["B"] = repr(exc)
+        finally:
+            connections.close_all()
+
+    def request_a() -> None:
+        try:
+            b_verified.wait(timeout=5)
+            with transaction.atomic(using=file_db):
+                try:
+                    otp.issue(USER, send=False)  # its activate waits for B's row lock
+                    outcome["A"] = "issued"
+                except RateLimited:
+                    outcome["A"] = "refused"
+                finally:
+                    a_issued.set()
+        except Exception as exc:
+            outcome["A"] = repr(exc)
+        finally:
+            a_issued.set()
+            connections.close_all()
+
+    threads = [threading.Thread(target=request_b), threading.Thread(target=request_a)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert "deadlock" not in str(outcome)
+    assert sorted(outcome.values()) in (["issued", "issued"], ["issued", "refused"])
