@@ -88,6 +88,16 @@ def give_up(config: OutboxConfig) -> GiveUp:
     return GiveUp(config.max_age, attempts)
 
 
+def give_up_any(config: RobustMailConfig) -> GiveUp:
+    """:func:`give_up` for a claim that may hold rows of any MAILERS alias: the most
+    lenient of ``config``'s and every alias's OUTBOX settings, so that no row is given up
+    before its own alias's ``MAX_AGE`` and schedule would give it up."""
+    from robust_mail.mailers import configurations
+
+    rules = [give_up(config.outbox), *(give_up(c.outbox) for _, c in configurations())]
+    return GiveUp(max(r.max_age for r in rules), max(r.attempts for r in rules))
+
+
 def lease_margin(config: RobustMailConfig, lease: float) -> float:
     """How much of its ``lease`` a claim must have left to start one more message, sent
     with ``config``.
@@ -522,7 +532,7 @@ def process_pk(
         using=using,
         now=clock(),
         pk=pk,
-        give_up=give_up(config.outbox),
+        give_up=give_up_any(config),
     )
     if not held.rows:
         return None

@@ -104,6 +104,7 @@ class Worker:
         self.stats = WorkerStats()
         # Rows queued by a MAILERS alias go with its configuration: (config, dispatcher).
         self._deliveries: dict[str, tuple[RobustMailConfig, Dispatcher]] = {}
+        self._give_up = outbox_delivery.give_up_any(self.config)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._recorder: _Recorder | None = None
@@ -134,7 +135,7 @@ class Worker:
                         lease=self.config.outbox.lease,
                         using=self.using,
                         now=self.clock(),
-                        give_up=outbox_delivery.give_up(self.config.outbox),
+                        give_up=self._give_up,
                     )
                 except DatabaseError as exc:
                     failures += 1

@@ -18,7 +18,7 @@ from robust_mail.models import OutboxMessage
 from robust_mail.outbox import claim, enqueue, release
 from robust_mail.signals import message_queued
 from robust_mail.worker import Worker
-from tests.conftest import provider
+from tests.conftest import needs_mailers, provider
 
 pytestmark = pytest.mark.django_db
 
@@ -331,3 +331,34 @@ def test_claim_of_one_message_by_primary_key() -> None:
     held = claim(limit=1, lease=60, pk=second.pk)
     assert [r.pk for r in held.rows] == [second.pk]
     assert OutboxMessage.objects.get(pk=first.pk).status == "queued"
+
+
+@needs_mailers
+def test_an_abandoned_message_is_given_up_by_its_own_mailer_s_rules(settings: Any) -> None:
+    # A "bulk" alias keeping messages 7 days: its message abandoned on day 4 is taken over,
+    # not dead by the default alias's 3 days.
+    from robust_mail.outbox_delivery import delivery_config, give_up_any
+
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": ["smtp://127.0.0.1:1?name=a"]},
+        },
+        "bulk": {
+            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+            "OPTIONS": {
+                "providers": ["smtp://127.0.0.1:2?name=b"],
+                "outbox": {"max_age": 7 * 86400},
+            },
+        },
+    }
+    (row,) = queue(1, mailer="bulk")
+    now = timezone.now()
+    claim(limit=1, lease=60, now=now)
+    OutboxMessage.objects.filter(pk=row.pk).update(created_at=now - timedelta(days=4))
+
+    held = claim(
+        limit=1, lease=60, now=now + timedelta(seconds=61), give_up=give_up_any(delivery_config())
+    )
+
+    assert [r.pk for r in held.rows] == [row.pk]
