@@ -254,7 +254,7 @@ class OTPService:
                 self.store.withdraw(key)
                 logger.warning("could not send a %s code to %s; withdrawn", purpose, mask(ident))
                 raise
-        self.store.activate(key)
+        self._activate(key, purpose, ident)
         logger.info("issued a %s code for %s, key %s", purpose, mask(ident), key)
         return IssuedCode(
             identifier=ident,
@@ -264,6 +264,25 @@ class OTPService:
             sent=send and not discard,
             code=None if send else code,
         )
+
+    def _activate(self, key: str, purpose: str, ident: str) -> None:
+        # The email is out: a code left pending would never verify. One more try through a
+        # blip of the store, and a clear log line if even that fails.
+        try:
+            self.store.activate(key)
+        except Exception:
+            logger.warning("activating %s code key %s failed; trying once more", purpose, key)
+            try:
+                self.store.activate(key)
+            except Exception:
+                logger.exception(
+                    "the %s code for %s was sent but could not be made usable (key %s): "
+                    "the user must ask for another",
+                    purpose,
+                    mask(ident),
+                    key,
+                )
+                raise
 
     def render(
         self,
@@ -394,6 +413,9 @@ class OTPService:
             return VerifyResult(False, Reason.INVALID)
         if not self.store.consume(record.key, now):
             return VerifyResult(False, Reason.INVALID)
+        # Two codes whose emails crossed can both have been made live (activations racing):
+        # once one is used, none of the others may be.
+        self.store.invalidate(ident, purpose)
         logger.info("verified a %s code for %s, key %s", purpose, mask(ident), record.key)
         return VerifyResult(True, Reason.OK)
 

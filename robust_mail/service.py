@@ -106,13 +106,16 @@ class EmailService:
     ) -> DeliveryResult:
         """Send (or with ``background=True`` queue) ``message``; return what happened.
 
-        Through ``message.connection`` when it has one (as ``message.send()`` would), else
-        the ``MAILERS`` alias ``using`` (Django 6.1), else the default backend; queued with
-        ``background=True``, to be delivered with ``using``'s configuration.
+        Through the ``MAILERS`` alias ``using`` when given (Django 6.1), else
+        ``message.connection`` when it has one (as ``message.send()`` would), else the
+        default backend; queued with ``background=True``, to be delivered with ``using``'s
+        configuration (an alias served by robust_mail).
         Delivery failures are reported in the result, not raised; a message
         that cannot be built raises :class:`InvalidMessage`.
         """
         if background:
+            if using is not None:
+                _check_outbox_alias(using)
             release_pins(message)
             # enqueue validates before storing
             return queue_in_outbox(message, mailer=using)
@@ -120,6 +123,23 @@ class EmailService:
         if isinstance(backend, _RobustBackendBase):
             return backend.deliver(message)
         return _send_through_other(backend, message)
+
+
+def _check_outbox_alias(using: str) -> None:
+    # Checked now: a typo stored with the message would only be found by a worker, which
+    # then delivers it with another configuration.
+    from robust_mail.conf import mailers_setting
+    from robust_mail.mailers import robust_mailers
+
+    if mailers_setting() is None:
+        raise ConfigurationError(
+            f"using={using!r} names a MAILERS alias: MAILERS arrived in Django 6.1."
+        )
+    if using not in dict(robust_mailers()):
+        raise ConfigurationError(
+            f"using={using!r}: background sends need a MAILERS alias served by robust_mail "
+            "(RobustEmailBackend or OutboxEmailBackend), whose configuration delivers them."
+        )
 
 
 def _backend_for(message: EmailMessage, using: str | None) -> BaseEmailBackend:

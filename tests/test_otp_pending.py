@@ -81,3 +81,42 @@ def test_attempts_made_during_a_failed_send_are_kept(mail_server, store):
     assert latest is not None and previous is not None
     assert (latest.key, latest.attempts) == (previous.key, 1)
     assert otp.verify(USER, code_from(server.messages[0])).ok
+
+
+def test_once_a_code_is_used_no_other_live_code_works(settings):
+    # Two codes whose emails crossed can both end up live when their activations race
+    # (each retiring the others before the other was live; database store, autocommit).
+    # That end state is made directly: the first code is made live again.
+    from robust_mail.models import OneTimePassword
+
+    settings.ROBUST_MAIL = {"OTP": {"COOLDOWN": 0}}
+    otp = OTPService(store=DatabaseOTPStore(), clock=Clock())
+    first = otp.issue(USER, send=False)
+    second = otp.issue(USER, send=False)
+    OneTimePassword.objects.filter(pk=int(first.key)).update(invalidated=False)
+
+    assert otp.verify(USER, str(second.code)).ok
+
+    assert not otp.verify(USER, str(first.code)).ok
+
+
+class ActivationBlip(DatabaseOTPStore):
+    """A store whose first activation fails (the database dropped the connection)."""
+
+    failed = False
+
+    def activate(self, key: str) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("server closed the connection unexpectedly")
+        super().activate(key)
+
+
+def test_a_code_whose_activation_blips_is_still_made_usable(mail_server):
+    # Its email is already out: left pending, the code the user got would never work.
+    server = mail_server()
+    otp = OTPService(store=ActivationBlip(), clock=Clock())
+
+    otp.issue(USER)
+
+    assert otp.verify(USER, code_from(server.messages[-1])).ok

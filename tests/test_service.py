@@ -120,3 +120,22 @@ def test_using_before_django_6_1_is_a_configuration_error(robust, smtp_server):
     robust([provider(smtp_server(), "only")])
     with pytest.raises(ConfigurationError, match=r"MAILERS arrived in Django 6\.1"):
         EmailService.send_email("s", "b", ["t@example.com"], using="bulk", fail_silently=True)
+
+
+@needs_mailers
+@pytest.mark.django_db
+def test_a_background_send_checks_its_alias_before_queueing(settings):
+    from robust_mail.conf import ConfigurationError
+    from robust_mail.models import OutboxMessage
+
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": ["smtp://127.0.0.1:1?name=a"]},
+        },
+        "console": {"BACKEND": "django.core.mail.backends.console.EmailBackend"},
+    }
+    for alias in ("bulkk", "console"):  # a typo; an alias that is not robust_mail's
+        with pytest.raises(ConfigurationError, match="served by robust_mail"):
+            EmailService.send_email("s", "b", ["t@example.com"], background=True, using=alias)
+    assert not OutboxMessage.objects.exists()
