@@ -150,8 +150,12 @@ def _backend_for(message: EmailMessage, using: str | None) -> BaseEmailBackend:
                 f"using={using!r} names a MAILERS alias: MAILERS arrived in Django 6.1."
             )
         return cast(BaseEmailBackend, mailers[using])
-    if message.connection is not None:
-        return cast(BaseEmailBackend, message.connection)
+    # Read where Django keeps it: Django 6.1 deprecates the connection attribute (reading
+    # it warns), and still honours a connection given to the message.
+    stored = vars(message)
+    connection = stored.get("_connection", stored.get("connection"))
+    if connection is not None:
+        return cast(BaseEmailBackend, connection)
     return default_backend()
 
 
