@@ -13,8 +13,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
-from robust_mail.conf import RobustMailConfig, mailers_setting, read_config
+from robust_mail.conf import RobustMailConfig, get_config, mailers_setting
 
 __all__ = [
     "ROBUST_BACKENDS",
@@ -63,15 +64,17 @@ def configurations() -> list[tuple[str | None, RobustMailConfig]]:
 
     Broken ones are left out: the system checks report them.
     """
+    # get_config: cached, since a worker claim and a delivery task ask on every call.
     found: list[tuple[str | None, RobustMailConfig]] = []
+    wanted: list[tuple[str | None, Any]] = []
     if classic_form_in_use() or mailers_setting() is None:
-        config, _ = read_config()
-        if config is not None:
-            found.append((None, config))
-    for alias, options in robust_mailers():
-        config, _ = read_config(options, alias=alias)
-        if config is not None:
-            found.append((alias, config))
+        wanted.append((None, None))
+    wanted += robust_mailers()
+    for alias, options in wanted:
+        try:
+            found.append((alias, get_config(options, alias=alias)))
+        except ImproperlyConfigured:  # ConfigurationError too; the checks report it
+            continue
     return found
 
 
