@@ -41,7 +41,7 @@ from typing import Any
 from django.db import DatabaseError, connections, router
 from django.utils import timezone
 
-from robust_mail import outbox, outbox_delivery
+from robust_mail import outbox, outbox_delivery, outbox_record
 from robust_mail.conf import RobustMailConfig
 from robust_mail.db import drop_connections
 from robust_mail.dispatch import Dispatcher
@@ -182,7 +182,7 @@ class Worker:
 
         late: list[Any] = []
 
-        def record(index: int, outcome: outbox_delivery.Outcome) -> None:
+        def record(index: int, outcome: outbox_record.Outcome) -> None:
             # As soon as it is decided, while the rest of the run is still being sent: a
             # crash then loses (and sends again) as few outcomes as without runs. A full
             # recorder or a database outage must not stall a run mid-session, with a reply
@@ -196,7 +196,7 @@ class Worker:
             else:
                 try:
                     self._record_group([item], patient=False)
-                except outbox_delivery.OUTAGES:
+                except outbox_record.OUTAGES:
                     late.append(item)
 
         config, dispatcher = self._delivery(rows[0])  # a run's rows share their mailer
@@ -243,17 +243,17 @@ class Worker:
         """Write the outcomes of ``group`` (one claim's); count each as written or lost.
 
         Outages are waited out while the lease lasts, and a row the database refuses is
-        written bare (:func:`outbox_delivery.record_through_outages`). Not ``patient``: an
+        written bare (:func:`outbox_record.record_through_outages`). Not ``patient``: an
         outage is raised at once instead of waited out.
         """
         held = group[0][0]
         outcomes = [(row, outcome) for _, row, outcome, _ in group]
         try:
-            written = outbox_delivery.record_through_outages(
+            written = outbox_record.record_through_outages(
                 held, outcomes, clock=self.clock, patient=patient
             )
         except Exception as exc:
-            if isinstance(exc, outbox_delivery.OUTAGES) and not patient:
+            if isinstance(exc, outbox_record.OUTAGES) and not patient:
                 drop_connections()
                 raise
             # Left "sending": its lease expires and it is tried again, flagged ambiguous.

@@ -325,26 +325,26 @@ def test_a_row_refused_even_bare_costs_the_rows_after_it_nothing(
     # the refusal is injected where the row's values are made.
     from django.utils import timezone
 
-    from robust_mail import outbox_delivery
+    from robust_mail import outbox_record
     from robust_mail.outbox import claim
 
     for i in range(3):
         enqueue(EmailMessage(f"m{i}", "Body", "from@example.com", ["to@example.com"]))
     held = claim(limit=3, lease=60)
     refused = held.rows[1].pk
-    values = outbox_delivery._values
+    values = outbox_record._values
 
     def refuse_one(row: Any, outcome: Any) -> Any:
         if row.pk == refused:
             raise TypeError("a value this database cannot take")
         return values(row, outcome)
 
-    monkeypatch.setattr(outbox_delivery, "_values", refuse_one)
+    monkeypatch.setattr(outbox_record, "_values", refuse_one)
     outcomes = [
-        (row, outbox_delivery.Outcome("sent", {"sent_at": timezone.now()})) for row in held.rows
+        (row, outbox_record.Outcome("sent", {"sent_at": timezone.now()})) for row in held.rows
     ]
 
-    written = outbox_delivery.record_through_outages(held, outcomes)
+    written = outbox_record.record_through_outages(held, outcomes)
 
     assert written == [True, False, True]
     statuses = dict(OutboxMessage.objects.values_list("pk", "status"))

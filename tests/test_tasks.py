@@ -180,12 +180,12 @@ def test_the_task_waits_out_a_database_outage_before_recording(
     # worker does. (The outage is injected: a real one cannot be timed to the write.)
     from django.db import OperationalError
 
-    from robust_mail import outbox_delivery
+    from robust_mail import outbox_delivery, outbox_record
 
     server = smtp_server()
     robust([provider(server, "only")])
     row = enqueue(message())
-    write = outbox_delivery.record_many
+    write = outbox_record.record_many
     calls: list[int] = []
 
     def unreachable_once(*args: Any) -> Any:
@@ -194,8 +194,8 @@ def test_the_task_waits_out_a_database_outage_before_recording(
             raise OperationalError("server closed the connection unexpectedly")
         return write(*args)
 
-    monkeypatch.setattr(outbox_delivery, "record_many", unreachable_once)
-    monkeypatch.setattr(outbox_delivery, "DB_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(outbox_record, "record_many", unreachable_once)
+    monkeypatch.setattr(outbox_record, "DB_RETRY_FIRST", 0.01)
 
     after = outbox_delivery.process_pk(row.pk)
 
