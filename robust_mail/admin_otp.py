@@ -26,9 +26,10 @@ class OneTimePasswordAdmin(admin.ModelAdmin):
         "attempts",
         "consumed_at",
         "invalidated",
+        "pending",
         "ip_address",
     )
-    list_filter = ("purpose", "invalidated")
+    list_filter = ("purpose", "invalidated", "pending")
     search_fields = ("identifier", "ip_address")
     date_hierarchy = "created_at"
     # code_hash is deliberately absent from every list here.
@@ -40,6 +41,7 @@ class OneTimePasswordAdmin(admin.ModelAdmin):
         "attempts",
         "consumed_at",
         "invalidated",
+        "pending",
         "ip_address",
         "user_agent",
     )

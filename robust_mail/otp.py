@@ -471,7 +471,8 @@ class OTPService:
         return True
 
     def invalidate(self, identifier: Any, purpose: str = "login") -> int:
-        """Invalidate every live code for identifier and purpose; how many."""
+        """Invalidate every unused code for identifier and purpose (one whose email is
+        still on its way too); how many."""
         return self.store.invalidate(normalize_identifier(identifier), check_purpose(purpose))
 
 

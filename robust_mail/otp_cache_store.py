@@ -102,12 +102,17 @@ class CacheOTPStore:
         record = _CachedCode(stored, code.ip_address, tuple(hits), cooldown_key)
         self.cache.set(self._k("code", key), record, timeout=ttl + 60)
         self.cache.set(self._k("attempts", key), 0, timeout=ttl + 60)
-        return key  # pending: in no index until activate
+        # Pending: in the index of live codes only on activate; listed apart meanwhile so
+        # that invalidate() reaches it too.
+        self._push(code.identifier, code.purpose, key, ttl + 60, index="pending")
+        return key
 
-    def _push(self, identifier: str, purpose: str, key: str, ttl: float) -> None:
-        # The list of activated keys, the last activated last. Lost updates here only hide
-        # a code (the user asks again), never reveal or revive one.
-        index = self._k("index", identifier, purpose)
+    def _push(
+        self, identifier: str, purpose: str, key: str, ttl: float, *, index: str = "index"
+    ) -> None:
+        # The list of activated (or pending) keys, the last activated last. Lost updates
+        # here only hide a code (the user asks again), never reveal or revive one.
+        index = self._k(index, identifier, purpose)
         keys = [
             k for k in self.cache.get(index, []) if k != key and self.cache.get(self._k("code", k))
         ]
@@ -174,7 +179,12 @@ class CacheOTPStore:
         return self._kill(key)
 
     def invalidate(self, identifier: str, purpose: str) -> int:
-        keys = self.cache.get(self._k("index", identifier, purpose), [])
+        # Pending ones too: a code whose email is on its way must not become usable after
+        # a password change that was meant to void every code.
+        keys = [
+            *self.cache.get(self._k("index", identifier, purpose), []),
+            *self.cache.get(self._k("pending", identifier, purpose), []),
+        ]
         return sum(1 for key in keys if self._kill(key))
 
     def purge_expired(self, now: datetime) -> int:

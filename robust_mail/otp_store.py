@@ -121,7 +121,8 @@ class OTPStore(Protocol):
         """Atomically mark the code used; True for exactly one caller, and only while live."""
 
     def invalidate(self, identifier: str, purpose: str) -> int:
-        """Invalidate every live code for identifier and purpose; how many."""
+        """Invalidate every unused code for identifier and purpose, pending ones included
+        (``activate`` then leaves them dead); how many."""
 
     def purge_expired(self, now: datetime) -> int:
         """Delete records no longer needed for codes or limits; how many."""
@@ -140,10 +141,10 @@ class DatabaseOTPStore:
     then both see each other and both back off, so a limit is never exceeded (at worst
     both retry). Rows stay for a day after they expire so the daily limit keeps counting.
 
-    A pending row is inserted ``invalidated`` — not live, hidden from ``latest`` — and
-    ``activate`` clears the flag (the model has no column of its own for it). A process
-    that dies between ``add`` and ``activate`` thus leaves a code that never verifies
-    and still counts toward the limits, as its email may have gone out.
+    A row is inserted ``pending`` — not live, hidden from ``latest`` — and ``activate``
+    clears the flag unless ``invalidate`` voided it meanwhile. A process that dies
+    between ``add`` and ``activate`` thus leaves a code that never verifies and still
+    counts toward the limits, as its email may have gone out.
     """
 
     def __init__(self, using: str | None = None) -> None:
@@ -176,7 +177,7 @@ class DatabaseOTPStore:
                 expires_at=code.expires_at,
                 ip_address=code.ip_address,
                 user_agent=code.user_agent[:255],
-                invalidated=True,  # pending: see the class docstring
+                pending=True,
             )
         try:
             self._check_limits(row.pk, code, limits)
@@ -258,22 +259,30 @@ class DatabaseOTPStore:
         if row is None:
             return
         # One UPDATE, so there is never a moment with two live codes or none: this row
-        # becomes live and every other live one is retired.
+        # stops being pending (live, unless invalidate() voided it while its email was
+        # being sent) and every other live one is retired.
         self._rows().filter(
-            models.Q(pk=pk) | models.Q(invalidated=False),
+            models.Q(pk=pk) | models.Q(invalidated=False, pending=False),
             identifier=row["identifier"],
             purpose=row["purpose"],
             consumed_at__isnull=True,
         ).update(
+            pending=models.Case(
+                models.When(pk=pk, then=models.Value(False)), default=models.F("pending")
+            ),
             invalidated=models.Case(
-                models.When(pk=pk, then=models.Value(False)), default=models.Value(True)
-            )
+                models.When(pk=pk, then=models.F("invalidated")), default=models.Value(True)
+            ),
         )
 
-    def _live(self, identifier: str, purpose: str) -> models.QuerySet[Any]:
+    def _unused(self, identifier: str, purpose: str) -> models.QuerySet[Any]:
+        """Neither consumed nor invalidated: live, or pending (its email on its way)."""
         return self._rows().filter(
             identifier=identifier, purpose=purpose, consumed_at__isnull=True, invalidated=False
         )
+
+    def _live(self, identifier: str, purpose: str) -> models.QuerySet[Any]:
+        return self._unused(identifier, purpose).filter(pending=False)
 
     def latest(self, identifier: str, purpose: str) -> StoredCode | None:
         row = self._live(identifier, purpose).order_by("-pk").first()
@@ -302,13 +311,21 @@ class DatabaseOTPStore:
         # A conditional UPDATE, not read-then-write: exactly one concurrent caller gets 1.
         updated = (
             self._rows()
-            .filter(pk=int(key), consumed_at__isnull=True, invalidated=False, expires_at__gt=now)
+            .filter(
+                pk=int(key),
+                consumed_at__isnull=True,
+                invalidated=False,
+                pending=False,
+                expires_at__gt=now,
+            )
             .update(consumed_at=now)
         )
         return updated == 1
 
     def invalidate(self, identifier: str, purpose: str) -> int:
-        return int(self._live(identifier, purpose).update(invalidated=True))
+        # Pending ones too: a code whose email is on its way must not become usable after
+        # a password change that was meant to void every code.
+        return int(self._unused(identifier, purpose).update(invalidated=True))
 
     def purge_expired(self, now: datetime) -> int:
         # Keep a day past expiry (or use): the daily issue limit counts these rows.

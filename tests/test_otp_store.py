@@ -108,12 +108,22 @@ class TestStoreContract:
 
         assert store.latest("a@example.com", "login").key == old
         assert not store.consume(pending, T0)
-        assert store.invalidate("a@example.com", "login") == 1  # the old one only
 
         store.activate(pending)
 
         assert store.latest("a@example.com", "login").key == pending
         assert store.consume(pending, T0)
+
+    def test_invalidate_voids_a_code_whose_email_is_still_on_its_way(self, store):
+        # A password change voids every code: one whose email is being sent must not
+        # become usable once the send completes.
+        pending = store.add(new(), NO_LIMITS)
+
+        assert store.invalidate("a@example.com", "login") == 1
+        store.activate(pending)
+
+        assert store.latest("a@example.com", "login") is None
+        assert not store.consume(pending, T0)
 
     def test_a_pending_code_alone_is_not_found(self, store):
         store.add(new(), NO_LIMITS)

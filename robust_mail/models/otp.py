@@ -25,8 +25,8 @@ class OneTimePassword(models.Model):
     ``SECRET_KEY``), so a dump of this table does not reveal codes: a 6-digit code's bare
     SHA-256 is reversed in milliseconds, an HMAC without the key is not.
 
-    A row is *live* while ``consumed_at`` is null, ``invalidated`` is false and
-    ``expires_at`` is in the future. ``attempts`` and ``consumed_at`` only ever change
+    A row is *live* while ``consumed_at`` is null, ``invalidated`` and ``pending`` are
+    false and ``expires_at`` is in the future. ``attempts`` and ``consumed_at`` only ever change
     through conditional UPDATEs (see :class:`robust_mail.otp_store.DatabaseOTPStore`).
 
     *Decoy* rows (``purpose == ""``, empty identifier and hash, born used, invalidated
@@ -45,6 +45,9 @@ class OneTimePassword(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     consumed_at = models.DateTimeField(null=True, blank=True)
     invalidated = models.BooleanField(default=False)
+    #: Stored, its email not yet handed to the mail system: not verifiable yet (and, if
+    #: the send fails, removed). ``invalidate()`` voids pending codes too.
+    pending = models.BooleanField(default=False)
     ip_address = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=255, blank=True, default="")
 
