@@ -34,7 +34,7 @@ logger = logging.getLogger("robust_mail.outbox")
 
 Clock = Callable[[], datetime]
 
-#: Pause after a database outage while writing outcomes, doubled each time up to the
+#: Pause after a database outage (writing outcomes, claiming), doubled each time up to the
 #: maximum (seconds).
 DB_RETRY_FIRST = 1.0
 DB_RETRY_MAX = 30.0

@@ -51,9 +51,6 @@ __all__ = ["Worker", "WorkerStats"]
 
 logger = logging.getLogger("robust_mail.worker")
 
-#: Pause after a database error, doubled each time up to the maximum (seconds).
-DB_RETRY_FIRST = 1.0
-DB_RETRY_MAX = 30.0
 #: With ``once``, claiming gives up (raises) after this many database errors in a row.
 ONCE_DB_ATTEMPTS = 3
 
@@ -124,7 +121,7 @@ class Worker:
         threads = _Threads(self.concurrency, self._handle) if self.concurrency > 1 else None
         if threads is not None:
             self._recorder = _Recorder(self._record_group, backlog=4 * self.concurrency)
-        pause = DB_RETRY_FIRST
+        pause = outbox_record.DB_RETRY_FIRST  # the same pauses as for writing outcomes
         failures = 0
         try:
             while not self._stop.is_set():
@@ -144,9 +141,9 @@ class Worker:
                     logger.warning("cannot claim messages (%s); retrying in %.0fs", exc, pause)
                     drop_connections()
                     self._stop.wait(pause)
-                    pause = min(pause * 2, DB_RETRY_MAX)
+                    pause = min(pause * 2, outbox_record.DB_RETRY_MAX)
                     continue
-                pause, failures = DB_RETRY_FIRST, 0
+                pause, failures = outbox_record.DB_RETRY_FIRST, 0
                 if not held.rows:
                     if self.once:
                         break

@@ -109,7 +109,7 @@ def test_two_db_workers_deliver_every_message_once_on_postgres(
         results = [finish(worker) for worker in workers]
 
     for code, _, err in results:
-        assert code == 0, err
+        assert code == 0 or _stopped_inside_its_own_commit(err), err
     rows = pg_rows(pg, dbname)
     assert len(rows) == COUNT
     received = Counter(m.message_id for m in server.messages)
@@ -120,3 +120,15 @@ def test_two_db_workers_deliver_every_message_once_on_postgres(
     assert len(tasks) == COUNT  # one task per message, each run once and to completion
     assert {(status, value) for status, _, value in tasks} == {("SUCCESSFUL", "sent")}
     assert {worker for _, ids, _ in tasks for worker in ids} == {"w1", "w2"}
+
+
+def _stopped_inside_its_own_commit(err: str) -> bool:
+    """django-tasks-db's db_worker stops on SIGTERM with sys.exit() wherever it is; landing
+    inside the COMMIT of its own polling transaction, that ends in a ProgrammingError and a
+    non-zero exit (seen once in CI). Its shutdown, not a failed delivery: tolerated only
+    when that is the whole story, with no frame of robust_mail's in the traceback."""
+    return (
+        "in shutdown" in err
+        and "can't change 'autocommit' now" in err
+        and "/robust_mail/" not in err
+    )
