@@ -164,9 +164,12 @@ class Dispatcher(Runs):
         deadline: float,
         *,
         first: First | None = None,
+        stopped: bool = False,
     ) -> DeliveryResult:
         """Through the providers in order. ``first``: the outcome of an attempt already
-        made at the first provider (see :meth:`deliver_many`), which counts as its first."""
+        made at the first provider (see :meth:`deliver_many`), which counts as its first.
+        ``stopped``: the caller wants nothing more sent (give ``deadline`` as now): the
+        other providers are reported skipped for that reason, not for the deadline."""
         attempts = _Attempts()
         last: Classification | None = None
         retry_at: float | None = None
@@ -176,6 +179,13 @@ class Dispatcher(Runs):
                 pass  # already attempted: the breaker was closed when it started
             # The deadline first: allow() may elect this call as a half-open trial, which
             # must then be reported one way or the other.
+            elif stopped:
+                self._skip(
+                    provider,
+                    attempts,
+                    "not tried: the sender stopped (a worker stopping, or its lease running out)",
+                )
+                continue
             elif self.clock() >= deadline:
                 self._skip(provider, attempts, "delivery deadline reached")
                 continue

@@ -66,6 +66,7 @@ class Runs:
         deadline: float,
         *,
         first: First | None = None,
+        stopped: bool = False,
     ) -> DeliveryResult:
         raise NotImplementedError
 
@@ -136,7 +137,7 @@ class Runs:
             deadline = self.clock() + (budget if more else 0.0)
             result: DeliveryResult | Exception
             try:
-                result = self._deliver(message, envelope, deadline, first=first)
+                result = self._deliver(message, envelope, deadline, first=first, stopped=not more)
             except Exception as exc:
                 result = exc
                 if first is not None and isinstance(first.outcome, dict):

@@ -540,3 +540,5 @@ def test_once_proceed_says_stop_a_message_tried_in_the_run_is_neither_retried_no
         assert [(e.provider, e.code, e.attempts) for e in result.errors][:1] == [
             ("primary", 451, 1)
         ]
+        (skipped,) = result.errors[1:]
+        assert skipped.provider == "backup" and "the sender stopped" in skipped.message
