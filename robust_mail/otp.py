@@ -204,6 +204,7 @@ class OTPService:
         background: bool = False,
         discard: bool = False,
         recipient: str | None = None,
+        notify: bool = True,
     ) -> IssuedCode:
         """Create a code for ``identifier`` and (``send=True``) email it.
 
@@ -220,6 +221,8 @@ class OTPService:
         does all the work of sending — the email is built and serialised as for the
         outbox, and one row is written in a transaction of its own — but queues nothing:
         the same work for an address without an account as for one with (enumeration).
+        ``notify=False`` (with ``discard``): not even the "no account" notice, for an
+        address that has an account this code is not for (see :meth:`send`).
         """
         ident = normalize_identifier(identifier)
         check_purpose(purpose)
@@ -247,7 +250,13 @@ class OTPService:
         if send:
             try:
                 self.send(
-                    address, code, purpose, expires_at, background=background, discard=discard
+                    address,
+                    code,
+                    purpose,
+                    expires_at,
+                    background=background,
+                    discard=discard,
+                    notify=notify,
                 )
             except BaseException:
                 # Not sent: as if never issued, so the user may ask again at once.
@@ -337,6 +346,7 @@ class OTPService:
         *,
         background: bool,
         discard: bool = False,
+        notify: bool = True,
     ) -> None:
         """Email the code to ``address`` (``background``: through the outbox).
 
@@ -345,7 +355,9 @@ class OTPService:
         sends the "no account" email instead (templates ``..._no_account_...``, without the
         code), through the same calls; with ``OTP["NOTIFY_UNKNOWN"] = False``, or past
         ``OTP["MAX_NOTICES_PER_HOUR"]``, it builds the code email and does the work of
-        queueing it (:func:`rehearse_queueing`) without queueing it.
+        queueing it (:func:`rehearse_queueing`) without queueing it; so does ``notify=False``
+        (the address has an account, which the purpose is not for: a password reset for an
+        account without a usable password, which Django's PasswordResetForm mails nothing).
         Raises the delivery error. The bodies are :class:`SecretText` (masked ``repr``)
         and no exception raised here quotes them.
         """
@@ -353,8 +365,8 @@ class OTPService:
 
         # Asked for a code email too, not only for a notice: the cache round trips would
         # otherwise tell a known address from an unknown one (see _may_notify).
-        may_notify = self.config.notify_unknown and self._may_notify(count=discard)
-        if discard and not may_notify:
+        may_notify = self.config.notify_unknown and self._may_notify(count=discard and notify)
+        if discard and not (notify and may_notify):
             subject, text, html = self.render(address, code, purpose, expires_at)
             # What EmailService.send_email builds from the same arguments.
             message = EmailMultiAlternatives(subject, text, settings.DEFAULT_FROM_EMAIL, [address])

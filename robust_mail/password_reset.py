@@ -135,7 +135,9 @@ def issue_account_code(
         validate_email(address)
     except (ValueError, ValidationError):
         raise ValueError("not an email address") from None
-    users = users_with_email(address, usable_password=usable_password)
+    # One query either way (the same SQL whatever the answer); the password check is ours.
+    everyone = users_with_email(address, usable_password=False)
+    users = [u for u in everyone if u.has_usable_password()] if usable_password else everyone
     if len(users) > 1:
         logger.warning("%d accounts share the address %s: no code sent", len(users), mask(address))
     account = users[0] if len(users) == 1 else None
@@ -146,6 +148,9 @@ def issue_account_code(
         user_agent=user_agent,
         background=background,
         discard=account is None,
+        # Accounts have the address, none may use this code (no usable password): as
+        # Django's PasswordResetForm, mail nothing; a "no account" notice would be untrue.
+        notify=not everyone,
     )
 
 
