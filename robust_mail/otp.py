@@ -426,8 +426,12 @@ class OTPService:
         if not self.store.consume(record.key, now):
             return VerifyResult(False, Reason.INVALID)
         # Two codes whose emails crossed can both have been made live (activations racing):
-        # once one is used, none of the others may be.
-        self.store.invalidate(ident, purpose)
+        # once one is used, none of the others may be. The code is used up by now: a store
+        # error here must not turn that success into an error page.
+        try:
+            self.store.invalidate(ident, purpose)
+        except Exception:
+            logger.exception("could not retire the other %s codes for %s", purpose, mask(ident))
         logger.info("verified a %s code for %s, key %s", purpose, mask(ident), record.key)
         return VerifyResult(True, Reason.OK)
 

@@ -26,6 +26,9 @@ class _CachedCode:
     ip_address: str | None
     hits: tuple[Hit, ...]
     cooldown_key: str | None
+    #: The identifier and purpose's ``invalidate()`` count when the code was added: if it
+    #: has moved on by ``activate``, the code was voided while its email was on its way.
+    generation: int = 0
 
 
 class CacheOTPStore:
@@ -99,20 +102,19 @@ class CacheOTPStore:
             attempts=0,
         )
         ttl = max(1.0, (code.expires_at - code.created_at).total_seconds())
-        record = _CachedCode(stored, code.ip_address, tuple(hits), cooldown_key)
+        generation = self._generation(code.identifier, code.purpose)
+        record = _CachedCode(stored, code.ip_address, tuple(hits), cooldown_key, generation)
         self.cache.set(self._k("code", key), record, timeout=ttl + 60)
         self.cache.set(self._k("attempts", key), 0, timeout=ttl + 60)
-        # Pending: in the index of live codes only on activate; listed apart meanwhile so
-        # that invalidate() reaches it too.
-        self._push(code.identifier, code.purpose, key, ttl + 60, index="pending")
-        return key
+        return key  # pending: in the index of live codes only on activate
 
-    def _push(
-        self, identifier: str, purpose: str, key: str, ttl: float, *, index: str = "index"
-    ) -> None:
-        # The list of activated (or pending) keys, the last activated last. Lost updates
-        # here only hide a code (the user asks again), never reveal or revive one.
-        index = self._k(index, identifier, purpose)
+    def _generation(self, identifier: str, purpose: str) -> int:
+        return int(self.cache.get(self._k("generation", identifier, purpose), 0))
+
+    def _push(self, identifier: str, purpose: str, key: str, ttl: float) -> None:
+        # The list of activated keys, the last activated last. Lost updates here only hide
+        # a code (the user asks again), never reveal or revive one.
+        index = self._k("index", identifier, purpose)
         keys = [
             k for k in self.cache.get(index, []) if k != key and self.cache.get(self._k("code", k))
         ]
@@ -140,6 +142,9 @@ class CacheOTPStore:
         if record is None:
             return
         code = record.code
+        if record.generation != self._generation(code.identifier, code.purpose):
+            self._kill(key)  # invalidate() ran while its email was on its way
+            return
         for other in self.cache.get(self._k("index", code.identifier, code.purpose), []):
             if other != key:
                 self._kill(other)
@@ -180,11 +185,15 @@ class CacheOTPStore:
 
     def invalidate(self, identifier: str, purpose: str) -> int:
         # Pending ones too: a code whose email is on its way must not become usable after
-        # a password change that was meant to void every code.
-        keys = [
-            *self.cache.get(self._k("index", identifier, purpose), []),
-            *self.cache.get(self._k("pending", identifier, purpose), []),
-        ]
+        # a password change that was meant to void every code. A new generation voids
+        # every code added before it, even one added concurrently (no list to miss it in).
+        generation = self._k("generation", identifier, purpose)
+        self.cache.add(generation, 0, timeout=DAY)
+        try:
+            self.cache.incr(generation)
+        except ValueError:  # evicted in between: start again
+            self.cache.set(generation, 1, timeout=DAY)
+        keys = self.cache.get(self._k("index", identifier, purpose), [])
         return sum(1 for key in keys if self._kill(key))
 
     def purge_expired(self, now: datetime) -> int:

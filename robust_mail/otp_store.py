@@ -255,8 +255,13 @@ class DatabaseOTPStore:
 
     def activate(self, key: str) -> None:
         pk = int(key)
-        row = self._rows().filter(pk=pk).values("identifier", "purpose").first()
+        row = self._rows().filter(pk=pk).values("identifier", "purpose", "invalidated").first()
         if row is None:
+            return
+        if row["invalidated"]:
+            # Voided while its email was on its way: it never becomes live, and it must not
+            # retire a code issued since (the user asked again meanwhile).
+            self._rows().filter(pk=pk).update(pending=False)
             return
         # One UPDATE, so there is never a moment with two live codes or none: this row
         # stops being pending (live, unless invalidate() voided it while its email was

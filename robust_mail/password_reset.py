@@ -60,7 +60,9 @@ class ResetTokenInvalid(RobustMailError, ValueError):
     """The reset token is malformed, expired, or already used."""
 
 
-def users_with_email(email: str, *, usable_password: bool = True) -> list[Any]:
+def users_with_email(
+    email: str, *, usable_password: bool = True, active_only: bool = True
+) -> list[Any]:
     """Active users whose stored address *is* ``email``, compared case-insensitively.
 
     The database's ``iexact`` finds candidates; only those whose stored address has the
@@ -69,7 +71,8 @@ def users_with_email(email: str, *, usable_password: bool = True) -> list[Any]:
     that folds less (SQLite's ``LIKE`` folds ASCII only) can only find fewer accounts,
     never others.
     Like Django's PasswordResetForm, users without a usable password are left out unless
-    ``usable_password=False`` (sign-in by code does not need a password).
+    ``usable_password=False`` (sign-in by code does not need a password), and inactive
+    ones unless ``active_only=False``.
     """
     try:
         wanted = normalize_identifier(email)
@@ -80,9 +83,10 @@ def users_with_email(email: str, *, usable_password: bool = True) -> list[Any]:
     # NFKC (not case-folded: the database folds case its own way) so that full-width or
     # decomposed input still finds the stored, composed address.
     typed = unicodedata.normalize("NFKC", str(email)).strip()
-    candidates = list(
-        user_model._default_manager.filter(**{f"{field}__iexact": typed, "is_active": True})
-    )
+    where: dict[str, Any] = {f"{field}__iexact": typed}
+    if active_only:
+        where["is_active"] = True
+    candidates = list(user_model._default_manager.filter(**where))
     found = bool(candidates)
     if not found:
         # Build and check one user anyway, as a known address has one built from its row:
@@ -135,9 +139,13 @@ def issue_account_code(
         validate_email(address)
     except (ValueError, ValidationError):
         raise ValueError("not an email address") from None
-    # One query either way (the same SQL whatever the answer); the password check is ours.
-    everyone = users_with_email(address, usable_password=False)
-    users = [u for u in everyone if u.has_usable_password()] if usable_password else everyone
+    # One query either way (the same SQL whatever the answer); the checks are ours.
+    everyone = users_with_email(address, usable_password=False, active_only=False)
+    users = [
+        user
+        for user in everyone
+        if getattr(user, "is_active", True) and (not usable_password or user.has_usable_password())
+    ]
     if len(users) > 1:
         logger.warning("%d accounts share the address %s: no code sent", len(users), mask(address))
     account = users[0] if len(users) == 1 else None
@@ -148,8 +156,9 @@ def issue_account_code(
         user_agent=user_agent,
         background=background,
         discard=account is None,
-        # Accounts have the address, none may use this code (no usable password): as
-        # Django's PasswordResetForm, mail nothing; a "no account" notice would be untrue.
+        # Accounts have the address, none may use this code (inactive, no usable password,
+        # or several): as Django's PasswordResetForm, mail nothing; a "no account" notice
+        # would be untrue.
         notify=not everyone,
     )
 

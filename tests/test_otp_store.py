@@ -119,11 +119,23 @@ class TestStoreContract:
         # become usable once the send completes.
         pending = store.add(new(), NO_LIMITS)
 
-        assert store.invalidate("a@example.com", "login") == 1
+        store.invalidate("a@example.com", "login")
         store.activate(pending)
 
         assert store.latest("a@example.com", "login") is None
         assert not store.consume(pending, T0)
+
+    def test_a_voided_code_activated_late_leaves_the_newer_code_live(self, store):
+        # Code A's email is slow; meanwhile its codes are voided (a password change) and
+        # the user asks again: B is live when A's send finally completes.
+        slow = store.add(new(code_hash="1" * 64), NO_LIMITS)
+        store.invalidate("a@example.com", "login")
+        newer = live(store, new(at=T0 + timedelta(seconds=1), code_hash="2" * 64))
+
+        store.activate(slow)
+
+        assert store.latest("a@example.com", "login").key == newer
+        assert store.consume(newer, T0)
 
     def test_a_pending_code_alone_is_not_found(self, store):
         store.add(new(), NO_LIMITS)

@@ -47,7 +47,9 @@ class OneTimePassword(models.Model):
     invalidated = models.BooleanField(default=False)
     #: Stored, its email not yet handed to the mail system: not verifiable yet (and, if
     #: the send fails, removed). ``invalidate()`` voids pending codes too.
-    pending = models.BooleanField(default=False)
+    # db_default too: during a rolling deploy, processes still on the previous version
+    # insert rows without this column.
+    pending = models.BooleanField(default=False, db_default=False)
     ip_address = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=255, blank=True, default="")
 

@@ -80,7 +80,9 @@ class OutboxMessage(models.Model):
     idempotency_key = models.CharField(max_length=255, unique=True, null=True, blank=True)
     #: The Django 6.1 MAILERS alias that queued it (its OPTIONS are the configuration it
     #: is delivered with); empty: the classic configuration (``ROBUST_MAIL``).
-    mailer = models.CharField(max_length=100, blank=True, default="")
+    # db_default too: during a rolling deploy, processes still on the previous version
+    # insert rows without this column.
+    mailer = models.CharField(max_length=100, blank=True, default="", db_default="")
 
     class Meta:
         app_label = "robust_mail"
