@@ -332,6 +332,36 @@ def test_unknown_address_gets_the_same_answer_and_the_same_work(
     assert _inserts(unknown.sql) == ["robust_mail_onetimepassword", PATHS[notify]]
 
 
+@pytest.mark.parametrize("notify", [True, False], ids=["notice", "decoy"])
+@pytest.mark.parametrize("account", ["passwordless", "inactive", "shared"])
+def test_an_address_whose_accounts_may_not_reset_does_the_same_work_as_a_known_one(
+    mail_server, alice, measure, django_user_model, notify, account
+):
+    # Nothing is mailed for these (a "no account" notice would be untrue), but the work is
+    # the same as for an account that gets its code, so that the answer tells nothing.
+    other = "other@example.com"
+    if account == "shared":
+        django_user_model.objects.create_user("o1", other, OLD)
+        django_user_model.objects.create_user("o2", other.upper(), OLD)
+    else:
+        user = django_user_model.objects.create_user("o", other, OLD)
+        if account == "passwordless":
+            user.set_unusable_password()
+        else:
+            user.is_active = False
+        user.save()
+    mail_server(OTP={"NOTIFY_UNKNOWN": notify})
+
+    known = measure(EMAIL)
+    refused = measure(other)
+
+    assert refused.steps == known.steps
+    assert (refused.builds, refused.payloads) == (known.builds, known.payloads)
+    assert [_verb(q) for q in refused.sql] == [_verb(q) for q in known.sql]
+    # The decoy row stands in for the outbox row, as for an unknown address without notices.
+    assert _inserts(refused.sql) == ["robust_mail_onetimepassword"] * 2
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("notify", [True, False], ids=["notice", "decoy"])
 def test_both_paths_commit_the_same_number_of_transactions(mail_server, alice, measure, notify):
