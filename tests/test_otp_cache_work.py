@@ -94,3 +94,4 @@ def test_an_address_whose_account_may_not_get_a_code_makes_the_same_cache_calls(
     inactive = commands(shared_cache, lambda: FLOWS[flow]("off@example.com"))
 
     assert inactive == known
+    assert known  # the notice counter is asked on both paths
