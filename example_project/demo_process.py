@@ -26,6 +26,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _port_taken(log: str) -> bool:
+    # The demo's own check before it starts anything, Django's runserver, and the SMTP
+    # servers (errno EADDRINUSE) say so in these words.
+    return any(
+        words in log for words in ("are in use", "port is already in use", "Address already in use")
+    )
+
+
 class DemoProcess:
     """The whole demo (site, SMTP servers, worker) on free ports, data in ``data_dir``.
 
@@ -42,6 +50,25 @@ class DemoProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> DemoProcess:
+        """Start the demo; return once the site answers.
+
+        A port found free can be taken by someone else before the demo binds it (other
+        tests start servers all the time): then the demo is started again on new ports,
+        up to three times.
+        """
+        for attempt in range(3):
+            begun = len(self.log())
+            if self._launch(timeout):
+                return self
+            if not _port_taken(self.log()[begun:]) or attempt == 2:
+                raise RuntimeError(f"the demo exited early:\n{self.log()}")
+            self.port = free_port()
+            self.smtp_ports = {"primary": free_port(), "backup": free_port()}
+            self.url = f"http://127.0.0.1:{self.port}/"
+        raise AssertionError("unreachable")
+
+    def _launch(self, timeout: float) -> bool:
+        """Start the process; True once it serves, False if it exited early."""
         env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
         env.update(
             DJANGO_SETTINGS_MODULE="example_project.settings",
@@ -65,9 +92,10 @@ class DemoProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the demo exited early:\n{self.log()}")
+                self.process = None
+                return False
             if "Press Ctrl-C" in self.log():
-                return self
+                return True
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"the demo did not start within {timeout:.0f} s:\n{self.log()}")

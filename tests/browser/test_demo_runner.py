@@ -100,3 +100,22 @@ def test_a_busy_port_is_reported_not_fought_over(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert f"Port(s) {port} on 127.0.0.1 are in use" in result.stderr
+
+
+@linux_only
+def test_a_port_taken_before_the_demo_binds_it_means_new_ports_not_a_failure(
+    tmp_path: Path,
+) -> None:
+    # Free when chosen, taken by someone else (another test's server) before the demo
+    # starts: DemoProcess starts it again on other ports.
+    demo = DemoProcess(tmp_path / "demo")
+    chosen = demo.port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", chosen))
+        taken.listen()
+        demo.start()
+    try:
+        assert demo.port != chosen
+        assert b"Delivery dashboard" in demo.get("/")
+    finally:
+        assert demo.stop() == 0, demo.log()
