@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from smtplib import SMTPException
 from typing import Any, cast
 
+import django
 from django.conf import settings
 from django.core import mail
 from django.core.mail import EmailMessage, EmailMultiAlternatives
@@ -125,16 +126,21 @@ class EmailService:
         return _send_through_other(backend, message)
 
 
+def _require_mailers(using: str) -> None:
+    """``using=`` names a MAILERS alias: there must be MAILERS to name one in."""
+    from robust_mail.conf import mailers_setting
+
+    if mailers_setting() is None:
+        why = "MAILERS is not set" if django.VERSION >= (6, 1) else "MAILERS arrived in Django 6.1"
+        raise ConfigurationError(f"using={using!r} names a MAILERS alias, but {why}.")
+
+
 def _check_outbox_alias(using: str) -> None:
     # Checked now: a typo stored with the message would only be found by a worker, which
     # then delivers it with another configuration.
-    from robust_mail.conf import mailers_setting
     from robust_mail.mailers import robust_mailers
 
-    if mailers_setting() is None:
-        raise ConfigurationError(
-            f"using={using!r} names a MAILERS alias: MAILERS arrived in Django 6.1."
-        )
+    _require_mailers(using)
     if using not in dict(robust_mailers()):
         raise ConfigurationError(
             f"using={using!r}: background sends need a MAILERS alias served by robust_mail "
@@ -144,12 +150,8 @@ def _check_outbox_alias(using: str) -> None:
 
 def _backend_for(message: EmailMessage, using: str | None) -> BaseEmailBackend:
     if using is not None:
-        mailers = getattr(mail, "mailers", None)
-        if mailers is None:
-            raise ConfigurationError(
-                f"using={using!r} names a MAILERS alias: MAILERS arrived in Django 6.1."
-            )
-        return cast(BaseEmailBackend, mailers[using])
+        _require_mailers(using)
+        return cast(BaseEmailBackend, mail.mailers[using])  # type: ignore[attr-defined]
     # Read where Django keeps it: Django 6.1 deprecates the connection attribute (reading
     # it warns), and still honours a connection given to the message.
     stored = vars(message)
