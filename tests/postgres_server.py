@@ -15,7 +15,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+from tests.ports import BIND_ATTEMPTS, free_port
 
 __all__ = ["PostgresServer", "database_alias", "postgres_server"]
 
@@ -41,12 +42,6 @@ def postgres_bin_dir() -> Path | None:
         if (path / "initdb").exists() and (path / "postgres").exists():
             return path
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run_as() -> str | None:
@@ -70,6 +65,7 @@ class PostgresServer:
         self.bin_dir = bin_dir
         self.host = "127.0.0.1"
         self.port = 0
+        self._log_start = 0
         self.user = "postgres"
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
@@ -107,9 +103,25 @@ class PostgresServer:
         if self._dir is None:
             self._initdb()
         assert self._dir is not None
-        if not self.port:
-            self.port = _free_port()
-        self._log = open(self._dir / "postgres.log", "ab")  # noqa: SIM115 - closed in stop()
+        if self.port:  # a restart keeps the port, so clients reconnect to the same address
+            if self._launch():
+                return self
+        else:
+            # Another process may take the free port before postgres binds it.
+            for _ in range(BIND_ATTEMPTS):
+                self.port = free_port()
+                if self._launch():
+                    return self
+                if "could not bind" not in self._launch_log():
+                    break
+        log = self._launch_log()[-3000:]
+        raise RuntimeError(f"PostgreSQL did not start on 127.0.0.1:{self.port}:\n{log}")
+
+    def _launch(self) -> bool:
+        assert self._dir is not None
+        log_path = self._dir / "postgres.log"
+        self._log_start = log_path.stat().st_size if log_path.exists() else 0
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
                 *(str(self.bin_dir / "postgres"), "-D", str(self._dir / "data")),
@@ -127,11 +139,17 @@ class PostgresServer:
             if self.process.poll() is not None:
                 break
             if self._ready():
-                return self
+                return True
             time.sleep(0.1)
         self.stop()
-        log = (self._dir / "postgres.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"PostgreSQL did not start on 127.0.0.1:{self.port}:\n{log}")
+        return False
+
+    def _launch_log(self) -> str:
+        """What the server logged since the last launch began."""
+        assert self._dir is not None
+        with open(self._dir / "postgres.log", "rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
 
     def _ready(self) -> bool:
         import psycopg

@@ -19,6 +19,8 @@ from typing import IO
 
 import pytest
 
+from tests.ports import BIND_ATTEMPTS, free_port
+
 __all__ = ["RedisServer", "redis_server"]
 
 STARTUP_TIMEOUT = 10.0
@@ -28,12 +30,6 @@ def redis_binary() -> str | None:
     return shutil.which("redis-server") or (
         "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _ping(port: int) -> bool:
@@ -71,8 +67,9 @@ class RedisServer:
             if self._launch(self.port):
                 return self
         else:
-            for _ in range(5):  # another process may take the free port before redis binds it
-                port = _free_port()
+            # Another process may take the free port before redis binds it.
+            for _ in range(BIND_ATTEMPTS):
+                port = free_port()
                 if self._launch(port):
                     self.port = port
                     return self
@@ -140,18 +137,13 @@ class RedisServer:
         self.cleanup()
 
 
-def _missing(reason: str) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} (CI=true: a missing service fails the run instead of skipping)")
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A started redis-server on 127.0.0.1 (random port), stopped and removed after the test."""
+    from tests.conftest import require
+
     binary = redis_binary()
-    if binary is None:
-        _missing("redis-server is not installed (Debian: apt-get install redis-server)")
+    require(binary is not None, "redis-server is not installed (Debian: redis-server)")
     assert binary is not None
     server = RedisServer(binary)
     try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import errno
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
@@ -18,6 +18,7 @@ from robust_mail.exceptions import Classification, DeliveryFailed
 from robust_mail.results import DeliveryStatus
 from robust_mail.state import get_breaker
 from tests.conftest import provider
+from tests.ports import BIND_ATTEMPTS, free_port
 
 
 @pytest.fixture(params=[False, True], ids=["sequential", "pipelined"])
@@ -440,14 +441,21 @@ def limited_server() -> Iterator[Callable[..., Any]]:
         later_data_reply: str | None = None,
         **options: Any,
     ) -> Any:
-        with socket.socket() as probe:  # a free port: aiosmtpd's Controller needs one
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         handler = _Recorder(mail_reply, rcpt_limit, put_off, later_data_reply)
-        controller = Controller(handler, hostname="127.0.0.1", port=port, **options)
-        controller.start()
-        started.append(controller)
-        return controller
+        for attempt in range(BIND_ATTEMPTS):
+            # aiosmtpd's Controller needs a port number, not 0: ask for a free one, and ask
+            # again if another process takes it before the controller binds it.
+            controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **options)
+            try:
+                controller.start()
+            except OSError as exc:
+                controller.loop.close()  # its own event loop, made for the server that failed
+                if exc.errno != errno.EADDRINUSE or attempt == BIND_ATTEMPTS - 1:
+                    raise
+                continue
+            started.append(controller)
+            return controller
+        raise AssertionError("unreachable")
 
     yield start
     for controller in started:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import provider
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -259,9 +259,7 @@ def test_a_second_signal_of_the_other_kind_stops_at_once(
 def unreachable_db_project(tmp_path: Path) -> Project:
     """A project whose database is a PostgreSQL address where nothing listens."""
     pytest.importorskip("psycopg")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens once the socket closes
+    port = free_port()  # nothing listens there: not a PostgreSQL server, whatever binds it
     database = {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": "outbox",
