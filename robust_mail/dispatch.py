@@ -131,7 +131,7 @@ class Dispatcher(Runs):
     # -- internals ------------------------------------------------------------------------
 
     def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
-        message.delivery_result = result  # type: ignore[attr-defined]
+        result.attach(message)
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
             emit(message_sent, type(self), message=message, result=result)
         return result
@@ -472,8 +472,7 @@ class Dispatcher(Runs):
             classification=last or Classification.TRANSIENT,
             retry_after=retry_after,
         )
-        message.delivery_result = result  # type: ignore[attr-defined]
-        return result
+        return result.attach(message)
 
 
 #: Steps whose provider-fatal failure says the provider cannot send for us at all.

@@ -56,7 +56,7 @@ def apply_fallback(
         handled = queue_in_outbox(message, result, mailer=mailer)
     else:  # pragma: no cover - rejected by conf.py and the system checks
         raise ConfigurationError(f"unknown ROBUST_MAIL FALLBACK {config.fallback!r}")
-    message.delivery_result = handled  # type: ignore[attr-defined]
+    handled.attach(message)
     if handled.ok:
         # Counted against the last provider tried: the one whose failure (or open breaker)
         # left the message to the fallback. An alert on it means "every provider is down".
@@ -95,8 +95,7 @@ def queue_in_outbox(
             classification=result.classification if result else None,
             fallback_error=exc,
         )
-        message.delivery_result = unqueued  # type: ignore[attr-defined]
-        return unqueued
+        return unqueued.attach(message)
     queued = DeliveryResult(
         DeliveryStatus.QUEUED,
         row.message_id,
@@ -106,8 +105,7 @@ def queue_in_outbox(
         classification=result.classification if result else None,
         outbox_id=row.pk,
     )
-    message.delivery_result = queued  # type: ignore[attr-defined]
-    return queued
+    return queued.attach(message)
 
 
 def write_console(message: EmailMessage, stream: TextIO | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from robust_mail.exceptions import (
     Classification,
@@ -12,6 +13,12 @@ from robust_mail.exceptions import (
     RateLimited,
     RobustMailError,
 )
+
+if TYPE_CHECKING:
+    from django.core.mail import EmailMessage
+
+#: The attribute of an EmailMessage that holds its result (documented; kept for callers).
+ATTRIBUTE = "delivery_result"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -60,6 +67,21 @@ class DeliveryResult:
     rate_limited: bool = False
     #: The exception of a fallback that could not take the message (e.g. the database is down).
     fallback_error: BaseException | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, message: EmailMessage) -> DeliveryResult | None:
+        """The result attached to ``message``; None if no robust_mail backend has sent it.
+
+        The same as ``message.delivery_result``, for code checked by a type checker (Django's
+        EmailMessage does not declare the attribute).
+        """
+        result = getattr(message, ATTRIBUTE, None)
+        return result if isinstance(result, cls) else None
+
+    def attach(self, message: EmailMessage) -> DeliveryResult:
+        """Set this as ``message.delivery_result``; returns self."""
+        setattr(message, ATTRIBUTE, self)
+        return self
 
     @classmethod
     def delivered(

@@ -168,5 +168,4 @@ def _send_through_other(backend: BaseEmailBackend, message: EmailMessage) -> Del
     result = DeliveryResult(
         status, envelope.message_id, provider=type(backend).__name__, attempts=1
     )
-    message.delivery_result = result  # type: ignore[attr-defined]
-    return result
+    return result.attach(message)

@@ -15,7 +15,7 @@ from django.core.mail import EmailMessage, send_mail
 
 from robust_mail.conf import get_config
 from robust_mail.exceptions import Classification, DeliveryFailed
-from robust_mail.results import DeliveryStatus
+from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.state import get_breaker
 from tests.conftest import provider
 from tests.ports import BIND_ATTEMPTS, free_port
@@ -90,6 +90,18 @@ def test_send_mail_works_unchanged(smtp_server, robust):
     (received,) = backup.messages
     assert received.message["Subject"] == "Subject"
     assert received.rcpt_tos == ["to@example.com"]
+
+
+def test_delivery_result_of_reads_the_attached_result(smtp_server, robust):
+    robust([provider(smtp_server(), "only")])
+    message = EmailMessage("Hi", "Body", "from@example.com", ["to@example.com"])
+    assert DeliveryResult.of(message) is None  # not sent yet
+
+    message.send()
+
+    result = DeliveryResult.of(message)
+    assert result is message.delivery_result
+    assert result is not None and result.status is DeliveryStatus.SENT
 
 
 def test_black_hole_is_bounded_by_the_timeout_then_fails_over(smtp_server, robust):
