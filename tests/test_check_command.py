@@ -7,7 +7,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.conftest import provider
+from tests.conftest import needs_mailers, provider
 
 
 def _check(*args: str) -> tuple[str, CommandError | None]:
@@ -64,3 +64,41 @@ def test_unknown_provider_name_is_an_error(smtp_server, robust):
 
     with pytest.raises(CommandError, match="no such provider"):
         call_command("robust_mail_check", "--provider", "nope", stdout=StringIO())
+
+
+@needs_mailers
+def test_every_mailers_alias_is_checked(smtp_server, settings):
+    good = smtp_server()
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": [f"smtp://127.0.0.1:{good.port}?name=good"]},
+        },
+        "bulk": {
+            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+            "OPTIONS": {
+                "providers": [
+                    f"smtp://127.0.0.1:{good.port}?name=good",  # the same server: once
+                    "smtp://127.0.0.1:1?name=refused",
+                ]
+            },
+        },
+    }
+
+    out, error = _check()
+
+    assert error is not None and "1 provider(s) failed: refused" in str(error)
+    lines = out.splitlines()
+    assert lines.index("mailer 'default'") < lines.index("mailer 'bulk'")
+    assert "good  checked above" in lines
+    assert "refused  127.0.0.1:1  plain" in lines and "Connection refused" in out
+
+
+@needs_mailers
+def test_nothing_to_check_is_a_failure_not_a_pass(settings):
+    settings.MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+
+    out, error = _check()
+
+    assert error is not None and "no provider to check" in str(error)
+    assert "reachable" not in out

@@ -1,8 +1,9 @@
 """``manage.py robust_mail_check``: can each provider be reached? Sends nothing.
 
-For every configured SMTP provider: resolve, connect, greeting, EHLO, STARTTLS,
-AUTH — each step timed — then QUIT. Exits with status 1 when any provider
-fails, so it can gate a deployment.
+For every configured SMTP provider — ``ROBUST_MAIL``'s, and on Django 6.1 every
+``MAILERS`` alias robust_mail serves: resolve, connect, greeting, EHLO, STARTTLS, AUTH —
+each step timed — then QUIT. Exits with status 1 when any provider fails, or when there
+was none to check, so it can gate a deployment.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from robust_mail.conf import get_config
+from robust_mail.conf import RobustMailConfig
 from robust_mail.dispatch import resolver_for
 from robust_mail.exceptions import RobustMailError, Step, TransportError, classify
+from robust_mail.mailers import configurations
 from robust_mail.providers import ProviderConfig
 from robust_mail.transport import SMTPConnection
 
@@ -27,21 +29,35 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        config = get_config()
+        found = configurations()
         wanted = set(options["provider"])
-        unknown = wanted - {p.name for p in config.providers}
+        unknown = wanted - {p.name for _, config in found for p in config.providers}
         if unknown:
             raise CommandError(f"no such provider: {', '.join(sorted(unknown))}")
-        failed = [
-            provider.name
-            for provider in config.providers
-            if (not wanted or provider.name in wanted) and not self._check(provider, config)
-        ]
+        checked: set[str] = set()
+        failed: list[str] = []
+        for alias, config in found:
+            if alias is not None:
+                self.stdout.write(f"mailer {alias!r}")
+            for provider in config.providers:
+                if wanted and provider.name not in wanted:
+                    continue
+                if provider.name in checked:  # one name is one server across aliases (E012)
+                    self.stdout.write(f"{provider.name}  checked above")
+                    continue
+                checked.add(provider.name)
+                if not self._check(provider, config):
+                    failed.append(provider.name)
         if failed:
             raise CommandError(f"{len(failed)} provider(s) failed: {', '.join(failed)}")
+        if not checked:
+            raise CommandError(
+                "no provider to check: configure ROBUST_MAIL['PROVIDERS'] (or, on Django 6.1, "
+                "a MAILERS alias with robust_mail's backend); `manage.py check` says more"
+            )
         self.stdout.write(self.style.SUCCESS("every provider checked is reachable"))
 
-    def _check(self, provider: ProviderConfig, config: Any) -> bool:
+    def _check(self, provider: ProviderConfig, config: RobustMailConfig) -> bool:
         security = "SMTPS" if provider.use_ssl else "STARTTLS" if provider.use_tls else "plain"
         user = f"  user={provider.username}" if provider.username else ""
         self.stdout.write(f"{provider.name}  {provider.host}:{provider.port}  {security}{user}")
