@@ -231,7 +231,18 @@ def host(value: object) -> str:
         )
     if name.count(":") == 1:  # "host:587"; IPv6 addresses have two or more
         raise Invalid("must be a host name or IP address, without a port", hint=hint)
+    if ":" not in name:
+        _check_labels(name)
     return name
+
+
+def _check_labels(name: str) -> None:
+    # What DNS cannot hold fails here, with the setting named, not at the first send.
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    if any(not label for label in labels):
+        raise Invalid("must be a host name: it has an empty label (two dots, or a leading dot)")
+    if any(len(label) > 63 for label in labels) or len(name.rstrip(".")) > 253:
+        raise Invalid("must be a host name: a label over 63 characters, or over 253 in all")
 
 
 def choice(*choices: object, code: str = "E008") -> Converter:

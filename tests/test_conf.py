@@ -417,6 +417,10 @@ def test_url_provider_range_errors_name_the_url_and_the_query_key(settings: Any)
         ({"PROVIDERS": [{"HOST": "h", "TIMEOUT": "10"}]}, "E008", "seconds > 0, got '10'"),
         ({"PROVIDERS": [{"HOST": "h", "SSL_KEYFILE": "/k"}]}, "E008", "SSL_CERTFILE"),
         ({"PROVIDERS": [{"MAILER": "ses", "HOST": "h"}]}, "E008", "no effect"),
+        ({"PROVIDERS": [{"HOST": "smtp..example.com"}]}, "E008", "empty label"),
+        ({"PROVIDERS": [{"HOST": ".example.com"}]}, "E008", "empty label"),
+        ({"PROVIDERS": ["smtp://smtp..example.com"]}, "E008", "empty label"),
+        ({"PROVIDERS": [{"HOST": "a" * 64 + ".example.com"}]}, "E008", "over 63"),
         ({"FALLBACK": "Outbox"}, "E006", "'outbox'"),
         ({"FORCE_IPV4": "yes"}, "E008", "True or False"),
         ({"CACHE": ""}, "E008", "non-empty string"),
@@ -550,3 +554,10 @@ def test_options_config_is_cached_per_value_without_mixing_true_and_1() -> None:
     assert get_config(options) is get_config(dict(options))
     with pytest.raises(ConfigurationError, match="True or False"):
         get_config({"providers": ["smtp://h"], "force_ipv4": 1})
+
+
+@pytest.mark.parametrize("host", ["mail.example.com.", "localhost", "127.0.0.1", "::1", "[::1]"])
+def test_host_names_dns_can_hold_are_accepted(settings: Any, host: str) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": host}]}
+    config, problems = read_config()
+    assert problems == [] and config is not None
