@@ -61,6 +61,20 @@ def resolver_for(dns: DNSConfig) -> Resolver:
     )
 
 
+@dataclass(frozen=True)
+class _PoolKey:
+    """A pool's identity: the provider, and the DNS configuration its connections resolve
+    with (its factory captures that resolver, so one provider under two DNS settings — two
+    MAILERS aliases, or override_settings — is two pools)."""
+
+    provider: ProviderConfig
+    dns: DNSConfig
+
+    @property
+    def name(self) -> str:  # the pool's name in logs and stats
+        return self.provider.name
+
+
 if hasattr(os, "register_at_fork"):
     # A resolver's lock may have been held by another thread of the parent at fork(),
     # and would stay held in the child: a forked child makes its own resolvers.
@@ -378,7 +392,7 @@ class Dispatcher(Runs):
         """
         resolver = resolver_for(self.config.dns)
         pool = pools.get(
-            provider,
+            _PoolKey(provider, self.config.dns),
             lambda: SMTPConnection(provider, resolver=resolver),
             size=self.config.pool.size,
             idle_timeout=self.config.pool.idle_timeout,
