@@ -36,7 +36,7 @@ from robust_mail.exceptions import (
 )
 from robust_mail.pool import PoolTimeout, pools
 from robust_mail.providers import ProviderConfig
-from robust_mail.ratelimit import check_message_rates
+from robust_mail.ratelimit import Hit, RateLimiter, check_message_rates
 from robust_mail.resolver import Resolver
 from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.retry import RetryPolicy
@@ -117,6 +117,9 @@ class Dispatcher(Runs):
     ) -> None:
         self.config = config
         self.clock = clock
+        # Rate-limit hits of messages under way, by Message-ID: given back when the
+        # message is not delivered after all, so a retried one is not counted twice.
+        self._counted: dict[str, list[Hit]] = {}
         retry = config.retry
         self.retry = RetryPolicy(
             attempts=retry.attempts,
@@ -145,6 +148,10 @@ class Dispatcher(Runs):
     # -- internals ------------------------------------------------------------------------
 
     def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
+        # A message the providers may hold (ambiguous) stays counted: limits err on the
+        # side of sending less.
+        delivered = result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL)
+        self._settle_hits(result.message_id, release=not (delivered or result.ambiguous))
         result.attach(message)
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
             emit(message_sent, type(self), message=message, result=result)
@@ -153,7 +160,7 @@ class Dispatcher(Runs):
     def _rate_limited(self, envelope: Envelope) -> DeliveryResult | None:
         """A DEFERRED result when a rate limit holds the message back, else None (counted)."""
         try:
-            check_message_rates(
+            hits = check_message_rates(
                 list(envelope.recipients), self.config.rate_limits, self.config.cache
             )
         except RateLimited as exc:
@@ -166,7 +173,17 @@ class Dispatcher(Runs):
                 classification=Classification.TRANSIENT,
                 errors=(ProviderError("-", Classification.TRANSIENT, "rate_limit", str(exc)),),
             )
+        if hits:
+            self._counted[envelope.message_id] = hits
         return None
+
+    def _settle_hits(self, message_id: str, *, release: bool) -> None:
+        """Done with a message's rate-limit hits; ``release``: it was not sent, give them back."""
+        hits = self._counted.pop(message_id, ())
+        if release and hits:
+            limiter = RateLimiter(self.config.cache)
+            for hit in hits:
+                limiter.release(hit)
 
     def _closed(self, provider: ProviderConfig) -> bool:
         return get_breaker(provider.name, self.config).state is BreakerState.CLOSED

@@ -59,6 +59,9 @@ class Runs:
     def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
         raise NotImplementedError
 
+    def _settle_hits(self, message_id: str, *, release: bool) -> None:
+        raise NotImplementedError
+
     def _deliver(
         self,
         message: EmailMessage,
@@ -170,6 +173,12 @@ class Runs:
                     finish(index, first, more=False)
                 continue
             finish(index, first)
+        for index in admitted:
+            # Not attempted (the caller stopped the run): not sent, its hits go back. Raised
+            # out of delivery: it may have gone out, they stay counted.
+            result = results[index]
+            if not isinstance(result, DeliveryResult):
+                self._settle_hits(envelopes[index].message_id, release=result is None)
         return results
 
     def _first_attempts(

@@ -339,3 +339,57 @@ def test_a_dead_cache_is_not_asked_again_for_every_message(settings, monkeypatch
         state.reset()
 
     assert asked == ["dead"]
+
+
+@pytest.mark.django_db
+def test_a_message_no_provider_took_gives_its_hits_back(smtp_server, robust):
+    from django.core.mail import send_mail
+
+    from robust_mail.models.outbox import OutboxMessage
+    from robust_mail.worker import Worker
+
+    server = smtp_server("refuse")
+    robust([provider(server, "only")], FALLBACK="outbox", RATE_LIMITS={"GLOBAL": "2/h"})
+    send_mail("s", "b", "f@example.com", ["a@example.com"])  # provider down: queued
+    assert OutboxMessage.objects.get().status == "queued"
+
+    server.mode = "accept"
+    Worker(once=True, report=lambda line: None).run()  # sent now: counted once, here
+    send_mail("s", "b", "f@example.com", ["b@example.com"])  # the second of 2/h
+
+    assert len(server.messages) == 2
+    with pytest.raises(RateLimited):  # a third would be over the limit: it was counted
+        send_mail("s", "b", "f@example.com", ["c@example.com"])
+
+
+@pytest.mark.parametrize(("mode", "counted"), [("accept", True), ("rcpt_550", False)])
+def test_a_sent_message_stays_counted_and_a_refused_one_does_not(
+    smtp_server, robust, mode, counted
+):
+    from django.core.mail import EmailMessage
+
+    server = smtp_server(mode)
+    robust([provider(server, "only")], RATE_LIMITS={"PER_RECIPIENT": "1/h"})
+    EmailMessage("s", "b", "f@example.com", ["a@example.com"]).send(fail_silently=True)
+
+    again = EmailMessage("s", "b", "f@example.com", ["a@example.com"])
+    again.send(fail_silently=True)
+
+    assert again.delivery_result.rate_limited is counted
+
+
+def test_messages_a_stopped_run_left_alone_give_their_hits_back(smtp_server, robust):
+    from django.core.mail import EmailMessage
+
+    from robust_mail.conf import get_config
+    from robust_mail.dispatch import Dispatcher
+
+    server = smtp_server()
+    robust([provider(server, "only")], RATE_LIMITS={"GLOBAL": "2/h"})
+    batch = [(EmailMessage("s", "b", "f@example.com", [f"{n}@example.com"]), None) for n in "ab"]
+
+    left = Dispatcher(get_config()).deliver_many(batch, proceed=lambda: False)
+
+    assert left == [None, None] and server.messages == []
+    sent = Dispatcher(get_config()).deliver_many(batch)  # the whole 2/h is still there
+    assert [r.status for r in sent] == ["sent", "sent"]
