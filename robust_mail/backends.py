@@ -209,8 +209,15 @@ class RobustEmailBackend(_RobustBackendBase):
     def _settle(
         self, message: EmailMessage, result: DeliveryResult, config: RobustMailConfig
     ) -> DeliveryResult:
-        """Apply the fallback to a deferred result; signal a failure."""
-        if result.status is DeliveryStatus.DEFERRED and not result.rate_limited:
+        """Apply the fallback to a deferred result; signal a failure.
+
+        A message a rate limit holds back is the caller's to handle (RateLimited), except
+        with ``fail_silently`` and the outbox fallback: that caller (Django's
+        AdminEmailHandler, for one) cannot handle it, and the outbox takes it to send once
+        the window reopens rather than let it be dropped without a word.
+        """
+        held_back = result.rate_limited and not (self.fail_silently and config.fallback == "outbox")
+        if result.status is DeliveryStatus.DEFERRED and not held_back:
             try:
                 result = apply_fallback(message, result, config, mailer=self.alias)
             except RobustMailError:

@@ -393,3 +393,26 @@ def test_messages_a_stopped_run_left_alone_give_their_hits_back(smtp_server, rob
     assert left == [None, None] and server.messages == []
     sent = Dispatcher(get_config()).deliver_many(batch)  # the whole 2/h is still there
     assert [r.status for r in sent] == ["sent", "sent"]
+
+
+@pytest.mark.django_db
+def test_fail_silently_with_the_outbox_fallback_queues_a_message_over_the_limit(
+    smtp_server, robust
+):
+    from django.core.mail import send_mail
+
+    from robust_mail.models.outbox import OutboxMessage
+
+    server = smtp_server()
+    robust([provider(server, "only")], FALLBACK="outbox", RATE_LIMITS={"GLOBAL": "1/h"})
+    send_mail("s", "b", "f@example.com", ["a@example.com"])
+
+    with pytest.raises(RateLimited):  # a caller that can handle it is told
+        send_mail("s", "b", "f@example.com", ["b@example.com"])
+    # fail_silently=True (as AdminEmailHandler sends): the caller cannot; it is queued.
+    assert send_mail("error report", "b", "f@example.com", ["c@example.com"], fail_silently=True)
+
+    (row,) = OutboxMessage.objects.all()
+    assert row.subject == "error report" and row.status == "queued"
+    assert row.next_attempt_at > row.created_at  # not before the window reopens
+    assert len(server.messages) == 1
