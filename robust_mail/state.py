@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.cache import BaseCache, caches
 
-from robust_mail.breaker import BreakerState, CircuitBreaker, MemoryStore
+from robust_mail.breaker import MIN_TRIAL_TIMEOUT, BreakerState, CircuitBreaker, MemoryStore
 
 if TYPE_CHECKING:
     from robust_mail.conf import RobustMailConfig
@@ -206,7 +206,7 @@ _lock = threading.Lock()
 _all_guards: weakref.WeakSet[CacheGuard] = weakref.WeakSet()
 _guards: dict[str, CacheGuard] = {}
 _stores: dict[str, CacheStore] = {}
-_breakers: dict[tuple[str, int, float, str], CircuitBreaker] = {}
+_breakers: dict[tuple[str, int, float, float, str], CircuitBreaker] = {}
 
 
 def guard(alias: str) -> CacheGuard:
@@ -243,14 +243,19 @@ def get_breaker(
     cache under the provider's name. Transitions send ``circuit_state_changed``, count
     ``breaker_opened`` and are logged on ``robust_mail.state``.
     """
+    trial: float | None = None
     if config is not None:
         failure_threshold = failure_threshold or config.breaker.failure_threshold
         reset_timeout = config.breaker.reset_timeout if reset_timeout is None else reset_timeout
         cache = cache or config.cache
+        # A half-open trial is one delivery, which may take up to the whole DEADLINE: its
+        # reservation must outlast it, or a second trial starts against a struggling server.
+        trial = config.retry.deadline
     threshold = failure_threshold or 5
     timeout = 60.0 if reset_timeout is None else float(reset_timeout)
+    trial = max(timeout, MIN_TRIAL_TIMEOUT, trial or 0.0)
     alias = cache or "default"
-    key = (name, threshold, timeout, alias)
+    key = (name, threshold, timeout, trial, alias)
     breaker = _breakers.get(key)
     if breaker is None:
         breaker = CircuitBreaker(
@@ -259,6 +264,7 @@ def get_breaker(
             reset_timeout=timeout,
             store=get_store(alias),
             on_change=_announce,
+            trial_timeout=trial,
         )
         with _lock:
             breaker = _breakers.setdefault(key, breaker)

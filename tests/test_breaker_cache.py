@@ -183,8 +183,12 @@ def test_get_breaker_reads_a_config_object() -> None:
         failure_threshold = 2
         reset_timeout = 7.0
 
+    class Retry:
+        deadline = 30.0
+
     class Config:
         breaker = Breaker()
+        retry = Retry()
         cache = "default"
 
     breaker = get_breaker("primary", Config())  # type: ignore[arg-type]
@@ -260,3 +264,19 @@ def test_forked_child_is_not_stuck_on_locks_another_thread_held_at_fork() -> Non
 
 def _broken_cache(cache: Any) -> None:
     raise ConnectionError("cache down")
+
+
+def test_a_half_open_trial_is_reserved_for_as_long_as_a_delivery_may_take(settings) -> None:
+    from robust_mail.conf import get_config
+    from robust_mail.state import get_breaker
+
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [{"NAME": "slow", "HOST": "127.0.0.1", "TIMEOUT": 20}],
+        "RETRY": {"DEADLINE": 120},
+        "CIRCUIT_BREAKER": {"RESET_TIMEOUT": 10},
+    }
+
+    breaker = get_breaker("slow", get_config())
+
+    # Shorter, and a trial still under way would lose its reservation to a second one.
+    assert breaker.trial_timeout == 120
