@@ -65,11 +65,13 @@ class EmailService:
 
         ``extra`` goes to :class:`~django.core.mail.EmailMultiAlternatives`
         (``cc``, ``bcc``, ``reply_to``, ``headers``, ``attachments``). Raises
-        :class:`InvalidMessage` for bad input and :class:`DeliveryFailed` when
-        nothing took the message — unless ``fail_silently``. Configuration
-        errors are always raised. ``sensitive=True`` marks a message that carries a
-        secret (a one-time code, a reset link): if it waits in the outbox, the admin
-        withholds its bodies and they are erased once it is sent, failed or dead.
+        :class:`DeliveryFailed` (or :class:`RateLimited`) when nothing took the message,
+        unless ``fail_silently``. Bad input (:class:`InvalidMessage`: no recipients, a bad
+        address, header injection) and configuration errors are raised anyway, as
+        Django's ``send_mail`` does: they are the caller's to fix, not a delivery failure.
+        ``sensitive=True`` marks a message that carries a secret (a one-time code, a reset
+        link): if it waits in the outbox, the admin withholds its bodies and they are
+        erased once it is sent, failed or dead.
         ``using``: a Django 6.1 ``MAILERS`` alias to send (or queue) through instead of
         the default one.
         """
@@ -91,7 +93,7 @@ class EmailService:
             result = cls.send(email, background=background, using=using)
             if not result.ok:
                 raise result.to_exception()
-        except ConfigurationError:
+        except (ConfigurationError, InvalidMessage):
             raise
         except (RobustMailError, SMTPException, OSError):
             # SMTPException / OSError: what another backend (Django's SMTP one) raises.

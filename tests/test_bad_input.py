@@ -45,6 +45,15 @@ def test_invalid_address_raises_even_with_fail_silently(server):
         message.send(fail_silently=True)
 
 
+@pytest.mark.parametrize("recipients", [[], ["a@"], ["bad address"]])
+def test_email_service_raises_bad_input_even_with_fail_silently(server, recipients):
+    from robust_mail.service import EmailService
+
+    with pytest.raises(InvalidMessage):
+        EmailService.send_email("Hi", "Body", recipients, fail_silently=True)
+    assert server.messages == []
+
+
 def test_a_malformed_address_costs_only_its_own_message_in_a_batch(server):
     good = [EmailMessage("Hi", "Body", "from@example.com", [f"ok{i}@example.com"]) for i in (1, 2)]
     bad = EmailMessage("Hi", "Body", "from@example.com", ["a@"])
