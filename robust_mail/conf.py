@@ -230,6 +230,8 @@ _SECTIONS: dict[str, tuple[str, type[Any], tuple[tuple[str, str, f.Converter], .
     ),
 }
 TOP_LEVEL_KEYS = ("PROVIDERS", "FORCE_IPV4", "FALLBACK", "CACHE", *_SECTIONS)
+#: Sections that only ROBUST_MAIL sets: project-wide, never per MAILERS alias.
+_GLOBAL = frozenset({"OTP"})
 FALLBACKS = (None, "console", "outbox")
 
 # Classic form without PROVIDERS: provider key -> the Django setting it comes from.
@@ -383,7 +385,17 @@ def _freeze_value(value: object) -> object:
 def _read(
     r: f.Reader, raw: object, *, classic: bool
 ) -> tuple[RobustMailConfig | None, list[Problem]]:
-    top = r.mapping(raw, (), TOP_LEVEL_KEYS)
+    valid = TOP_LEVEL_KEYS if classic else tuple(k for k in TOP_LEVEL_KEYS if k not in _GLOBAL)
+    if not classic and isinstance(raw, Mapping) and "otp" in raw:
+        # One-time passwords are issued and checked by OTPService, not by a mailer: an
+        # alias's "otp" would be read by nothing.
+        r.report(
+            "E003",
+            f"{r.label()} has the key 'otp', which a MAILERS alias cannot set.",
+            "OTP settings are project-wide: set them in ROBUST_MAIL['OTP'].",
+        )
+        raw = {k: v for k, v in raw.items() if k != "otp"}
+    top = r.mapping(raw, (), valid)
     if top is None:
         return None, r.problems
     values: dict[str, Any] = {}

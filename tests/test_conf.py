@@ -515,7 +515,6 @@ def test_options_form_takes_the_same_keys_in_lower_case() -> None:
             "circuit_breaker": {"failure_threshold": 9},
             "fallback": "outbox",
             "rate_limits": {"global": "10/s"},
-            "otp": {"alphabet": "alphanumeric"},
             "force_ipv4": False,
         },
         alias="default",
@@ -527,7 +526,6 @@ def test_options_form_takes_the_same_keys_in_lower_case() -> None:
     assert config.providers[2].mailer == "ses"
     assert (config.retry.attempts, config.breaker.failure_threshold) == (5, 9)
     assert (config.fallback, config.rate_limits.global_rate) == ("outbox", "10/s")
-    assert config.otp.alphabet == "alphanumeric"
 
 
 @override_settings(EMAIL_USE_TLS=True, EMAIL_USE_SSL=True, EMAIL_HOST="never.example")
@@ -561,3 +559,15 @@ def test_host_names_dns_can_hold_are_accepted(settings: Any, host: str) -> None:
     settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": host}]}
     config, problems = read_config()
     assert problems == [] and config is not None
+
+
+def test_a_mailers_alias_cannot_set_otp_which_nothing_would_read() -> None:
+    options = {"providers": ["smtp://127.0.0.1:25"], "otp": {"length": 8}}
+
+    config, problems = read_config(options, alias="default")
+
+    assert config is None
+    (problem,) = problems
+    assert problem.code == "E003"
+    assert "MAILERS['default']['OPTIONS']" in str(problem) and "'otp'" in str(problem)
+    assert "ROBUST_MAIL['OTP']" in problem.hint
