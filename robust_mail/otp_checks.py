@@ -27,7 +27,8 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.utils.module_loading import import_string
 
-from robust_mail.conf import RobustMailConfig, read_config
+from robust_mail.conf import RobustMailConfig, read_config, setting_label
+from robust_mail.mailers import configurations
 
 __all__ = ["check_otp", "check_otp_limit_cache", "check_rate_limit_cache"]
 
@@ -199,21 +200,23 @@ def check_otp_limit_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckM
 
 @register("robust_mail")
 def check_rate_limit_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    config = _config()
-    if config is None or settings.DEBUG:
+    if settings.DEBUG:
         return []
-    limits = config.rate_limits
-    if not (limits.global_rate or limits.per_recipient):
-        return []
-    weak = _weak_cache(config.cache)
-    if weak is None:
-        return []
-    return [
-        Warning(
-            f"Rate limits are counted in cache {config.cache!r}, which is {weak}: "
-            "each process (or racing requests) keeps its own count.",
-            hint="Point ROBUST_MAIL['CACHE'] at a shared cache with atomic increments "
-            "(django.core.cache.backends.redis.RedisCache or memcached).",
-            id="robust_mail.W020",
+    messages: list[CheckMessage] = []
+    # ROBUST_MAIL's limits, and each MAILERS alias's: each counts in its own CACHE.
+    for alias, config in configurations():
+        limits = config.rate_limits
+        weak = _weak_cache(config.cache)
+        if weak is None or not (limits.global_rate or limits.per_recipient):
+            continue
+        label = setting_label("CACHE") if alias is None else setting_label("cache", alias=alias)
+        messages.append(
+            Warning(
+                f"Rate limits are counted in cache {config.cache!r}, which is {weak}: "
+                "each process (or racing requests) keeps its own count.",
+                hint=f"Point {label} at a shared cache with atomic increments "
+                "(django.core.cache.backends.redis.RedisCache or memcached).",
+                id="robust_mail.W020",
+            )
         )
-    ]
+    return messages

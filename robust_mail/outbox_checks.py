@@ -17,8 +17,9 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
-from robust_mail.conf import ConfigurationError
-from robust_mail.outbox_delivery import STEPS_PER_ATTEMPT, delivery_config, worst_case_delivery
+from robust_mail.conf import RobustMailConfig, setting_label
+from robust_mail.mailers import configurations
+from robust_mail.outbox_delivery import STEPS_PER_ATTEMPT, worst_case_delivery
 
 
 @register("mail", "robust_mail")
@@ -30,16 +31,34 @@ def check_outbox(app_configs: object = None, **kwargs: Any) -> list[CheckMessage
 
 
 def _check_lease() -> list[CheckMessage]:
+    # Every configuration that delivers outbox messages: ROBUST_MAIL's, and each MAILERS
+    # alias's (a message queued through an alias is delivered with its options).
     try:
-        config = delivery_config()
-    except (ConfigurationError, ImproperlyConfigured):
+        found = configurations()
+    except ImproperlyConfigured:
         return []  # reported by robust_mail.checks
+    messages: list[CheckMessage] = []
+    for alias, config in found:
+        messages += _lease_problems(config, _labels(alias))
+    return messages
+
+
+def _labels(alias: str | None) -> tuple[str, str]:
+    if alias is None:
+        return setting_label("OUTBOX", "LEASE"), setting_label("RETRY", "DEADLINE")
+    return (
+        setting_label("outbox", "lease", alias=alias),
+        setting_label("retry", "deadline", alias=alias),
+    )
+
+
+def _lease_problems(config: RobustMailConfig, labels: tuple[str, str]) -> list[CheckMessage]:
     lease, deadline = config.outbox.lease, config.retry.deadline
+    lease_label, deadline_label = labels
     if lease <= deadline:
         return [
             Error(
-                f"ROBUST_MAIL OUTBOX LEASE ({lease:g}s) is not longer than RETRY DEADLINE "
-                f"({deadline:g}s).",
+                f"{lease_label} ({lease:g}s) is not longer than {deadline_label} ({deadline:g}s).",
                 hint=(
                     "A worker may still be sending a message when its lease expires, and "
                     "another worker would send it again. Make LEASE several times DEADLINE."
@@ -53,9 +72,9 @@ def _check_lease() -> list[CheckMessage]:
         # lease; for the first message of a batch to have that, LEASE needs twice it.
         return [
             Warning(
-                f"ROBUST_MAIL OUTBOX LEASE ({lease:g}s) is shorter than two worst-case "
-                f"deliveries ({2 * worst:g}s; one is RETRY DEADLINE plus {STEPS_PER_ATTEMPT} "
-                "provider TIMEOUTs for a last attempt).",
+                f"{lease_label} ({lease:g}s) is shorter than two worst-case deliveries "
+                f"({2 * worst:g}s; one is RETRY DEADLINE plus {STEPS_PER_ATTEMPT} provider "
+                "TIMEOUTs for a last attempt).",
                 hint=(
                     f"Raise LEASE to at least {2 * worst:g}s: a worker then never starts a "
                     "message that a slow provider could keep sending past its lease, when "

@@ -9,6 +9,7 @@ from django.core.checks import CheckMessage, run_checks
 
 from robust_mail import tasks
 from robust_mail.outbox_checks import check_outbox
+from tests.conftest import needs_mailers
 
 
 def outbox_messages() -> list[CheckMessage]:
@@ -30,7 +31,8 @@ def test_default_settings_pass_the_outbox_checks() -> None:
 def test_e030_lease_not_longer_than_the_retry_deadline(settings: Any) -> None:
     settings.ROBUST_MAIL = {"RETRY": {"DEADLINE": 60}, "OUTBOX": {"LEASE": 60}}
     message = only("robust_mail.E030")
-    assert "LEASE (60s)" in message.msg and "DEADLINE (60s)" in message.msg
+    assert "ROBUST_MAIL['OUTBOX']['LEASE'] (60s)" in message.msg
+    assert "ROBUST_MAIL['RETRY']['DEADLINE'] (60s)" in message.msg
     assert "send it again" in (message.hint or "")
 
 
@@ -68,3 +70,22 @@ def test_w032_tasks_backend_that_cannot_run_the_delivery_task(settings: Any) -> 
     message = only("robust_mail.W032")
     assert "default" in message.msg
     assert "'default' backend" in (message.hint or "")
+
+
+@needs_mailers
+def test_e030_is_checked_for_every_mailers_alias_and_names_it(settings: Any) -> None:
+    ok = {"providers": ["smtp://127.0.0.1:2525?name=a"]}
+    short = {
+        "providers": ["smtp://127.0.0.1:2526?name=b"],
+        "outbox": {"lease": 10},
+        "retry": {"deadline": 30},
+    }
+    settings.MAILERS = {
+        "default": {"BACKEND": "robust_mail.backends.RobustEmailBackend", "OPTIONS": ok},
+        "bulk": {"BACKEND": "robust_mail.backends.OutboxEmailBackend", "OPTIONS": short},
+    }
+
+    message = only("robust_mail.E030")
+
+    assert "MAILERS['bulk']['OPTIONS']['outbox']['lease'] (10s)" in message.msg
+    assert "MAILERS['bulk']['OPTIONS']['retry']['deadline'] (30s)" in message.msg

@@ -11,7 +11,7 @@ from django.core.checks import run_checks
 from robust_mail.conf import RateLimitConfig
 from robust_mail.exceptions import RateLimited
 from robust_mail.ratelimit import Rate, RateLimiter, check_message_rates, parse_rate
-from tests.conftest import provider
+from tests.conftest import needs_mailers, provider
 from tests.redis_server import redis_server
 from tests.test_otp_support import close_cache
 
@@ -416,3 +416,21 @@ def test_fail_silently_with_the_outbox_fallback_queues_a_message_over_the_limit(
     assert row.subject == "error report" and row.status == "queued"
     assert row.next_attempt_at > row.created_at  # not before the window reopens
     assert len(server.messages) == 1
+
+
+@needs_mailers
+def test_w020_is_checked_for_every_mailers_alias_and_names_its_cache_setting(settings):
+    settings.DEBUG = False
+    settings.MAILERS = {
+        "bulk": {
+            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+            "OPTIONS": {
+                "providers": ["smtp://127.0.0.1:2525?name=b"],
+                "rate_limits": {"global": "10/h"},
+            },
+        }
+    }
+
+    (warning,) = [m for m in run_checks(tags=["robust_mail"]) if m.id == "robust_mail.W020"]
+
+    assert "MAILERS['bulk']['OPTIONS']['cache']" in warning.hint
