@@ -1,7 +1,9 @@
 """Admin for the outbox: list, filter, search, a decoded preview, "retry now" and "cancel".
 
 Importing this module registers :class:`OutboxMessageAdmin` with the default admin site.
-Rows are read-only here: the message itself is never edited, only its state.
+Rows are read-only here: the message itself is never edited, only its state. Only finished
+rows (sent, failed, dead) can be deleted: deleting a queued row would drop its mail without
+a trace, and a row being sent is a worker's.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import email.policy
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as django_delete_selected
+from django.contrib.admin.utils import quote, unquote
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
@@ -25,6 +31,19 @@ from robust_mail.serialization import redacted
 #: nor "sending" (a worker holds it).
 RETRYABLE = (OutboxStatus.QUEUED, OutboxStatus.FAILED, OutboxStatus.DEAD)
 CANCELLED = "cancelled"
+#: States an admin may delete: the row's delivery is over, nothing is lost with it.
+DELETABLE = (OutboxStatus.SENT, OutboxStatus.FAILED, OutboxStatus.DEAD)
+#: Columns the changelist never shows and must not load: the whole message, attachments
+#: included (a page of 100 rows with 2 MB attachments would read ~540 MB).
+BULKY = ("payload", "mime")
+
+
+class OutboxChangeList(ChangeList):
+    def get_queryset(
+        self, request: HttpRequest, exclude_parameters: list[str | None] | None = None
+    ) -> QuerySet[OutboxMessage]:
+        # Here only, not in ModelAdmin.get_queryset: the change page needs the payload.
+        return super().get_queryset(request, exclude_parameters).defer(*BULKY)
 
 
 @admin.register(OutboxMessage)
@@ -43,7 +62,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
     search_fields = ("recipients", "subject", "message_id", "=idempotency_key")
     date_hierarchy = "created_at"
     ordering = ("-created_at", "-pk")
-    actions = ("retry_now", "cancel")
+    actions = ("retry_now", "cancel", "delete_selected")
     fieldsets = (
         (None, {"fields": ("message_id", "status", "subject", "from_email", "recipients")}),
         (
@@ -75,6 +94,61 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return OutboxChangeList
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        if obj is not None and obj.status not in DELETABLE:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        # Django would answer a bare 403 (the change page shows no Delete button for such a
+        # row, but the URL can still be followed): say why, on the row's own page.
+        obj = self.get_object(request, unquote(object_id))
+        if (
+            obj is not None
+            and obj.status not in DELETABLE
+            and super().has_delete_permission(request, obj)
+        ):
+            self.message_user(request, _not_deletable(obj), messages.ERROR)
+            change = f"admin:{self.opts.app_label}_{self.opts.model_name}_change"
+            url = reverse(change, args=[quote(obj.pk)], current_app=self.admin_site.name)
+            return HttpResponseRedirect(url)
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_model(self, request: HttpRequest, obj: OutboxMessage) -> None:
+        # Conditional, as in delete_queryset: "Retry now" may have requeued it meanwhile.
+        OutboxMessage.objects.using(obj._state.db).filter(pk=obj.pk, status__in=DELETABLE).delete()
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        # Filtered again at the DELETE itself: a row requeued or claimed since the
+        # confirmation page stays.
+        queryset.filter(status__in=DELETABLE).delete()
+
+    @admin.action(
+        description="Delete selected outbox messages (sent, failed or dead)",
+        permissions=["delete"],
+    )
+    def delete_selected(
+        self, request: HttpRequest, queryset: QuerySet[OutboxMessage]
+    ) -> HttpResponse | None:
+        """Django's own action, on the finished rows only; the others are kept, and said so."""
+        kept = queryset.exclude(status__in=DELETABLE).count()
+        if kept:
+            self.message_user(
+                request,
+                f"{kept} message(s) not deleted: they are queued or being sent. Only sent, "
+                "failed and dead messages can be deleted; cancel a queued message first.",
+                messages.WARNING,
+            )
+        finished = queryset.filter(status__in=DELETABLE)
+        if not finished.exists():
+            return None
+        return django_delete_selected(self, request, finished)
 
     @admin.display(description="decoded message")
     def preview(self, obj: OutboxMessage) -> str:
@@ -141,6 +215,15 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
         self.message_user(request, f"{count} message(s) cancelled.", messages.SUCCESS)
 
 
+def _not_deletable(obj: OutboxMessage) -> str:
+    how = (
+        "cancel it first"
+        if obj.status == OutboxStatus.QUEUED
+        else "wait until the worker has sent it or given up"
+    )
+    return f"{obj} was not deleted: only sent, failed and dead messages can be deleted; {how}."
+
+
 def _render_part(part: Any) -> str:
     if part.is_multipart():
         return format_html("<div><em>{}</em></div>", part.get_content_type())
@@ -154,8 +237,17 @@ def _render_part(part: Any) -> str:
             ctype,
             size,
         )
+    note = ""
+    try:
+        text = str(part.get_content())
+    except (LookupError, ValueError):
+        # A charset Python does not know (or not a text encoding, or one that cannot decode
+        # with replacement): a preview must not fail the page over it.
+        text = (part.get_payload(decode=True) or b"").decode("utf-8", errors="replace")
+        note = f" (charset {part.get_content_charset()!r} cannot be decoded: shown as UTF-8)"
     return format_html(
-        '<div><em>{}</em><pre style="white-space: pre-wrap">{}</pre></div>',
+        '<div><em>{}{}</em><pre style="white-space: pre-wrap">{}</pre></div>',
         ctype,
-        str(part.get_content()),
+        note,
+        text,
     )

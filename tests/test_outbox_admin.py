@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from email.mime.text import MIMEText
 from typing import Any
 
 import pytest
+from django.contrib.messages import get_messages
 from django.core.mail import EmailMultiAlternatives
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from robust_mail.models import OutboxMessage
@@ -15,6 +20,7 @@ from robust_mail.outbox import enqueue
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "admin:robust_mail_outboxmessage_changelist"
+ALL_STATES = ("queued", "sending", "sent", "failed", "dead")
 
 
 @pytest.fixture(autouse=True)
@@ -127,3 +133,128 @@ def test_cancel_fails_waiting_messages_and_says_who(admin_client: Client) -> Non
     assert waiting.status == "failed" and waiting.last_classification == "cancelled"
     assert waiting.last_error == "cancelled in the admin by admin"
     assert sent.status == "sent"
+
+
+def test_changelist_does_not_load_message_bodies_or_attachments(admin_client: Client) -> None:
+    for n in range(3):
+        queued(f"Invoice {n}", f"c{n}@example.com")
+    table = OutboxMessage._meta.db_table
+    bulky = [OutboxMessage._meta.get_field(name).column for name in ("payload", "mime")]
+
+    with CaptureQueriesContext(connection) as ctx:
+        page = admin_client.get(reverse(CHANGELIST)).content.decode()
+
+    assert "Invoice 2" in page
+    rows = [q["sql"] for q in ctx.captured_queries if f'"{table}"."subject"' in q["sql"]]
+    assert rows  # the query that reads the page's rows
+    assert not [sql for sql in rows for column in bulky if f'"{table}"."{column}"' in sql]
+
+
+def test_change_page_still_reads_the_payload_for_its_preview(admin_client: Client) -> None:
+    row = queued("Invoice", "c@example.com")
+    url = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
+    assert "Plain body ✓" in admin_client.get(url).content.decode()
+
+
+# -- deleting -------------------------------------------------------------------------------
+
+
+def test_delete_selected_deletes_finished_messages_and_keeps_waiting_and_sending_ones(
+    admin_client: Client,
+) -> None:
+    rows = {s: queued(s, f"{s}@example.com", status=s) for s in ALL_STATES}
+    everything = [row.pk for row in rows.values()]
+    url = reverse(CHANGELIST)
+
+    confirm = admin_client.post(
+        url, {"action": "delete_selected", "_selected_action": everything}
+    ).content.decode()
+    # The confirmation page offers only the finished ones, and says why the others stay.
+    assert "2 message(s) not deleted: they are queued or being sent" in confirm
+    offered = {int(pk) for pk in re.findall(r'name="_selected_action" value="(\d+)"', confirm)}
+    assert offered == {rows[s].pk for s in ("sent", "failed", "dead")}
+
+    # Even a confirmation that names them all (forged, or sent after a "Retry now").
+    done = admin_client.post(
+        url, {"action": "delete_selected", "_selected_action": everything, "post": "yes"}
+    )
+    assert done.status_code == 302
+    assert set(OutboxMessage.objects.values_list("status", flat=True)) == {"queued", "sending"}
+    notices = [str(m) for m in get_messages(done.wsgi_request)]
+    assert any("Successfully deleted 3" in n for n in notices)
+    assert any("2 message(s) not deleted" in n for n in notices)
+
+
+def test_delete_selected_of_only_waiting_messages_deletes_nothing_and_says_why(
+    admin_client: Client,
+) -> None:
+    row = queued("a", "a@example.com")
+    response = admin_client.post(
+        reverse(CHANGELIST),
+        {"action": "delete_selected", "_selected_action": [row.pk], "post": "yes"},
+        follow=True,
+    )
+    assert OutboxMessage.objects.filter(pk=row.pk).exists()
+    assert "1 message(s) not deleted" in response.content.decode()
+
+
+def test_delete_queryset_keeps_a_message_requeued_after_the_confirmation() -> None:
+    from django.contrib.admin import site
+
+    finished = queued("a", "a@example.com", status="sent")
+    requeued = queued("b", "b@example.com", status="queued")
+    site._registry[OutboxMessage].delete_queryset(None, OutboxMessage.objects.all())
+    assert list(OutboxMessage.objects.values_list("pk", flat=True)) == [requeued.pk]
+    assert not OutboxMessage.objects.filter(pk=finished.pk).exists()
+
+
+@pytest.mark.parametrize("status", ["queued", "sending"])
+def test_a_waiting_or_sending_message_cannot_be_deleted_on_its_own_page(
+    admin_client: Client, status: str
+) -> None:
+    row = queued("a", "a@example.com", status=status)
+    change = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
+    delete = reverse("admin:robust_mail_outboxmessage_delete", args=[row.pk])
+
+    assert delete not in admin_client.get(change).content.decode()  # no Delete button
+    response = admin_client.post(delete, {"post": "yes"}, follow=True)
+
+    assert OutboxMessage.objects.filter(pk=row.pk).exists()
+    assert response.redirect_chain == [(change, 302)]
+    assert "was not deleted: only sent, failed and dead messages" in response.content.decode()
+
+
+@pytest.mark.parametrize("status", ["sent", "failed", "dead"])
+def test_a_finished_message_can_be_deleted_on_its_own_page(
+    admin_client: Client, status: str
+) -> None:
+    row = queued("a", "a@example.com", status=status)
+    change = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
+    delete = reverse("admin:robust_mail_outboxmessage_delete", args=[row.pk])
+
+    assert delete in admin_client.get(change).content.decode()
+    assert admin_client.post(delete, {"post": "yes"}).status_code == 302
+    assert not OutboxMessage.objects.filter(pk=row.pk).exists()
+
+
+# -- preview of odd parts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("charset", ["x-no-such-charset", "zlib", "idna"])
+def test_preview_of_a_text_part_in_a_charset_python_cannot_decode(
+    admin_client: Client, charset: str
+) -> None:
+    message = EmailMultiAlternatives("s", "body", "f@example.com", ["a@example.com"])
+    part = MIMEText("héllo <script>alert(1)</script>", "plain", "utf-8")
+    part.replace_header("Content-Type", f'text/plain; charset="{charset}"')
+    message.attach(part)
+    row = enqueue(message)
+
+    url = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
+    response = admin_client.get(url)
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "héllo &lt;script&gt;alert(1)&lt;/script&gt;" in page  # as UTF-8, escaped
+    assert "<script>alert(1)" not in page
+    assert f"charset &#x27;{charset}&#x27; cannot be decoded: shown as UTF-8" in page

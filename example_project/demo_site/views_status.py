@@ -29,7 +29,9 @@ def live(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_GET
 def status_json(request: HttpRequest) -> JsonResponse:
-    return JsonResponse(status.snapshot())
+    # allow_nan=False: a non-finite number would otherwise go out as Infinity or NaN, which
+    # is not JSON (collect() gives none; this keeps it that way).
+    return JsonResponse(status.snapshot(), json_dumps_params={"allow_nan": False})
 
 
 def _context() -> dict[str, object]:

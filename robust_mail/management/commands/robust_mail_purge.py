@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import router
 from django.utils import timezone
@@ -14,6 +15,9 @@ from robust_mail.models.outbox import OutboxMessage, OutboxStatus
 #: Rows deleted per statement, so a large purge never holds one huge transaction.
 CHUNK = 1000
 FINISHED = (OutboxStatus.SENT, OutboxStatus.FAILED, OutboxStatus.DEAD)
+#: A century: far more than any retention policy, far less than the ~739,000 days back to
+#: year 1, where the cutoff date would overflow.
+MAX_DAYS = 36500
 
 
 class Command(BaseCommand):
@@ -28,18 +32,26 @@ class Command(BaseCommand):
             type=float,
             required=True,
             metavar="DAYS",
-            help="Age in days of the finished messages to delete.",
+            help=f"Age in days of the finished messages to delete (0 to {MAX_DAYS}; 0: every "
+            "finished message).",
         )
         parser.add_argument(
             "--dry-run", action="store_true", help="Count what would be deleted; delete nothing."
         )
-        parser.add_argument("--database", default=None, help="Database alias of the outbox.")
+        parser.add_argument(
+            "--database",
+            default=None,
+            help="Database alias of the outbox (default: the router's).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         days = options["older_than"]
-        if days < 0:
-            raise CommandError("--older-than must not be negative")
+        # "not 0 <= days" is also true of nan, which every comparison fails.
+        if not 0 <= days <= MAX_DAYS:
+            raise CommandError(f"--older-than must be a number of days from 0 to {MAX_DAYS}")
         alias = options["database"] or router.db_for_write(OutboxMessage)
+        if alias not in settings.DATABASES:
+            raise CommandError(f"--database: no database {alias!r} in settings.DATABASES")
         cutoff = timezone.now() - timedelta(days=days)
         old = OutboxMessage.objects.using(alias).filter(status__in=FINISHED, created_at__lt=cutoff)
         if options["dry_run"]:

@@ -2,11 +2,17 @@
 
 Reads the shared cache (``ROBUST_MAIL["CACHE"]``), so with Redis it shows what every
 process and machine did, not just this one.
+
+Latency percentiles are upper bounds (seconds) of histogram buckets. :func:`collect` gives
+``None`` (JSON ``null``) both when nothing was observed and when the percentile lies beyond
+the last bucket; ``latency_count`` (observations) tells the two apart. ``Infinity`` is not
+JSON, and this data is served as JSON (``--json``, the example project's ``/status.json``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -17,26 +23,48 @@ from robust_mail.conf import get_config
 from robust_mail.mailers import providers_in_use
 from robust_mail.state import get_breaker
 
-_COLUMNS = ("sent", "failed", "retried", "failed_over", "refused_recipients", "ambiguous")
+#: Counters of the second table; ``breaker_opened`` goes with the breaker in the first. Two
+#: tables because one, with every counter named as in ``--json``, is some 145 columns wide.
+_COUNTER_COLUMNS = (
+    "sent",
+    "failed",
+    "retried",
+    "failed_over",
+    "fallback",
+    "refused_recipients",
+    "ambiguous",
+)
 
 
 class Command(BaseCommand):
-    help = "Show each provider's circuit breaker and delivery counters (from the shared cache)."
+    help = (
+        "Show each provider's circuit breaker and delivery counters (from the shared cache). "
+        "Latencies are bucket upper bounds in seconds."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="Print JSON instead of tables. latency_p50 and latency_p99 are null when "
+            "nothing was observed (latency_count 0) or when the percentile lies beyond the "
+            f"last bucket ({metrics.BUCKETS[-1]:g} s).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         data = collect()
         if options["json"]:
-            self.stdout.write(json.dumps(data, indent=2, sort_keys=True))
+            self.stdout.write(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
             return
         self.stdout.write(render(data))
 
 
 def collect() -> dict[str, Any]:
     """Breaker state and counters per configured provider (of the classic configuration
-    and of every MAILERS alias served by robust_mail), plus any other reported ones."""
+    and of every MAILERS alias served by robust_mail), plus any other reported ones.
+
+    JSON-serialisable as it is, with no ``Infinity``: see the module docstring.
+    """
     config = get_config()  # the counters' cache, ROBUST_MAIL's
     owners = providers_in_use()
     names = list(owners)
@@ -55,41 +83,53 @@ def collect() -> dict[str, Any]:
                 "consecutive_failures": breaker.failures,
                 "half_open_in": None if retry_at is None else max(0.0, round(retry_at - now, 1)),
                 "counters": {k: v for k, v in counters.get(name, {}).items() if k != "latency"},
-                "latency_p50": metrics.percentile(latency, 0.5),
-                "latency_p99": metrics.percentile(latency, 0.99),
+                "latency_count": latency["count"],
+                "latency_p50": _finite(metrics.percentile(latency, 0.5)),
+                "latency_p99": _finite(metrics.percentile(latency, 0.99)),
             }
         )
     return {"cache": config.cache, "providers": providers}
 
 
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isinf(value) else value
+
+
 def render(data: dict[str, Any]) -> str:
-    header = ["provider", "breaker", "half-open in", *_COLUMNS, "p50", "p99"]
-    rows = [header]
+    breakers = [["provider", "breaker", "half-open in", "breaker_opened", "p50", "p99"]]
+    counters = [["provider", *_COUNTER_COLUMNS]]
     for entry in data["providers"]:
-        counters = entry["counters"]
+        values = entry["counters"]
         wait = entry["half_open_in"]
-        rows.append(
+        count = entry["latency_count"]
+        breakers.append(
             [
                 entry["name"] + ("" if entry["configured"] else " (not configured)"),
                 entry["breaker"],
                 "-" if wait is None else f"{wait:.0f}s",
-                *(str(counters.get(column, 0)) for column in _COLUMNS),
-                _seconds(entry["latency_p50"]),
-                _seconds(entry["latency_p99"]),
+                str(values.get("breaker_opened", 0)),
+                _seconds(entry["latency_p50"], count),
+                _seconds(entry["latency_p99"], count),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(
-        f"\n(shared state read from cache {data['cache']!r}; latency: bucket upper bounds)"
+        counters.append([entry["name"], *(str(values.get(c, 0)) for c in _COUNTER_COLUMNS)])
+    return (
+        f"{_table(breakers)}\n{_table(counters)}\n"
+        f"(shared state read from cache {data['cache']!r}; latency: bucket upper bounds)\n"
     )
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n"
 
 
-def _seconds(value: float | None) -> str:
+def _seconds(value: float | None, count: int) -> str:
     if value is None:
-        return "-"
-    if value == float("inf"):
-        return ">60s"
+        # Nothing observed, or beyond the last bucket: collect() keeps JSON free of inf.
+        return f">{metrics.BUCKETS[-1]:g}s" if count else "-"
     return f"<={value * 1000:.0f}ms" if value < 1 else f"<={value:g}s"

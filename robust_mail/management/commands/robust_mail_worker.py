@@ -6,11 +6,16 @@ import signal
 import types
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from robust_mail.outbox_delivery import delivery_config
 from robust_mail.worker import Worker
+
+#: Longest pause between polls of an idle outbox: beyond an hour, mail queued meanwhile (a
+#: fallback, a sign-in code) would wait longer than anyone would accept.
+MAX_SLEEP = 3600.0
 
 
 class Command(BaseCommand):
@@ -37,15 +42,16 @@ class Command(BaseCommand):
             "--sleep",
             type=float,
             default=5.0,
-            help="Seconds to wait when no message is due (default 5).",
+            help=f"Seconds to wait when no message is due (above 0, at most {MAX_SLEEP:g}; "
+            "default 5).",
         )
         parser.add_argument(
             "--mailer",
             default=None,
             help="Django 6.1: the MAILERS alias whose OPTIONS deliver messages queued "
             "without one, and set LEASE and BATCH (default: 'default' if robust_mail "
-            "serves it, else ROBUST_MAIL). A message queued through an alias always goes "
-            "with that alias.",
+            "serves it, else the first alias it serves, else ROBUST_MAIL). A message queued "
+            "through an alias always goes with that alias.",
         )
         parser.add_argument(
             "--database", default=None, help="Database alias of the outbox (default: the router's)."
@@ -56,8 +62,16 @@ class Command(BaseCommand):
             raise CommandError("--concurrency must be at least 1")
         if options["batch"] is not None and options["batch"] < 1:
             raise CommandError("--batch must be at least 1")
-        if options["sleep"] < 0:
-            raise CommandError("--sleep must not be negative")
+        # "not 0 < sleep" is also true of nan, which every comparison fails: a nan wait
+        # returns at once, and the worker would poll the database in a busy loop.
+        if not 0 < options["sleep"] <= MAX_SLEEP:
+            raise CommandError(
+                f"--sleep must be a number of seconds above 0, at most {MAX_SLEEP:g}"
+            )
+        if options["database"] is not None and options["database"] not in settings.DATABASES:
+            raise CommandError(
+                f"--database: no database {options['database']!r} in settings.DATABASES"
+            )
         try:
             config = delivery_config(options["mailer"])
         except ImproperlyConfigured as exc:
