@@ -102,3 +102,40 @@ def test_nothing_to_check_is_a_failure_not_a_pass(settings):
 
     assert error is not None and "no provider to check" in str(error)
     assert "reachable" not in out
+
+
+@needs_mailers
+def test_only_aliases_with_a_chosen_provider_get_a_header(smtp_server, settings):
+    good = smtp_server()
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": [f"smtp://127.0.0.1:{good.port}?name=good"]},
+        },
+        "bulk": {
+            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
+            "OPTIONS": {"providers": ["smtp://127.0.0.1:1?name=refused"]},
+        },
+    }
+
+    out, error = _check("--provider", "good")
+
+    assert error is None
+    assert "mailer 'default'" in out and "mailer 'bulk'" not in out
+
+
+@needs_mailers
+def test_providers_that_all_delegate_are_not_reported_reachable(settings):
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": [{"mailer": "api"}]},
+        },
+        "api": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"},
+    }
+
+    out, error = _check()
+
+    assert error is None  # nothing failed
+    assert "delegates to mailer 'api': not checked over SMTP" in out
+    assert "no SMTP provider to check" in out and "reachable" not in out
