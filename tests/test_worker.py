@@ -132,6 +132,31 @@ def test_worker_command_once_reports_each_batch(smtp_server: Any, robust: Any) -
     ]
 
 
+def test_worker_command_reports_outcomes_lost_to_another_worker(
+    smtp_server: Any, robust: Any
+) -> None:
+    from robust_mail.signals import message_sent
+
+    server = smtp_server()
+    robust([provider(server, "only")])
+    (row,) = queue(1)
+
+    def taken_over(sender: Any, message: Any, result: Any, **kwargs: Any) -> None:
+        # Another worker takes the row over while this one is still sending it.
+        OutboxMessage.objects.filter(pk=row.pk).update(lease_token="another-worker")
+
+    message_sent.connect(taken_over, dispatch_uid="test-taken-over")
+    out = io.StringIO()
+    try:
+        call_command("robust_mail_worker", "--once", stdout=out)
+    finally:
+        message_sent.disconnect(dispatch_uid="test-taken-over")
+
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("(released 0, lease lost 1)")
+    assert lines[-1] == "stopped: sent 0, retried 0, failed 0, released 0, lease lost 1"
+
+
 @pytest.mark.parametrize(
     "args", [["--concurrency", "0"], ["--batch", "0"], ["--sleep", "-1"]], ids=str
 )

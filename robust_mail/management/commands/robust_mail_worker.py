@@ -101,9 +101,11 @@ class Command(BaseCommand):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        # "lease lost" only when some were: their outcome is unknown here, another worker's.
+        lost = f", lease lost {stats.lost}" if stats.lost else ""
         self.stdout.write(
             f"stopped: sent {stats.sent}, retried {stats.retried}, "
-            f"failed {stats.failed + stats.dead}, released {stats.released}"
+            f"failed {stats.failed + stats.dead}, released {stats.released}{lost}"
         )
 
     def _report(self, line: str) -> None:
