@@ -1,9 +1,11 @@
 """Delivery counters and a latency histogram per provider, kept in the shared cache.
 
 Every process adds to the same counters (atomic cache ``incr``), so ``robust_mail_status``
-and the Prometheus collector see the whole deployment. When the cache fails, counts go to
-per-process memory (see :mod:`robust_mail.state`): metrics never stop or slow mail, and
-never raise for a cache problem.
+and the Prometheus collector see the whole deployment. When the cache fails, each process
+keeps its counts in memory and writes them once the cache answers again (see
+:func:`flush`): metrics never stop or slow mail, never raise for a cache problem, and lose
+no count to an outage; meanwhile :func:`snapshot` shows this process's own counts and
+:func:`degraded` says so.
 
 Counts are added up in memory and written to the cache by a background thread every
 :data:`FLUSH_INTERVAL` seconds, by :func:`snapshot` (which flushes before it reads) and at
@@ -29,12 +31,13 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-from robust_mail.state import CacheStore, get_store
+from robust_mail.state import CacheStore, get_store, shared_incr
 
 __all__ = [
     "BUCKETS",
     "COUNTERS",
     "FLUSH_INTERVAL",
+    "degraded",
     "flush",
     "incr",
     "observe",
@@ -75,8 +78,8 @@ _known_lock = threading.Lock()
 # Counts not yet written to the cache: (alias, key) -> amount, and the providers they
 # belong to. _flush_lock makes flushes (and reset) one at a time, so a count is never
 # written after a reset that should have discarded it.
-_pending: dict[tuple[str, str], int] = {}
-_pending_providers: set[tuple[str, str]] = set()
+_pending: dict[tuple[str, str, str], int] = {}  # (alias, provider, key) -> amount
+_pending_providers: set[tuple[str, str]] = set()  # (alias, provider) not yet in the index
 _pending_lock = threading.Lock()
 _flush_lock = threading.Lock()
 _flusher: threading.Thread | None = None
@@ -106,23 +109,39 @@ def _store() -> CacheStore:
     return get_store(_alias())
 
 
-def _register(store: CacheStore, provider: str) -> None:
-    """Make sure ``provider`` is in the index ``snapshot`` reads.
+def _register(store: CacheStore, provider: str) -> bool:
+    """Make sure ``provider`` is in the index ``snapshot`` reads; False if the cache is down.
 
     Checked at most once a minute per process (the cache may have been flushed or
-    restarted meanwhile), and on every call while the cache is down, so the per-process
-    index is complete too.
+    restarted meanwhile).
     """
     marker = (store.alias, provider)
     now = time.monotonic()
-    if _known.get(marker, 0.0) > now and not store.guard.degraded:
-        return
-    providers = store.get(_PROVIDERS_KEY)
-    names = set(providers) if isinstance(providers, list | set | tuple) else set()
-    if provider not in names:
-        store.set(_PROVIDERS_KEY, sorted(names | {provider}), None)
+    if _known.get(marker, 0.0) > now:
+        return True
+
+    def add_to_index(cache: Any) -> bool:
+        providers = cache.get(_PROVIDERS_KEY)
+        names = set(providers) if isinstance(providers, list | set | tuple) else set()
+        if provider not in names:
+            cache.set(_PROVIDERS_KEY, sorted(names | {provider}), None)
+        return True
+
+    if not store.guard.call(add_to_index, lambda: False):
+        return False
     with _known_lock:
         _known[marker] = now + _RECHECK
+    return True
+
+
+def _write(store: CacheStore, key: str, amount: int) -> bool:
+    """Add ``amount`` to ``key`` in the shared cache; False (nothing counted) if it is down."""
+
+    def add(cache: Any) -> bool:
+        shared_incr(cache, key, amount, None)
+        return True
+
+    return bool(store.guard.call(add, lambda: False))
 
 
 def incr(provider: str, name: str, amount: int = 1) -> None:
@@ -151,7 +170,8 @@ def _add(provider: str, amounts: dict[str, int]) -> None:
     alias = _alias()
     with _pending_lock:
         for key, amount in amounts.items():
-            _pending[(alias, key)] = _pending.get((alias, key), 0) + amount
+            marker = (alias, provider, key)
+            _pending[marker] = _pending.get(marker, 0) + amount
         _pending_providers.add((alias, provider))
         start = _flusher is None
         if start:
@@ -164,16 +184,46 @@ def _add(provider: str, amounts: dict[str, int]) -> None:
 
 
 def flush() -> None:
-    """Write the counts this process has added up to the shared cache now."""
+    """Write the counts this process has added up to the shared cache now.
+
+    While the cache is down they stay here, added up, and are written once it answers:
+    written to per-process memory instead, they would be forgotten at recovery, and a
+    counter read meanwhile would go back and then forward (a false reset for Prometheus).
+    """
     with _flush_lock:
         with _pending_lock:
             counts, providers = dict(_pending), set(_pending_providers)
             _pending.clear()
             _pending_providers.clear()
-        for alias, provider in sorted(providers):
-            _register(get_store(alias), provider)
-        for (alias, key), amount in counts.items():
-            get_store(alias).incr(key, amount, None)
+        kept_providers = {m for m in sorted(providers) if not _register(get_store(m[0]), m[1])}
+        kept = {
+            marker: amount
+            for marker, amount in counts.items()
+            if not _write(get_store(marker[0]), marker[2], amount)
+        }
+        if kept or kept_providers:
+            with _pending_lock:
+                for marker, amount in kept.items():
+                    _pending[marker] = _pending.get(marker, 0) + amount
+                _pending_providers.update(kept_providers)
+
+
+def degraded() -> bool:
+    """True while the metrics' cache is down: :func:`snapshot` then shows this process's
+    counts since the outage began, not the deployment's."""
+    return _store().guard.degraded
+
+
+def _unwritten(alias: str) -> tuple[dict[str, int], set[str]]:
+    """This process's counts (and their providers) waiting for cache ``alias`` to answer."""
+    with _pending_lock:
+        counts: dict[str, int] = {}
+        providers = {provider for (a, provider) in _pending_providers if a == alias}
+        for (a, provider, key), amount in _pending.items():
+            if a == alias:
+                counts[key] = counts.get(key, 0) + amount
+                providers.add(provider)
+        return counts, providers
 
 
 def _flush_forever() -> None:
@@ -202,12 +252,16 @@ def snapshot(providers: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     index = store.get(_PROVIDERS_KEY)
     names = set(index) if isinstance(index, list | set | tuple) else set()
     names.update(providers)
+    local, local_providers = _unwritten(store.alias) if store.guard.degraded else ({}, set())
+    names.update(local_providers)
     result: dict[str, dict[str, Any]] = {}
     for provider in sorted(names):
         keys = [_key(provider, name) for name in COUNTERS]
         keys += [_key(provider, "latency:" + label) for label in _LABELS]
         keys.append(_key(provider, "latency:sum_us"))
         values = store.get_many(keys)
+        if local:
+            values = {key: int(values.get(key, 0)) + local.get(key, 0) for key in keys}
         entry: dict[str, Any] = {
             name: int(values.get(_key(provider, name), 0)) for name in COUNTERS
         }

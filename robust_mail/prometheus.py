@@ -75,9 +75,16 @@ class RobustMailCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             snapshot = metrics.snapshot(_provider_names())
+            degraded = metrics.degraded()
         except Exception:
             logger.exception("robust_mail metrics could not be read")
             return
+        if degraded:
+            # One process's counts in place of the deployment's would look like a counter
+            # reset, then a jump at recovery: export none until the cache answers (the
+            # counts made meanwhile are written then, nothing is lost).
+            logger.debug("metrics cache unreachable: counters left out of this scrape")
+            snapshot = {}
         counters = {
             name: CounterMetricFamily(family, help_text, labels=["provider"])
             for name, (family, help_text) in COUNTER_FAMILIES.items()

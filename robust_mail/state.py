@@ -29,7 +29,15 @@ from robust_mail.breaker import MIN_TRIAL_TIMEOUT, BreakerState, CircuitBreaker,
 if TYPE_CHECKING:
     from robust_mail.conf import RobustMailConfig
 
-__all__ = ["CacheGuard", "CacheStore", "get_breaker", "get_store", "guard", "reset"]
+__all__ = [
+    "CacheGuard",
+    "CacheStore",
+    "get_breaker",
+    "get_store",
+    "guard",
+    "reset",
+    "shared_incr",
+]
 
 logger = logging.getLogger("robust_mail.state")
 
@@ -177,7 +185,7 @@ class CacheStore:
 
     def incr(self, key: str, delta: int, timeout: float | None) -> int:
         def op(cache: BaseCache) -> int:
-            return _cache_incr(cache, key, delta, timeout)
+            return shared_incr(cache, key, delta, timeout)
 
         return self.guard.call(op, lambda: self.fallback.incr(key, delta, timeout))
 
@@ -188,7 +196,7 @@ def _seconds(timeout: float | None) -> int | None:
     return None if timeout is None else max(1, math.ceil(timeout))
 
 
-def _cache_incr(cache: BaseCache, key: str, delta: int, timeout: float | None) -> int:
+def shared_incr(cache: BaseCache, key: str, delta: int, timeout: float | None) -> int:
     """Atomic add-or-create: Django's ``incr`` refuses missing keys with ValueError."""
     for _ in range(3):
         try:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -300,3 +301,38 @@ def test_a_forked_child_does_not_flush_its_parents_counts_again(
     snapshot = metrics.snapshot()["primary"]
 
     assert (snapshot["sent"], snapshot["failed"]) == (1, 1)
+
+
+def test_counts_made_while_redis_is_unreachable_are_written_when_it_answers(
+    shared_cache: RedisServer,
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from robust_mail.prometheus import register
+
+    registry = CollectorRegistry()
+    register(registry)
+
+    def exported() -> float | None:
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith('robust_mail_messages_sent_total{provider="primary"}'):
+                return float(line.split()[-1])
+        return None  # left out of the scrape
+
+    metrics.incr("primary", "sent", 1000)
+    assert exported() == 1000
+    assert shared_cache.process is not None
+    shared_cache.process.send_signal(signal.SIGSTOP)  # unreachable, its data kept
+    try:
+        metrics.incr("primary", "sent", 5)
+        # Not this process's 5 in place of the deployment's 1000: a false counter reset.
+        assert exported() is None
+        assert metrics.degraded()
+        assert metrics.snapshot()["primary"]["sent"] == 5  # this process's, since the outage
+    finally:
+        shared_cache.process.send_signal(signal.SIGCONT)
+    state.guard("default")._next_probe = 0.0  # the probe interval is over (not waited for)
+    metrics.incr("primary", "sent", 1)
+
+    assert exported() == 1006  # nothing lost to the outage
+    assert not metrics.degraded()

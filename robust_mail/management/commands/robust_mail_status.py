@@ -88,7 +88,9 @@ def collect() -> dict[str, Any]:
                 "latency_p99": _finite(metrics.percentile(latency, 0.99)),
             }
         )
-    return {"cache": config.cache, "providers": providers}
+    # cache_reachable False: the counters are this process's since the cache went down.
+    reachable = not metrics.degraded()
+    return {"cache": config.cache, "cache_reachable": reachable, "providers": providers}
 
 
 def _finite(value: float | None) -> float | None:
@@ -114,9 +116,14 @@ def render(data: dict[str, Any]) -> str:
         )
         counters.append([entry["name"], *(str(values.get(c, 0)) for c in _COUNTER_COLUMNS)])
     return (
-        f"{_table(breakers)}\n{_table(counters)}\n"
-        f"(shared state read from cache {data['cache']!r}; latency: bucket upper bounds)\n"
+        f"{_table(breakers)}\n{_table(counters)}\n({_source(data)}; latency: bucket upper bounds)\n"
     )
+
+
+def _source(data: dict[str, Any]) -> str:
+    if data.get("cache_reachable", True):
+        return f"shared state read from cache {data['cache']!r}"
+    return f"cache {data['cache']!r} unreachable: this process's counts since it went down"
 
 
 def _table(rows: list[list[str]]) -> str:
