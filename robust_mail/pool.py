@@ -11,7 +11,8 @@ Lifecycle of a connection, all inside :meth:`ConnectionPool.connection`:
 - idle for more than ``check_after`` seconds → NOOP first; a dead one is closed and replaced
   by a fresh one before the caller sees it (a message is never sent on it, so never lost);
 - idle for more than ``idle_timeout`` seconds → closed (lazily, at the next use of the pool,
-  or by :meth:`ConnectionPool.prune`);
+  or by :meth:`ConnectionPool.prune`); closed at a check-out, their QUITs wait at most half
+  a second in all and never past the caller's deadline;
 - ``max_messages`` messages sent → closed after use;
 - the caller's block raised and the connection is not ``reusable`` → closed.
 
@@ -195,9 +196,9 @@ class ConnectionPool(Generic[C]):
         Blocks while all ``size`` connections are in use, for at most ``wait_timeout``
         seconds, at most ``max_wait`` seconds and never past ``deadline`` (absolute
         ``time.monotonic()``), then raises :class:`PoolTimeout`. Waiters are served in
-        arrival order. ``deadline`` also bounds the liveness check and the opening of a
-        fresh connection. Errors opening a fresh connection propagate (``TransportError``
-        from the transport) and free the slot.
+        arrival order. ``deadline`` also bounds the liveness check, the closing of expired
+        idle connections and the opening of a fresh connection. Errors opening a fresh
+        connection propagate (``TransportError`` from the transport) and free the slot.
         """
         conn, generation = self._checkout(deadline, max_wait)
         pid = os.getpid()
@@ -286,7 +287,11 @@ class ConnectionPool(Generic[C]):
                     item, granted = self._acquire(deadline)
                     generation = self._generation
                     break
-            self._retire(expired)
+            # On the caller's time: their QUITs share a short budget, within the caller's
+            # deadline, so a provider that stopped answering cannot hold the caller for a
+            # full timeout per expired connection before its message is even started.
+            until = time.monotonic() + CLOSE_BUDGET_AT_CHECKOUT
+            self._retire(expired, until=until if limit is None else min(until, limit))
         if not granted:
             waited = time.monotonic() - started
             raise PoolTimeout(self.name, self.size, waited, cut_short=cut_short)
@@ -393,6 +398,9 @@ class ConnectionPool(Generic[C]):
 QUIT_TIMEOUT_AT_EXIT = 0.5
 #: ...and how long all of them together may take; the rest are closed without a QUIT.
 CLOSE_BUDGET_AT_EXIT = 1.0
+#: How long the expired idle connections a check-out finds may take together to close
+#: (never past the caller's deadline); each QUIT waits at most QUIT_TIMEOUT_AT_EXIT.
+CLOSE_BUDGET_AT_CHECKOUT = 0.5
 
 
 def _close_all(conns: Iterable[PooledConnection], *, until: float | None = None) -> None:

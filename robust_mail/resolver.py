@@ -83,8 +83,9 @@ class Resolver:
     def resolve(self, host: str, *, ipv4_only: bool, deadline: float | None = None) -> list[str]:
         """Return the addresses for ``host``, IPv6 first unless ``ipv4_only``.
 
-        Raises :class:`ResolutionError`; ``permanent=True`` when the name or
-        the record type does not exist (NXDOMAIN / no answer) or an IPv6
+        Raises :class:`ResolutionError`; ``permanent=True`` when the name is
+        malformed (an empty label, a label over 63 octets), when the name or the
+        record type does not exist (NXDOMAIN / no answer) or when an IPv6
         literal is given with ``ipv4_only``. ``deadline`` (absolute
         ``time.monotonic()``) cuts every query short of ``timeout`` when it comes
         first; a lookup cut short uses the last good answer if there is one, else
@@ -124,8 +125,13 @@ class Resolver:
 
     def _query(self, name: str, ipv4_only: bool, deadline: float | None) -> tuple[list[str], bool]:
         """The addresses, and whether every family asked for was answered."""
+        try:
+            qname = dns.name.from_text(name)  # absolute: no search list for provider hosts
+        except dns.exception.DNSException as exc:
+            # EmptyLabel ("smtp..example.com"), LabelTooLong, NameTooLong, IDNA errors: a
+            # typo in HOST, which no retry and no nameserver will ever fix.
+            raise ResolutionError(name, f"not a valid host name ({exc})", permanent=True) from exc
         resolver = self._dns_resolver()
-        qname = dns.name.from_text(name)  # absolute: no search list for provider hosts
         rdtypes = ("A",) if ipv4_only else ("AAAA", "A")
         addresses: list[str] = []
         unreachable: str | None = None

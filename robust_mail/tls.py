@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from robust_mail.providers import ProviderConfig
 
-__all__ = ["clear_tls_contexts", "tls_context"]
+__all__ = ["clear_tls_contexts", "server_name", "tls_context"]
 
 _Key = tuple[str | None, str | None, str | None]
 
@@ -59,6 +59,16 @@ def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
             if generation == _generation:  # else the files were cleared meanwhile: stale
                 _contexts[key] = context
     return context
+
+
+def server_name(host: str) -> str:
+    """The name TLS sends (SNI) and checks the certificate against, for ``host``.
+
+    ``host`` without its trailing dot: "mail.example.com." is the same name as
+    "mail.example.com" (the resolver strips the dot too), but certificates never
+    name the DNS root and OpenSSL compares the two literally.
+    """
+    return host.rstrip(".")
 
 
 def clear_tls_contexts() -> None:

@@ -1,9 +1,9 @@
 """One SMTP session with one provider: resolve, connect, TLS, AUTH, and send.
 
 The socket connects to an address from :class:`~robust_mail.resolver.Resolver`
-(only A records when IPv4 is forced) while the *configured host name* is used
-for SNI and certificate verification, so IPv4 forcing needs no patching of
-``socket.getaddrinfo`` and never weakens TLS.
+(only A records when IPv4 is forced) while the *configured host name* (less a
+trailing dot) is used for SNI and certificate verification, so IPv4 forcing needs
+no patching of ``socket.getaddrinfo`` and never weakens TLS.
 
 Every failure is raised as :class:`~robust_mail.exceptions.TransportError`
 carrying the :class:`~robust_mail.exceptions.Step` it happened in;
@@ -12,14 +12,14 @@ message-fatal / ambiguous. Sending (the mail transactions, pipelining, runs of
 messages) lives in :mod:`robust_mail.transactions`, the smtplib session under it in
 :mod:`robust_mail.session`.
 
-Every network operation is bounded by ``provider.timeout`` (the socket timeout,
-which also covers TLS handshakes). ``open()`` and ``send()`` also take an optional
-absolute ``deadline`` (a ``time.monotonic()`` value): before each command, reply,
-chunk of content, connect and handshake the socket timeout is set to the smaller of
-``provider.timeout`` and the time left, and once the time is up the session fails
-with :class:`DeadlineReached` instead of starting another step. Logs go to
-``robust_mail.transport``: provider, step and timing, never a password or a message
-body.
+Every network operation is bounded by ``provider.timeout`` as a whole, not per
+``recv``: a command, a whole reply (all its lines), a chunk of content, a connect, a
+TLS handshake. A server dripping a byte at a time cannot stretch one. ``open()`` and
+``send()`` also take an optional absolute ``deadline`` (a ``time.monotonic()``
+value): each of those operations must then also end by it, and once the time is up
+the session fails with :class:`DeadlineReached` instead of starting another step.
+Logs go to ``robust_mail.transport``: provider, step and timing, never a password or
+a message body.
 
 Imports nothing from Django.
 """
@@ -46,7 +46,7 @@ from robust_mail.exceptions import (  # DeadlineReached, CapabilityMissing: re-e
     TransportError,
 )
 from robust_mail.session import Session, check_deadline
-from robust_mail.tls import clear_tls_contexts, tls_context
+from robust_mail.tls import clear_tls_contexts, server_name, tls_context
 from robust_mail.transactions import Transactions
 
 if TYPE_CHECKING:
@@ -220,9 +220,7 @@ class SMTPConnection(Transactions):
         if provider.use_ssl:
             assert context is not None
             with self._step(Step.CONNECT):
-                assert smtp.sock is not None
-                smtp.arm()  # the handshake inherits the socket's timeout
-                smtp.attach(context.wrap_socket(smtp.sock, server_hostname=provider.host))
+                smtp.attach(smtp.handshake(context, server_name(provider.host)))
             self.tls = True
         with self._step(Step.GREETING):
             code, reply = smtp.getreply()
@@ -240,7 +238,7 @@ class SMTPConnection(Transactions):
                 code, reply = smtp.docmd("STARTTLS")
                 if code != 220:
                     raise smtplib.SMTPResponseException(code, reply)
-                smtp.start_tls(context, provider.host)
+                smtp.start_tls(context, server_name(provider.host))
             self.tls = True
             self._ehlo(smtp)
         if provider.username:

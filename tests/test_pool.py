@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from robust_mail.pool import ConnectionPool, PoolRegistry, PoolTimeout
+from robust_mail.pool import QUIT_TIMEOUT_AT_EXIT, ConnectionPool, PoolRegistry, PoolTimeout
 
 _ids = itertools.count(1)
 
@@ -188,8 +188,49 @@ def test_idle_timeout_closes_connections_at_next_use(
         pass
 
     assert conn is not first
-    assert first.events[-1] == "close"
+    assert first.events[-1].startswith("close")
     assert pool.stats["expired"] == 1
+
+
+def _goodbye_waits(conn: FakeConnection) -> list[float]:
+    """The timeouts the pool gave ``conn``'s close() calls (None: the connection's own)."""
+    return [
+        float(event.removeprefix("close within "))
+        for event in conn.events
+        if event.startswith("close within ")
+    ]
+
+
+def test_expired_connections_closed_at_check_out_share_a_short_goodbye(
+    make_pool, clock: Clock
+) -> None:
+    # Closed on the caller's time: QUIT must not wait the provider's TIMEOUT for each.
+    pool = make_pool(idle_timeout=30.0)
+    with pool.connection() as a, pool.connection() as b:
+        pass
+    clock.now += 30
+
+    with pool.connection(deadline=time.monotonic() + 60):
+        pass
+
+    assert "close" not in a.events + b.events  # never a close with the provider's timeout
+    waits = _goodbye_waits(a) + _goodbye_waits(b)
+    assert len(waits) == 2
+    assert all(0 <= wait <= QUIT_TIMEOUT_AT_EXIT for wait in waits)
+
+
+def test_expired_connections_closed_at_check_out_never_outlast_the_callers_deadline(
+    make_pool, clock: Clock
+) -> None:
+    pool = make_pool(idle_timeout=30.0)
+    with pool.connection() as first:
+        pass
+    clock.now += 30
+
+    with pool.connection(deadline=time.monotonic() - 1):  # already out of time
+        pass
+
+    assert _goodbye_waits(first) == [0]  # closed without waiting for a reply to QUIT
 
 
 def test_prune_closes_expired_idle_connections(make_pool, clock: Clock) -> None:

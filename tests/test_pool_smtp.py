@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -263,6 +265,78 @@ def test_refused_recipient_leaves_the_connection_reusable(
 
     assert server.connections_total == 1
     assert message_ids(server) == Counter({"<pool-2@robust.test>": 1})
+
+
+class GoesSilent:
+    """Plain SMTP on 127.0.0.1, a thread per session, that can stop answering old sessions.
+
+    After :meth:`silence`, the sessions open so far read on but answer nothing (QUIT
+    included), like a provider whose side of them hung; later sessions are served.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.messages: list[bytes] = []
+        self._sessions = 0
+        self._silent_below = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        self._silent_below = self._sessions
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            number, self._sessions = self._sessions, self._sessions + 1
+            threading.Thread(target=self._session, args=(conn, number), daemon=True).start()
+
+    def _session(self, conn: socket.socket, number: int) -> None:
+        with conn, conn.makefile("rb") as lines, contextlib.suppress(OSError):
+            conn.sendall(b"220 silent.test ESMTP\r\n")
+            for line in iter(lines.readline, b""):
+                if number < self._silent_below:
+                    continue
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    self.messages.append(b"".join(iter(lines.readline, b".\r\n")))
+                    conn.sendall(b"250 queued\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 silent.test\r\n")
+
+
+def test_expired_connections_to_a_silent_server_do_not_hold_up_the_next_message(
+    pool_for: Callable[..., Any],
+) -> None:
+    # Both idle connections expired and their sessions hung: closing them must not wait
+    # the provider's TIMEOUT (5 s) on each QUIT, outside the caller's 3 s deadline.
+    server = GoesSilent()
+    clock = Clock()
+    try:
+        pool = pool_for(server, size=2, clock=clock)
+        with pool.connection(), pool.connection():
+            pass
+        server.silence()
+        clock.now += 61
+
+        with pool.connection(deadline=time.monotonic() + 3) as conn:
+            conn.send("robust@example.com", ["rcpt@example.com"], message("fresh"))
+    finally:
+        server.close()
+
+    assert [b"<pool-fresh@robust.test>" in data for data in server.messages] == [True]
+    assert pool.stats["expired"] == 2
+    assert pool.open_connections == 1
 
 
 _EXIT_SCRIPT = """

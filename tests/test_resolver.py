@@ -180,6 +180,28 @@ def test_missing_record_type_is_a_permanent_error(resolver):
     assert info.value.permanent
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "smtp..example.com",
+        ".example.com",
+        "a" * 64 + ".example.com",
+        ("a" * 63 + ".") * 4 + "com",  # over 255 octets in all
+        "smtp\u3002\u3002example.com",  # ideographic full stops: an empty label too
+        "sm\u200dtp.example.com",  # no IDNA encoding
+    ],
+    ids=["empty label", "leading dot", "label over 63", "name over 255", "U+3002", "IDNA"],
+)
+def test_a_malformed_name_is_a_permanent_error_without_a_query(resolver, dns_server, host):
+    # A typo in HOST: no nameserver and no retry will ever make it resolve.
+    with pytest.raises(ResolutionError) as info:
+        resolver.resolve(host, ipv4_only=False)
+    assert info.value.permanent
+    assert classify(info.value) is Classification.PROVIDER_FATAL
+    assert "not a valid host name" in str(info.value)
+    assert dns_server.queries == []
+
+
 def test_nxdomain_never_falls_back_to_a_stale_answer(resolver, dns_server, clock):
     assert resolver.resolve("mail.test", ipv4_only=True) == ["127.0.0.1"]
     del dns_server.records["mail.test"]
