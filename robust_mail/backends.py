@@ -159,8 +159,13 @@ class _RobustBackendBase(BaseEmailBackend):
             raise first
 
     def deliver(
-        self, message: EmailMessage, *, config: RobustMailConfig | None = None
+        self,
+        message: EmailMessage,
+        *,
+        config: RobustMailConfig | None = None,
+        fail_silently: bool | None = None,
     ) -> DeliveryResult:
+        """Deliver (or queue) one message; ``fail_silently`` None: the backend's own."""
         raise NotImplementedError
 
 
@@ -168,7 +173,11 @@ class RobustEmailBackend(_RobustBackendBase):
     """Synchronous failover across the configured providers, then the fallback."""
 
     def deliver(
-        self, message: EmailMessage, *, config: RobustMailConfig | None = None
+        self,
+        message: EmailMessage,
+        *,
+        config: RobustMailConfig | None = None,
+        fail_silently: bool | None = None,
     ) -> DeliveryResult:
         """Deliver one message and apply the fallback; never raises for a delivery failure.
 
@@ -177,7 +186,8 @@ class RobustEmailBackend(_RobustBackendBase):
         """
         config = config or self.config
         release_pins(message)
-        return self._settle(message, Dispatcher(config).deliver(message), config)
+        silently = self.fail_silently if fail_silently is None else fail_silently
+        return self._settle(message, Dispatcher(config).deliver(message), config, silently)
 
     def deliver_many(
         self, messages: list[EmailMessage], *, config: RobustMailConfig
@@ -197,7 +207,7 @@ class RobustEmailBackend(_RobustBackendBase):
             try:
                 if isinstance(result, Exception):
                     raise result  # what deliver() would have raised for this message
-                settled.append(self._settle(message, result, config))
+                settled.append(self._settle(message, result, config, self.fail_silently))
             except Exception as exc:
                 # Raised (broken settings, a fallback that cannot work such as the outbox's
                 # database being down), but only once every message has had its chance.
@@ -207,7 +217,11 @@ class RobustEmailBackend(_RobustBackendBase):
         return settled
 
     def _settle(
-        self, message: EmailMessage, result: DeliveryResult, config: RobustMailConfig
+        self,
+        message: EmailMessage,
+        result: DeliveryResult,
+        config: RobustMailConfig,
+        fail_silently: bool,
     ) -> DeliveryResult:
         """Apply the fallback to a deferred result; signal a failure.
 
@@ -216,7 +230,7 @@ class RobustEmailBackend(_RobustBackendBase):
         AdminEmailHandler, for one) cannot handle it, and the outbox takes it to send once
         the window reopens rather than let it be dropped without a word.
         """
-        held_back = result.rate_limited and not (self.fail_silently and config.fallback == "outbox")
+        held_back = result.rate_limited and not (fail_silently and config.fallback == "outbox")
         if result.status is DeliveryStatus.DEFERRED and not held_back:
             try:
                 result = apply_fallback(message, result, config, mailer=self.alias)
@@ -239,7 +253,11 @@ class OutboxEmailBackend(_RobustBackendBase):
     """Every message goes into the durable outbox and ``send_messages`` returns at once."""
 
     def deliver(
-        self, message: EmailMessage, *, config: RobustMailConfig | None = None
+        self,
+        message: EmailMessage,
+        *,
+        config: RobustMailConfig | None = None,
+        fail_silently: bool | None = None,
     ) -> DeliveryResult:
         release_pins(message)
         # enqueue validates before anything is stored; the alias delivers it later.

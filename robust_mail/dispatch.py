@@ -117,9 +117,6 @@ class Dispatcher(Runs):
     ) -> None:
         self.config = config
         self.clock = clock
-        # Rate-limit hits of messages under way, by Message-ID: given back when the
-        # message is not delivered after all, so a retried one is not counted twice.
-        self._counted: dict[str, list[Hit]] = {}
         retry = config.retry
         self.retry = RetryPolicy(
             attempts=retry.attempts,
@@ -142,30 +139,29 @@ class Dispatcher(Runs):
         envelope = build_envelope(message, data=rendered)
         # The clock starts before anything that may wait (the rate limits ask the cache).
         deadline = self.clock() + self.config.retry.deadline
-        result = self._rate_limited(envelope) or self._deliver(message, envelope, deadline)
+        limited, hits = self._admit(envelope)
+        result = limited or self._deliver(message, envelope, deadline)
+        self._settle_hits(hits, result)
         return self._conclude(message, result)
 
     # -- internals ------------------------------------------------------------------------
 
     def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
-        # A message the providers may hold (ambiguous) stays counted: limits err on the
-        # side of sending less.
-        delivered = result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL)
-        self._settle_hits(result.message_id, release=not (delivered or result.ambiguous))
         result.attach(message)
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
             emit(message_sent, type(self), message=message, result=result)
         return result
 
-    def _rate_limited(self, envelope: Envelope) -> DeliveryResult | None:
-        """A DEFERRED result when a rate limit holds the message back, else None (counted)."""
+    def _admit(self, envelope: Envelope) -> tuple[DeliveryResult | None, list[Hit]]:
+        """Count the message against the rate limits: a DEFERRED result when one holds it
+        back (nothing counted), else None and the hits to settle once it is delivered."""
         try:
             hits = check_message_rates(
                 list(envelope.recipients), self.config.rate_limits, self.config.cache
             )
         except RateLimited as exc:
             logger.warning("message %s deferred by a rate limit: %s", envelope.message_id, exc)
-            return DeliveryResult(
+            limited = DeliveryResult(
                 DeliveryStatus.DEFERRED,
                 envelope.message_id,
                 retry_after=exc.retry_after,
@@ -173,17 +169,21 @@ class Dispatcher(Runs):
                 classification=Classification.TRANSIENT,
                 errors=(ProviderError("-", Classification.TRANSIENT, "rate_limit", str(exc)),),
             )
-        if hits:
-            self._counted[envelope.message_id] = hits
-        return None
+            return limited, []
+        return None, hits
 
-    def _settle_hits(self, message_id: str, *, release: bool) -> None:
-        """Done with a message's rate-limit hits; ``release``: it was not sent, give them back."""
-        hits = self._counted.pop(message_id, ())
-        if release and hits:
-            limiter = RateLimiter(self.config.cache)
-            for hit in hits:
-                limiter.release(hit)
+    def _settle_hits(self, hits: list[Hit], result: DeliveryResult | None) -> None:
+        """Give a message's rate-limit hits back unless it may have been delivered.
+
+        ``result`` None: never attempted. Sent, partly sent and ambiguous ones (a provider
+        may have them) stay counted: the limits err on the side of sending less.
+        """
+        if not hits or (result is not None and (result.ok_at_provider or result.ambiguous)):
+            return
+        # fail_open: through the cache's guard, so a dead cache costs no timeout per hit.
+        limiter = RateLimiter(self.config.cache, fail_open=True)
+        for hit in hits:
+            limiter.release(hit)
 
     def _closed(self, provider: ProviderConfig) -> bool:
         return get_breaker(provider.name, self.config).state is BreakerState.CLOSED

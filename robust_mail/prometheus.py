@@ -74,8 +74,11 @@ class RobustMailCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            snapshot = metrics.snapshot(_provider_names())
+            # Down before or after: the snapshot may hold one process's counts (the cache
+            # may have failed, or answered again, while it was being read).
             degraded = metrics.degraded()
+            snapshot = metrics.snapshot(_provider_names())
+            degraded = degraded or metrics.degraded()
         except Exception:
             logger.exception("robust_mail metrics could not be read")
             return

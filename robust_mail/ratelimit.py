@@ -18,6 +18,7 @@ Limits per client address key on :func:`ip_bucket`: the IPv4 address, or the IPv
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -212,10 +213,18 @@ class RateLimiter:
         raise _Vanishing(f"rate limit counter {cache_key!r} keeps disappearing")
 
     def _decr(self, cache_key: str, amount: int) -> None:
+        def give_back(cache: Any) -> None:
+            # ValueError: the window has expired meanwhile, nothing to give back.
+            with contextlib.suppress(ValueError):
+                cache.decr(cache_key, amount)
+
+        if self.fail_open:
+            # Through the guard, like hits: a cache known to be down is not asked (no
+            # socket timeout per released hit); the hit then simply stays counted.
+            guard(self.cache_alias).call(give_back, lambda: None)
+            return
         try:
-            self.cache.decr(cache_key, amount)
-        except ValueError:
-            pass  # the window has expired meanwhile: nothing to give back
+            give_back(self.cache)
         except Exception:
             logger.warning("rate limit cache %r failed on release", self.cache_alias)
 

@@ -106,6 +106,11 @@ class DeliveryResult:
         )
 
     @property
+    def ok_at_provider(self) -> bool:
+        """True when a provider accepted it, for all recipients or some (SENT, PARTIAL)."""
+        return self.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL)
+
+    @property
     def ok(self) -> bool:
         """True when the message was accepted, queued or (in development) printed."""
         return self.status in HANDLED

@@ -25,6 +25,7 @@ from robust_mail.transactions import Outcome
 if TYPE_CHECKING:
     from robust_mail.conf import RobustMailConfig
     from robust_mail.providers import ProviderConfig
+    from robust_mail.ratelimit import Hit
     from robust_mail.transport import SMTPConnection
 
 __all__ = ["First", "Runs"]
@@ -53,13 +54,13 @@ class Runs:
     config: RobustMailConfig
     clock: Callable[[], float]
 
-    def _rate_limited(self, envelope: Envelope) -> DeliveryResult | None:
+    def _admit(self, envelope: Envelope) -> tuple[DeliveryResult | None, list[Hit]]:
         raise NotImplementedError
 
     def _conclude(self, message: EmailMessage, result: DeliveryResult) -> DeliveryResult:
         raise NotImplementedError
 
-    def _settle_hits(self, message_id: str, *, release: bool) -> None:
+    def _settle_hits(self, hits: list[Hit], result: DeliveryResult | None) -> None:
         raise NotImplementedError
 
     def _deliver(
@@ -124,8 +125,9 @@ class Runs:
             except InvalidMessage as exc:
                 done(index, exc)
         admitted: list[int] = []
+        hits: dict[int, list[Hit]] = {}  # by index: two messages may share a Message-ID
         for index, envelope in envelopes.items():
-            limited = self._rate_limited(envelope)
+            limited, hits[index] = self._admit(envelope)
             if limited is None:
                 admitted.append(index)
             else:
@@ -151,34 +153,36 @@ class Runs:
                     result = DeliveryResult.delivered(envelope.message_id, provider, first.outcome)
             if isinstance(result, DeliveryResult):
                 try:
+                    self._settle_hits(hits.pop(index), result)
                     self._conclude(message, result)
                 except Exception:
                     logger.exception("message %s: reporting it failed", envelope.message_id)
             done(index, result)
 
-        firsts = self._first_attempts(
-            [envelopes[i] for i in admitted],
-            proceed,
-            accepted=lambda position, first: finish(admitted[position], first),
-        )
-        for index, first in zip(admitted, firsts, strict=True):
-            if results[index] is not None:
-                continue  # accepted in the run, already finished
-            if proceed is not None and not proceed():
-                if first is not None:
-                    # Tried in the run and failed, but the caller wants nothing more sent
-                    # now (a worker stopping, or its lease running out): no retry and no
-                    # failover, which could still be sending when another worker has taken
-                    # the message over; its first attempt is its outcome for now.
-                    finish(index, first, more=False)
-                continue
-            finish(index, first)
-        for index in admitted:
-            # Not attempted (the caller stopped the run): not sent, its hits go back. Raised
-            # out of delivery: it may have gone out, they stay counted.
-            result = results[index]
-            if not isinstance(result, DeliveryResult):
-                self._settle_hits(envelopes[index].message_id, release=result is None)
+        try:
+            firsts = self._first_attempts(
+                [envelopes[i] for i in admitted],
+                proceed,
+                accepted=lambda position, first: finish(admitted[position], first),
+            )
+            for index, first in zip(admitted, firsts, strict=True):
+                if results[index] is not None:
+                    continue  # accepted in the run, already finished
+                if proceed is not None and not proceed():
+                    if first is not None:
+                        # Tried in the run and failed, but the caller wants nothing more
+                        # sent now (a worker stopping, or its lease running out): no retry
+                        # and no failover, which could still be sending when another worker
+                        # has taken the message over; its first attempt is its outcome.
+                        finish(index, first, more=False)
+                    continue
+                finish(index, first)
+        finally:
+            for index in admitted:
+                # Never attempted (the run stopped, or raised before it): not sent, its
+                # hits go back. Raised out of its delivery: it may have gone out, they stay.
+                if results[index] is None and index in hits:
+                    self._settle_hits(hits.pop(index), None)
         return results
 
     def _first_attempts(

@@ -90,7 +90,7 @@ class EmailService:
         try:
             if not email.recipients():
                 raise InvalidMessage("the message has no recipients (to, cc and bcc are all empty)")
-            result = cls.send(email, background=background, using=using)
+            result = cls._send(email, background, using, fail_silently)
             if not result.ok:
                 raise result.to_exception()
         except (ConfigurationError, InvalidMessage):
@@ -116,6 +116,12 @@ class EmailService:
         Delivery failures are reported in the result, not raised; a message
         that cannot be built raises :class:`InvalidMessage`.
         """
+        return cls._send(message, background, using, fail_silently=False)
+
+    @classmethod
+    def _send(
+        cls, message: EmailMessage, background: bool, using: str | None, fail_silently: bool
+    ) -> DeliveryResult:
         if background:
             if using is not None:
                 _check_outbox_alias(using)
@@ -124,7 +130,9 @@ class EmailService:
             return queue_in_outbox(message, mailer=using)
         backend = _backend_for(message, using)
         if isinstance(backend, _RobustBackendBase):
-            return backend.deliver(message)
+            # fail_silently=True reaches the backend (a message over a rate limit is then
+            # queued by the outbox fallback, not dropped); False leaves the backend's own.
+            return backend.deliver(message, fail_silently=fail_silently or None)
         return _send_through_other(backend, message)
 
 

@@ -434,3 +434,36 @@ def test_w020_is_checked_for_every_mailers_alias_and_names_its_cache_setting(set
     (warning,) = [m for m in run_checks(tags=["robust_mail"]) if m.id == "robust_mail.W020"]
 
     assert "MAILERS['bulk']['OPTIONS']['cache']" in warning.hint
+
+
+@pytest.mark.parametrize("limit", [{"GLOBAL": "1/h"}, {"PER_RECIPIENT": "1/h"}], ids=str)
+def test_two_messages_sharing_a_message_id_are_each_counted(smtp_server, robust, limit):
+    from django.core.mail import EmailMessage, get_connection
+
+    server = smtp_server()
+    robust([provider(server, "only")], RATE_LIMITS=limit)
+    same = {"Message-ID": "<same@example.com>"}
+    batch = [EmailMessage("s", "b", "f@example.com", ["a@example.com"], headers=same)] * 2
+
+    get_connection(fail_silently=True).send_messages(batch)  # the second is over the limit
+    third = EmailMessage("s", "b", "f@example.com", ["a@example.com"])
+    third.send(fail_silently=True)
+
+    assert len(server.messages) == 1
+    assert third.delivery_result.rate_limited  # the one sent stayed counted
+
+
+@pytest.mark.django_db
+def test_email_service_fail_silently_queues_a_message_over_the_limit(smtp_server, robust):
+    from robust_mail.models.outbox import OutboxMessage
+    from robust_mail.service import EmailService
+
+    server = smtp_server()
+    robust([provider(server, "only")], FALLBACK="outbox", RATE_LIMITS={"GLOBAL": "1/h"})
+    assert EmailService.send_email("first", "b", ["a@example.com"])
+
+    assert EmailService.send_email("second", "b", ["b@example.com"], fail_silently=True)
+
+    assert OutboxMessage.objects.get().subject == "second"
+    with pytest.raises(RateLimited):  # without fail_silently the caller is told
+        EmailService.send_email("third", "b", ["c@example.com"])

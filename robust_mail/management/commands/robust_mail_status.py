@@ -68,6 +68,7 @@ def collect() -> dict[str, Any]:
     config = get_config()  # the counters' cache, ROBUST_MAIL's
     owners = providers_in_use()
     names = list(owners)
+    reachable = not metrics.degraded()  # before and after: see prometheus.py
     counters = metrics.snapshot(names)
     now = time.time()
     providers: list[dict[str, Any]] = []
@@ -89,7 +90,7 @@ def collect() -> dict[str, Any]:
             }
         )
     # cache_reachable False: the counters are this process's since the cache went down.
-    reachable = not metrics.degraded()
+    reachable = reachable and not metrics.degraded()
     return {"cache": config.cache, "cache_reachable": reachable, "providers": providers}
 
 
