@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -66,24 +67,24 @@ def test_unknown_provider_name_is_an_error(smtp_server, robust):
         call_command("robust_mail_check", "--provider", "nope", stdout=StringIO())
 
 
-@needs_mailers
-def test_every_mailers_alias_is_checked(smtp_server, settings):
-    good = smtp_server()
-    settings.MAILERS = {
+def _two_aliases(default: list[str], bulk: list[str]) -> dict[str, Any]:
+    return {
         "default": {
             "BACKEND": "robust_mail.backends.RobustEmailBackend",
-            "OPTIONS": {"providers": [f"smtp://127.0.0.1:{good.port}?name=good"]},
+            "OPTIONS": {"providers": default},
         },
         "bulk": {
             "BACKEND": "robust_mail.backends.OutboxEmailBackend",
-            "OPTIONS": {
-                "providers": [
-                    f"smtp://127.0.0.1:{good.port}?name=good",  # the same server: once
-                    "smtp://127.0.0.1:1?name=refused",
-                ]
-            },
+            "OPTIONS": {"providers": bulk},
         },
     }
+
+
+@needs_mailers
+def test_every_mailers_alias_is_checked(smtp_server, settings):
+    good = f"smtp://127.0.0.1:{smtp_server().port}?name=good"
+    # The same server in both aliases: checked once.
+    settings.MAILERS = _two_aliases([good], [good, "smtp://127.0.0.1:1?name=refused"])
 
     out, error = _check()
 
@@ -106,17 +107,8 @@ def test_nothing_to_check_is_a_failure_not_a_pass(settings):
 
 @needs_mailers
 def test_only_aliases_with_a_chosen_provider_get_a_header(smtp_server, settings):
-    good = smtp_server()
-    settings.MAILERS = {
-        "default": {
-            "BACKEND": "robust_mail.backends.RobustEmailBackend",
-            "OPTIONS": {"providers": [f"smtp://127.0.0.1:{good.port}?name=good"]},
-        },
-        "bulk": {
-            "BACKEND": "robust_mail.backends.OutboxEmailBackend",
-            "OPTIONS": {"providers": ["smtp://127.0.0.1:1?name=refused"]},
-        },
-    }
+    good = f"smtp://127.0.0.1:{smtp_server().port}?name=good"
+    settings.MAILERS = _two_aliases([good], ["smtp://127.0.0.1:1?name=refused"])
 
     out, error = _check("--provider", "good")
 
