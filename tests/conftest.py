@@ -26,6 +26,15 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture
+def tasks_framework() -> Any:
+    """The tasks framework robust_mail uses (django.tasks or the backport); required."""
+    from robust_mail import tasks
+
+    require(tasks.task_framework is not None, "neither django.tasks nor django-tasks is installed")
+    return tasks.task_framework
+
+
 @pytest.fixture(scope="session")
 def certs() -> Iterator[Any]:
     from robust_mail.testing import TestCertificates

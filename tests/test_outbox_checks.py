@@ -62,11 +62,12 @@ def test_w031_tasks_configured_without_a_tasks_framework(
     assert "robust-mail[tasks]" in (message.hint or "")
 
 
-@pytest.mark.skipif(tasks.task_framework is None, reason="no tasks framework installed")
-def test_w032_tasks_backend_that_cannot_run_the_delivery_task(settings: Any) -> None:
+def test_w032_tasks_backend_that_cannot_run_the_delivery_task(
+    settings: Any, tasks_framework: Any
+) -> None:
     settings.TASKS = {
-        "other": {"BACKEND": f"{tasks.task_framework.__name__}.backends.dummy.DummyBackend"}
-    }  # type: ignore[union-attr]
+        "other": {"BACKEND": f"{tasks_framework.__name__}.backends.dummy.DummyBackend"}
+    }
     message = only("robust_mail.W032")
     assert "default" in message.msg
     assert "'default' backend" in (message.hint or "")

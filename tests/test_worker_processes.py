@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import provider
+from tests.conftest import provider, require
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,7 +258,10 @@ def test_a_second_signal_of_the_other_kind_stops_at_once(
 @pytest.fixture
 def unreachable_db_project(tmp_path: Path) -> Project:
     """A project whose database is a PostgreSQL address where nothing listens."""
-    pytest.importorskip("psycopg")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        require(False, "psycopg is not installed")
     port = free_port()  # nothing listens there: not a PostgreSQL server, whatever binds it
     database = {
         "ENGINE": "django.db.backends.postgresql",
@@ -285,9 +288,7 @@ except Exception as exc:
 else:
     print("queued")
 """
-    started = time.monotonic()
-    out = project.run("-c", script).stdout.strip()
-    assert time.monotonic() - started < 60
+    out = project.run("-c", script).stdout.strip()  # run() bounds a hang
     name, text, cause = (part.strip() for part in out.split("|"))
     assert name == "OutboxUnavailable"
     assert "cannot store the message in the outbox (database 'default')" in text
