@@ -74,6 +74,18 @@ def smtp_server(certs: Any, request: pytest.FixtureRequest) -> Iterator[Callable
         server.stop()
 
 
+def secret_forms(username: str, password: str) -> list[str]:
+    """How a password can leak into a log: as typed, and as AUTH sends it (base64 for
+    LOGIN, the PLAIN blob with and without its user)."""
+    import base64
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    plain = (f"\0{username}\0{password}", f"{username}\0{password}")
+    return [password, b64(password), *(b64(blob) for blob in plain)]
+
+
 def provider(server: Any, name: str, **extra: Any) -> dict[str, Any]:
     """A ROBUST_MAIL provider dict pointing at a test server."""
     entry: dict[str, Any] = {"NAME": name, "HOST": "127.0.0.1", "PORT": server.port, "TIMEOUT": 2}
