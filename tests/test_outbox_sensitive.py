@@ -29,7 +29,7 @@ def _queue(sensitive: bool) -> OutboxMessage:
     assert EmailService.send_email(
         "Sign-in code", SECRET, ["user@example.com"], background=True, sensitive=sensitive
     )
-    return OutboxMessage.objects.get()
+    return OutboxMessage.objects.latest("pk")
 
 
 def test_sensitive_body_is_delivered_then_erased_from_the_outbox(smtp_server, robust):
@@ -73,16 +73,26 @@ def test_admin_preview_withholds_the_body_of_a_waiting_sensitive_message(admin_c
 
 
 def test_a_failed_sensitive_message_cannot_be_retried_with_its_body_erased(admin_client: Client):
-    row = _queue(sensitive=True)
-    OutboxMessage.objects.filter(pk=row.pk).update(status="failed")
+    from robust_mail.serialization import redacted
 
-    admin_client.post(
+    row = _queue(sensitive=True)
+    # As a final outcome leaves it: failed, its bodies erased.
+    OutboxMessage.objects.filter(pk=row.pk).update(
+        status="failed", payload=redacted(row.payload), mime=None
+    )
+    ordinary = _queue(sensitive=False)
+    OutboxMessage.objects.filter(pk=ordinary.pk).update(status="failed")
+
+    response = admin_client.post(
         reverse("admin:robust_mail_outboxmessage_changelist"),
-        {"action": "retry_now", "_selected_action": [row.pk]},
+        {"action": "retry_now", "_selected_action": [row.pk, ordinary.pk]},
     )
 
+    assert response.status_code == 302
     row.refresh_from_db()
-    assert row.status == "failed"
+    ordinary.refresh_from_db()
+    assert row.status == "failed"  # nothing left to send
+    assert ordinary.status == "queued"  # the action itself did run
 
 
 def test_outbox_actions_need_the_change_permission(django_user_model: Any):

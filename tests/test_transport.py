@@ -6,6 +6,7 @@ import dataclasses
 import email.policy
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -683,13 +684,27 @@ def test_close_tolerates_a_dead_socket(start_server: StartServer, connect: Conne
     assert not conn.reusable
 
 
-def test_detach_closes_without_a_word_to_the_server(
-    start_server: StartServer, connect: Connect
-) -> None:
-    server = start_server()
-    conn = connect(provider_for(server))
-    conn.open()
-    conn.detach()
+def test_detach_closes_without_a_word_to_the_server(connect: Connect) -> None:
+    heard: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as lines:
+                conn.sendall(b"220 test\r\n")
+                for line in lines:  # until the client closes the connection
+                    heard.append(line)
+                    conn.sendall(b"250 test\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        conn = connect(ProviderConfig(name="t", host="127.0.0.1", port=listener.getsockname()[1]))
+        conn.open()
+        conn.detach()
+        thread.join(5)
+
+    assert not thread.is_alive()  # the server saw the connection end
+    assert [line.split()[0].upper() for line in heard] == [b"EHLO"]  # no QUIT, no RSET
     assert not conn.is_open and not conn.reusable
     conn.detach()  # twice is harmless
 
@@ -710,7 +725,8 @@ def test_timestamps_are_monotonic(start_server: StartServer, connect: Connect) -
     opened_at = conn.opened_at
     assert opened_at is not None
     conn.send(SENDER, [GOOD], message())
-    assert conn.last_used is not None and conn.last_used >= opened_at
+    # Later than the open (a send takes far longer than the monotonic clock's resolution).
+    assert conn.last_used is not None and conn.last_used > opened_at
 
 
 def test_logs_name_steps_but_never_the_password_or_the_body(
