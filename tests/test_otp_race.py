@@ -179,7 +179,12 @@ def test_an_issue_waits_for_no_other_request_and_cannot_deadlock_with_a_verify(f
             with transaction.atomic(using=file_db):
                 store.count_attempt(live.key, 3)  # row-locks the live code until commit
                 b_verified.set()
-                a_issued.wait(timeout=1)  # A is then waiting for our row lock
+                if postgres:
+                    # Seen, not assumed: A's backend waits for a lock (ours).
+                    outcome["A waited"] = str(_until_a_backend_waits_for_a_lock(file_db))
+                else:
+                    # SQLite shows no lock waits: give A time to reach the database lock.
+                    a_issued.wait(timeout=1)
                 try:
                     otp.issue(USER, send=False)
                     outcome["B"] = "issued"
@@ -207,11 +212,36 @@ def test_an_issue_waits_for_no_other_request_and_cannot_deadlock_with_a_verify(f
             a_issued.set()
             connections.close_all()
 
+    postgres = connections[file_db].vendor == "postgresql"
     threads = [threading.Thread(target=request_b), threading.Thread(target=request_a)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
 
+    assert outcome.pop("A waited", "True") == "True"  # the scenario did happen
     assert "deadlock" not in str(outcome)
     assert sorted(outcome.values()) in (["issued", "issued"], ["issued", "refused"])
+
+
+def _until_a_backend_waits_for_a_lock(alias: str, timeout: float = 10.0) -> bool:
+    """Whether, within ``timeout``, some backend of ``alias``'s database waits for a lock
+    (asked on a connection of its own: pg_stat_activity is per-transaction snapshot)."""
+    import time
+
+    import psycopg
+
+    db = connections[alias].settings_dict
+    kwargs = {"host": db["HOST"], "port": db["PORT"], "user": db["USER"], "dbname": db["NAME"]}
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(**kwargs, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = %s AND wait_event_type = 'Lock'",
+                (db["NAME"],),
+            ).fetchone()
+            if row and row[0]:
+                return True
+            time.sleep(0.02)
+    return False
