@@ -357,9 +357,12 @@ class Dispatcher(Runs):
             if classification is Classification.AMBIGUOUS:
                 attempts.ambiguous = True
                 metrics.incr(provider.name, "ambiguous")
-            then = (
-                "trying the next provider" if attempts.incapable else "giving up on this provider"
-            )
+            if classification is Classification.MESSAGE_FATAL:
+                then = "the message fails: no provider would take it"
+            elif attempts.incapable:
+                then = "trying the next provider"
+            else:
+                then = "giving up on this provider"
             self._log_failure(provider, envelope, tries, exc, then)
             error = ProviderError(
                 provider=provider.name,

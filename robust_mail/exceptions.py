@@ -128,10 +128,13 @@ class TransportError(RobustMailError):
         self.step = step
         self.cause = cause
         self.provider = provider
-        self.code = code if code is not None else _code_of(cause)
-        self.reply = reply or _reply_of(cause)
         #: For RCPT failures: every refused recipient with its code and reply.
-        self.refused = dict(refused or {})
+        self.refused = dict(refused or {}) or _refused_of(cause)
+        # Every recipient refused: the first refusal stands for the failure's code, as a
+        # server's reply does for any other step (ProviderError.code, the log line).
+        first = next(iter(self.refused.values()), None)
+        self.code = code if code is not None else _code_of(cause) or (first and first[0])
+        self.reply = reply or _reply_of(cause) or (first[1] if first else "")
         #: This message failed only because an earlier one of the same run lost the
         #: connection (messages in flight with BDAT): one failure of the provider, which
         #: that earlier message already counts for its breaker.

@@ -179,6 +179,8 @@ def test_550_for_the_recipient_fails_without_failover(smtp_server, robust):
     assert "5.1.1" in str(caught.value)
     assert backup.messages == []
     assert message.delivery_result.status is DeliveryStatus.FAILED
+    (error,) = message.delivery_result.errors
+    assert (error.step, error.code) == ("rcpt", 550)  # the code, as for any other step
 
 
 def test_fail_silently_returns_zero_and_keeps_the_result(smtp_server, robust):
