@@ -95,6 +95,13 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A row's own page is a view: nothing on it can be edited, so no Save buttons (the
+        # change permission still governs the list's actions, asked without a row).
+        if obj is not None:
+            return False
+        return super().has_change_permission(request, obj)
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return OutboxChangeList
 

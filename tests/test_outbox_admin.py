@@ -258,3 +258,16 @@ def test_preview_of_a_text_part_in_a_charset_python_cannot_decode(
     assert "héllo &lt;script&gt;alert(1)&lt;/script&gt;" in page  # as UTF-8, escaped
     assert "<script>alert(1)" not in page
     assert f"charset &#x27;{charset}&#x27; cannot be decoded: shown as UTF-8" in page
+
+
+def test_a_message_page_is_a_view_without_save_buttons(admin_client: Client) -> None:
+    row = queued("a", "a@example.com", status="failed")
+    change = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
+
+    page = admin_client.get(change).content.decode()
+
+    assert "View outbox message" in page
+    assert 'name="_save"' not in page and 'name="_continue"' not in page
+    assert admin_client.post(change, {"status": "queued"}).status_code == 403
+    row.refresh_from_db()
+    assert row.status == "failed"
