@@ -12,10 +12,12 @@ pay connect + STARTTLS + AUTH for every message.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from django.apps import apps
 from django.core import mail
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
@@ -53,6 +55,17 @@ class MailerConfigurationError(ConfigurationError, _InvalidMailer):  # type: ign
     """
 
 
+@functools.cache
+def _warn_if_not_installed() -> None:
+    """Once per process: sending works without the app, but nothing checks the settings."""
+    if not apps.is_installed("robust_mail"):
+        logger.warning(
+            "robust_mail is not in INSTALLED_APPS: `manage.py check` does not check its "
+            "settings, and the outbox, its worker and one-time passwords are unavailable. "
+            'Add "robust_mail" to INSTALLED_APPS (then run migrate).'
+        )
+
+
 class _RobustBackendBase(BaseEmailBackend):
     def __init__(
         self, fail_silently: bool = False, *, alias: str | None = None, **kwargs: Any
@@ -77,6 +90,7 @@ class _RobustBackendBase(BaseEmailBackend):
         # settings.EMAIL_* are never read; without one, settings.ROBUST_MAIL is.
         self._options: dict[str, Any] | None = options if (options or alias) else None
         self._opened = False
+        _warn_if_not_installed()
         if alias is not None:
             # Like Django's own backends, a MAILERS entry with bad OPTIONS fails when the
             # mailer is created (InvalidMailer), not at the first send.

@@ -148,3 +148,19 @@ def test_smtp_options_per_call_are_refused_rather_than_ignored(server, call):
 def test_django_passing_no_smtp_options_is_fine(server):
     # send_mail() always passes username=None, password=None to get_connection().
     assert mail.send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1
+
+
+def test_a_backend_used_without_the_app_installed_says_so_once(settings, caplog):
+    from robust_mail import backends
+
+    settings.EMAIL_BACKEND = "robust_mail.backends.RobustEmailBackend"
+    settings.INSTALLED_APPS = [a for a in settings.INSTALLED_APPS if a != "robust_mail"]
+    backends._warn_if_not_installed.cache_clear()
+    try:
+        mail.get_connection()
+        mail.get_connection()
+    finally:
+        backends._warn_if_not_installed.cache_clear()
+
+    warnings = [r for r in caplog.records if "not in INSTALLED_APPS" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
