@@ -4,6 +4,7 @@ with a message that names the option, never a traceback, an overflow or a busy l
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 from django.core.management import call_command, load_command_class
@@ -52,3 +53,29 @@ def test_worker_help_states_the_whole_rule_for_the_default_mailer() -> None:
         "'default' if robust_mail serves it, else the first alias it serves, else ROBUST_MAIL"
         in help_text
     )
+
+
+@pytest.fixture
+def empty_db(tmp_path: Any, django_db_blocker: Any) -> Any:
+    """A database alias that exists but was never migrated."""
+    from django.db import connections
+
+    alias = "never_migrated"
+    path = str(tmp_path / "empty.sqlite3")
+    connections.settings[alias] = {
+        **connections.settings["default"],
+        "NAME": path,
+        "TEST": {"NAME": path},
+    }
+    with django_db_blocker.unblock():
+        try:
+            yield alias
+        finally:
+            connections[alias].close()
+            del connections[alias]
+            del connections.settings[alias]
+
+
+def test_worker_on_a_database_never_migrated_says_to_migrate(empty_db: str) -> None:
+    with pytest.raises(CommandError, match=r"no outbox table .* run `manage.py migrate` first"):
+        call_command("robust_mail_worker", "--once", "--database", empty_db, stdout=io.StringIO())

@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import router
+from django.db import connections, router
 from django.utils import timezone
 
 from robust_mail.models.outbox import OutboxMessage, OutboxStatus
@@ -50,7 +49,7 @@ class Command(BaseCommand):
         if not 0 <= days <= MAX_DAYS:
             raise CommandError(f"--older-than must be a number of days from 0 to {MAX_DAYS}")
         alias = options["database"] or router.db_for_write(OutboxMessage)
-        if alias not in settings.DATABASES:
+        if alias not in connections.settings:  # DATABASES, as Django reads it
             raise CommandError(f"--database: no database {alias!r} in settings.DATABASES")
         cutoff = timezone.now() - timedelta(days=days)
         old = OutboxMessage.objects.using(alias).filter(status__in=FINISHED, created_at__lt=cutoff)

@@ -6,10 +6,11 @@ import signal
 import types
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections, router
 
+from robust_mail.models.outbox import OutboxMessage
 from robust_mail.outbox_delivery import delivery_config
 from robust_mail.worker import Worker
 
@@ -68,7 +69,7 @@ class Command(BaseCommand):
             raise CommandError(
                 f"--sleep must be a number of seconds above 0, at most {MAX_SLEEP:g}"
             )
-        if options["database"] is not None and options["database"] not in settings.DATABASES:
+        if options["database"] is not None and options["database"] not in connections.settings:
             raise CommandError(
                 f"--database: no database {options['database']!r} in settings.DATABASES"
             )
@@ -76,6 +77,7 @@ class Command(BaseCommand):
             config = delivery_config(options["mailer"])
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc
+        _require_outbox_table(options["database"] or router.db_for_write(OutboxMessage))
         worker = Worker(
             config=config,
             concurrency=options["concurrency"],
@@ -111,3 +113,17 @@ class Command(BaseCommand):
     def _report(self, line: str) -> None:
         self.stdout.write(line)
         self.stdout.flush()
+
+
+def _require_outbox_table(alias: str) -> None:
+    """A database without the outbox's table is a setup step missed, not an outage to wait
+    out: say so at once. A database that cannot be asked is left to the worker's retries."""
+    try:
+        tables = connections[alias].introspection.table_names()
+    except DatabaseError:
+        return
+    if OutboxMessage._meta.db_table not in tables:
+        raise CommandError(
+            f"database {alias!r} has no outbox table ({OutboxMessage._meta.db_table}): "
+            "run `manage.py migrate` first"
+        )
