@@ -122,3 +122,11 @@ def test_example_project_status_json_is_valid_when_a_latency_lies_beyond_the_las
         None,
         1,
     )
+
+
+def test_status_on_a_per_process_cache_says_it_shows_only_its_own_process() -> None:
+    # The suite's cache is LocMem: the status command's process sent nothing itself.
+    out = _status()
+
+    assert "cache 'default' is per process: this shows only this command's own process" in out
+    assert "shared state read" not in out

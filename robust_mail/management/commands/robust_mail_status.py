@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 from robust_mail import metrics
 from robust_mail.conf import get_config
 from robust_mail.mailers import providers_in_use
+from robust_mail.otp_checks import UNSHARED_CACHES
 from robust_mail.state import get_breaker
 
 #: Counters of the second table; ``breaker_opened`` goes with the breaker in the first. Two
@@ -116,15 +119,23 @@ def render(data: dict[str, Any]) -> str:
             ]
         )
         counters.append([entry["name"], *(str(values.get(c, 0)) for c in _COUNTER_COLUMNS)])
-    return (
-        f"{_table(breakers)}\n{_table(counters)}\n({_source(data)}; latency: bucket upper bounds)\n"
-    )
+    note = textwrap.fill(f"({_source(data)}; latency: bucket upper bounds)", width=100)
+    return f"{_table(breakers)}\n{_table(counters)}\n{note}\n"
 
 
 def _source(data: dict[str, Any]) -> str:
-    if data.get("cache_reachable", True):
-        return f"shared state read from cache {data['cache']!r}"
-    return f"cache {data['cache']!r} unreachable: this process's counts since it went down"
+    cache = data["cache"]
+    if not data.get("cache_reachable", True):
+        return f"cache {cache!r} unreachable: this process's counts since it went down"
+    unshared = UNSHARED_CACHES.get(str(settings.CACHES.get(cache, {}).get("BACKEND", "")))
+    if unshared is not None:
+        # LocMem: this command's own process, which sent nothing; other processes' counts
+        # and breakers are invisible here.
+        return (
+            f"cache {cache!r} is {unshared}: this shows only this command's own process; "
+            "point ROBUST_MAIL['CACHE'] at Redis or memcached to see the deployment"
+        )
+    return f"shared state read from cache {cache!r}"
 
 
 def _table(rows: list[list[str]]) -> str:
