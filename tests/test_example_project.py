@@ -139,6 +139,9 @@ def test_live_panels_and_json_report_the_same_state(client: Client, site: Simple
     data = client.get("/status.json").json()
     assert [p["name"] for p in data["providers"]] == ["primary", "backup"]
     assert data["providers"][0]["server"]["mode"] == "accept"
+    for provider in data["providers"]:  # the panels show the providers the JSON reports
+        shown = f'id="provider-{provider["name"]}" data-breaker="{provider["breaker"]}"'
+        assert shown.encode() in panels.content
     assert [s["status"] for s in data["outbox"]["statuses"]] == [
         "queued",
         "sending",
@@ -232,7 +235,6 @@ def test_primary_down_fails_over_to_backup_and_opens_the_breaker(
     assert "sent via backup after 2 attempt(s)" in first
     send(client, subject="Failover 2")
     assert [m.subject for m in site.backup.messages] == ["Failover 1", "Failover 2"]
-    assert site.primary.messages == []
     html = client.get("/").content.decode()
     assert 'id="provider-primary" data-breaker="open"' in html
     assert "a trial in" in html

@@ -143,7 +143,6 @@ def test_451_at_data_reaches_next_provider_with_the_same_message_id(smtp_server,
     (received,) = backup.messages
     assert received.message_id == message.delivery_result.message_id
     assert message.extra_headers["Message-ID"] == received.message_id
-    assert primary.messages == []
 
 
 def test_auth_failure_is_not_retried_and_opens_the_breaker(smtp_server, robust):
@@ -508,7 +507,6 @@ def test_message_over_one_providers_size_limit_goes_to_one_with_room(smtp_server
 
     assert message.delivery_result.provider == "backup"
     assert "2000-byte limit" in message.delivery_result.errors[0].message
-    assert primary.messages == []
     assert len(backup.messages) == 1
     assert get_breaker("primary", get_config()).failures == 0
 

@@ -39,7 +39,7 @@ def service(clock: Clock | None = None) -> OTPService:
     return OTPService(clock=clock or Clock())
 
 
-def test_issued_code_arrives_by_email_and_verifies_once(mail_server):
+def test_issued_code_arrives_by_email_and_verifies(mail_server):
     server = mail_server()
     otp = service()
 
@@ -53,8 +53,7 @@ def test_issued_code_arrives_by_email_and_verifies_once(mail_server):
     assert code not in received.message["Subject"]
     assert received.message["Subject"] == "Your sign-in code"
     assert issued.sent and issued.code is None
-    assert otp.verify(USER, code).ok
-    assert not otp.verify(USER, code).ok
+    assert otp.verify(USER, code).ok  # once: see the replay test below
 
 
 def test_verify_succeeds_then_a_replay_fails(mail_server):
@@ -125,11 +124,6 @@ def test_database_holds_a_keyed_hmac_not_the_code_nor_its_plain_hash(mail_server
     row = OneTimePassword.objects.get()
     assert row.code_hash != code
     assert row.code_hash != hashlib.sha256(code.encode()).hexdigest()
-    # Without the key, trying all 10**6 codes with plain SHA-256 finds nothing.
-    assert all(
-        hashlib.sha256(f"{n:06d}".encode()).hexdigest() != row.code_hash
-        for n in range(0, 10**6, 997)
-    )
     key = code_keys(otp.config)[0]
     assert key != b"tests-only-not-a-secret"
     data = "\x00".join(("robust_mail.otp", "login", USER, code)).encode()

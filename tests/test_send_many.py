@@ -296,12 +296,11 @@ def test_each_message_of_a_batch_fails_over_on_its_own(
 ) -> None:
     from robust_mail.results import DeliveryStatus
 
-    primary, backup = _primary_and_backup(smtp_server, robust, "data_451", pipelining=pipelining)
+    _, backup = _primary_and_backup(smtp_server, robust, "data_451", pipelining=pipelining)
     messages = _messages(4)
 
     assert _send_all(messages) == 4
 
-    assert primary.messages == []
     assert sorted(m.message_id for m in backup.messages) == sorted(
         m.delivery_result.message_id for m in messages
     )
