@@ -1,6 +1,7 @@
 """Run one test SMTP server in the foreground.
 
-    python -m robust_mail.testing --port 2525 --mode accept [--tls starttls] [--name primary]
+    python -m robust_mail.testing --port 2525 --mode accept [--tls starttls [--certs-dir DIR]]
+        [--name primary] [--show-body]
 
 Prints where it listens (and the CA file to trust when TLS is on), then one
 line per received message. Stops on Ctrl-C or SIGTERM.
@@ -9,28 +10,71 @@ line per received message. Stops on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import errno
+import io
+import ipaddress
 import signal
 import sys
 import threading
+import unicodedata
 from collections.abc import Sequence
+from email.message import EmailMessage
+from pathlib import Path
 from types import FrameType
 
+from robust_mail.testing.certs import TestCertificates
 from robust_mail.testing.modes import Mode
 from robust_mail.testing.received import ReceivedMessage
 from robust_mail.testing.smtp import SMTPTestServer
 
+PROG = "python -m robust_mail.testing"
+
+
+def _loopback_host(value: str) -> str:
+    """An argparse type: the host, when it is a loopback address."""
+    if value.lower() == "localhost":
+        return value
+    try:
+        loopback = ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a loopback address; the test server listens on "
+            "127.0.0.0/8, ::1 or localhost only"
+        )
+    return value
+
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m robust_mail.testing",
+        prog=PROG,
         description="A fault-injecting SMTP server for trying robust_mail out. Local use only.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=2525, help="port to bind, 0 for any (2525)")
     parser.add_argument(
-        "--mode", default=Mode.ACCEPT.value, choices=[mode.value for mode in Mode], metavar="MODE"
+        "--host",
+        type=_loopback_host,
+        default="127.0.0.1",
+        help="loopback address to bind: 127.0.0.0/8, ::1 or localhost (127.0.0.1)",
+    )
+    parser.add_argument("--port", type=int, default=2525, help="port to bind, 0 for any (2525)")
+    modes = [mode.value for mode in Mode]
+    parser.add_argument(
+        "--mode",
+        default=Mode.ACCEPT.value,
+        choices=modes,
+        metavar="MODE",
+        help=f"fault to inject, one of: {', '.join(modes)} (accept); see docs/testing.md",
     )
     parser.add_argument("--tls", choices=["starttls", "implicit"], default=None)
+    parser.add_argument(
+        "--certs-dir",
+        type=Path,
+        metavar="DIR",
+        help="with --tls: keep the CA and server certificate in DIR, made on first use and "
+        "reused afterwards, so SSL_CAFILE stays valid across restarts "
+        "(default: a temporary CA, deleted on stop)",
+    )
     parser.add_argument("--name", default="", help="label printed with each message")
     parser.add_argument(
         "--auth",
@@ -40,35 +84,84 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="accept this login (repeatable); AUTH is then required",
     )
     parser.add_argument("--reply-delay", type=float, default=0.0, help="seconds, for --mode slow")
+    parser.add_argument(
+        "--show-body",
+        action="store_true",
+        help="also print each message's text (the text/plain part, else the first text part)",
+    )
     args = parser.parse_args(argv)
     for entry in args.auth:
         if ":" not in entry:
             parser.error(f"--auth expects USER:PASSWORD, got {entry!r}")
+    if args.certs_dir is not None and args.tls is None:
+        parser.error("--certs-dir is only used with --tls")
     return args
 
 
-def _print_message(label: str, message: ReceivedMessage) -> None:
-    print(
-        f"{label}from={message.mail_from} to={', '.join(message.rcpt_tos)} "
-        f"subject={message.subject!r} tls={message.tls}",
-        flush=True,
+def _body_text(message: EmailMessage) -> str | None:
+    """The text/plain body, decoded; else the first text part; None without text."""
+    part = message.get_body(preferencelist=("plain",))
+    if part is None:
+        part = next((p for p in message.walk() if p.get_content_maintype() == "text"), None)
+    if part is None:
+        return None
+    try:
+        text = part.get_content()
+    except LookupError:  # an unknown charset
+        payload = part.get_payload(decode=True)
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+    return str(text)
+
+
+def _printable(line: str) -> str:
+    # The body is arbitrary input: keep escape sequences from driving the terminal.
+    return "".join(
+        f"\\x{ord(char):02x}" if unicodedata.category(char) == "Cc" and char != "\t" else char
+        for char in line
     )
+
+
+def _print_message(label: str, message: ReceivedMessage, show_body: bool) -> None:
+    lines = [
+        f"{label}from={message.mail_from} to={', '.join(message.rcpt_tos)} "
+        f"subject={message.subject!r} tls={message.tls}"
+    ]
+    if show_body:
+        text = _body_text(message.message)
+        body = text.splitlines() if text is not None else ["(no text part)"]
+        lines.extend(f"{label}  {_printable(line)}" for line in body)
+    print("\n".join(lines), flush=True)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A message in a script the terminal cannot show must not stop the server.
+        sys.stdout.reconfigure(errors="backslashreplace")
     label = f"[{args.name}] " if args.name else ""
     auth = dict(entry.split(":", 1) for entry in args.auth) or None
-    server = SMTPTestServer(
-        args.mode,
-        host=args.host,
-        port=args.port,
-        tls=args.tls,
-        auth=auth,
-        reply_delay=args.reply_delay,
-        name=args.name,
-        on_message=lambda message: _print_message(label, message),
-    )
+    try:
+        certificates = None
+        if args.certs_dir is not None:
+            certificates = TestCertificates(directory=args.certs_dir.expanduser())
+        server = SMTPTestServer(
+            args.mode,
+            host=args.host,
+            port=args.port,
+            tls=args.tls,
+            certificates=certificates,
+            auth=auth,
+            reply_delay=args.reply_delay,
+            name=args.name,
+            on_message=lambda message: _print_message(label, message, args.show_body),
+        )
+    except (ImportError, ValueError, OSError) as exc:
+        return _fail(str(exc))
     stopping = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -76,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    with server:
+    try:
+        server.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return _fail(f"port {args.port} on {args.host} is in use")
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    try:
         print(
             f"{label}SMTP test server on {server.host}:{server.port} "
             f"mode={server.mode.value} tls={server.tls or 'none'}",
@@ -86,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{label}CA certificate to trust: {server.certificates.ca_file}", flush=True)
         while not stopping.wait(0.5):
             pass
+    finally:
+        server.stop()
     return 0
 
 
