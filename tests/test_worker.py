@@ -397,3 +397,24 @@ def test_each_message_goes_through_the_providers_of_the_mailer_that_queued_it(
     assert [m.subject for m in bulk.messages] == ["news"]
     assert [m.subject for m in relay.messages] == ["alert"]
     assert main.messages == []
+
+
+def test_worker_command_once_says_what_it_left_for_later(smtp_server: Any, robust: Any) -> None:
+    import re
+
+    server = smtp_server()
+    robust([provider(server, "only")])
+    queue(1)
+    later = timezone.now() + timedelta(minutes=2)
+    enqueue(EmailMessage("later", "body", "f@example.com", ["r@example.com"]), not_before=later)
+    out = io.StringIO()
+
+    call_command("robust_mail_worker", "--once", stdout=out)
+
+    assert len(server.messages) == 1
+    last = out.getvalue().splitlines()[-1]
+    assert re.fullmatch(
+        r"stopped: sent 1, retried 0, failed 0, released 0; "
+        r"1 queued for later, the first due in 1[12]\ds",
+        last,
+    ), last

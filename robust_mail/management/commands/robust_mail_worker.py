@@ -9,8 +9,10 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections, router
+from django.db.models import Count, Min
+from django.utils import timezone
 
-from robust_mail.models.outbox import OutboxMessage
+from robust_mail.models.outbox import OutboxMessage, OutboxStatus
 from robust_mail.outbox_delivery import delivery_config
 from robust_mail.worker import Worker
 
@@ -105,9 +107,10 @@ class Command(BaseCommand):
                 signal.signal(signum, handler)
         # "lease lost" only when some were: their outcome is unknown here, another worker's.
         lost = f", lease lost {stats.lost}" if stats.lost else ""
+        waiting = _waiting(options["database"]) if options["once"] else ""
         self.stdout.write(
             f"stopped: sent {stats.sent}, retried {stats.retried}, "
-            f"failed {stats.failed + stats.dead}, released {stats.released}{lost}"
+            f"failed {stats.failed + stats.dead}, released {stats.released}{lost}{waiting}"
         )
 
     def _report(self, line: str) -> None:
@@ -127,3 +130,23 @@ def _require_outbox_table(alias: str) -> None:
             f"database {alias!r} has no outbox table ({OutboxMessage._meta.db_table}): "
             "run `manage.py migrate` first"
         )
+
+
+def _waiting(alias: str | None) -> str:
+    """For ``--once``: what it left queued, not yet due, and when the first is due.
+
+    A message the fallback queued with a provider's half-open time (or a retry's time) is
+    not due yet: without this, "queue left 1" after a run that sent everything due reads
+    like a message the worker missed.
+    """
+    rows = OutboxMessage.objects.using(alias or router.db_for_read(OutboxMessage))
+    try:
+        queued = rows.filter(status=OutboxStatus.QUEUED).aggregate(
+            count=Count("pk"), first=Min("next_attempt_at")
+        )
+    except DatabaseError:
+        return ""
+    if not queued["count"]:
+        return ""
+    wait = max(0.0, (queued["first"] - timezone.now()).total_seconds())
+    return f"; {queued['count']} queued for later, the first due in {wait:.0f}s"
