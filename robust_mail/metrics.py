@@ -56,7 +56,9 @@ COUNTERS: dict[str, str] = {
     "sent": "messages the provider accepted (fully or partially)",
     "failed": "attempts that failed at this provider",
     "retried": "retries after a transient failure",
-    "failed_over": "messages handed on to the next provider",
+    # Counted on the provider that takes the message over; a skip past an open breaker is
+    # not an attempt, so it is not counted (the breaker_opened counter tells that story).
+    "failed_over": "messages this provider was tried for after an earlier provider failed",
     "fallback": "messages handled by the fallback (outbox or console) after this provider, "
     "the last one tried, failed or was skipped",
     "breaker_opened": "times the provider's circuit breaker opened",

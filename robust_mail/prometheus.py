@@ -53,7 +53,10 @@ COUNTER_FAMILIES: dict[str, tuple[str, str]] = {
     "sent": ("robust_mail_messages_sent", "Messages accepted by the provider."),
     "failed": ("robust_mail_send_failures", "Delivery attempts that failed at the provider."),
     "retried": ("robust_mail_retries", "Retries after a transient failure."),
-    "failed_over": ("robust_mail_failovers", "Messages handed on to the next provider."),
+    "failed_over": (
+        "robust_mail_failovers",
+        "Messages the provider was tried for after an earlier provider failed.",
+    ),
     "fallback": ("robust_mail_fallbacks", "Messages handled by the fallback."),
     "breaker_opened": ("robust_mail_breaker_opened", "Times the circuit breaker opened."),
     "refused_recipients": (
