@@ -251,3 +251,14 @@ def test_show_body_prints_the_decoded_text_part() -> None:
         "[primary] from=noreply@example.com to=new@example.com subject='HTML only' tls=False",
         "[primary]   <p>Code\\x1b[2J 771204</p>",
     ]
+
+
+def test_without_aiosmtpd_the_error_names_the_extra_to_install() -> None:
+    import subprocess
+    import sys
+
+    script = "import sys; sys.modules['aiosmtpd'] = None; import robust_mail.testing"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    assert done.returncode != 0
+    assert "pip install 'robust-mail[testing]'" in done.stderr

@@ -9,7 +9,17 @@ from __future__ import annotations
 from robust_mail.testing.certs import TestCertificates, default_certificates
 from robust_mail.testing.modes import Mode
 from robust_mail.testing.received import ReceivedMessage
-from robust_mail.testing.smtp import SMTPTestServer
+
+try:
+    from robust_mail.testing.smtp import SMTPTestServer
+except ModuleNotFoundError as exc:  # say which extra brings it, not just its name
+    if (exc.name or "").partition(".")[0] != "aiosmtpd":
+        raise
+    raise ModuleNotFoundError(
+        "robust_mail.testing needs aiosmtpd, from the testing extra: "
+        "pip install 'robust-mail[testing]'",
+        name="aiosmtpd",
+    ) from exc
 
 __all__ = [
     "Mode",
