@@ -23,7 +23,7 @@ from django.core.mail import EmailMessage
 
 from robust_mail import metrics
 from robust_mail.breaker import BreakerState
-from robust_mail.conf import DNSConfig, RobustMailConfig
+from robust_mail.conf import DNSConfig, PoolConfig, RobustMailConfig
 from robust_mail.envelope import Envelope, build_envelope, pin_message
 from robust_mail.exceptions import (
     Classification,
@@ -63,12 +63,14 @@ def resolver_for(dns: DNSConfig) -> Resolver:
 
 @dataclass(frozen=True)
 class _PoolKey:
-    """A pool's identity: the provider, and the DNS configuration its connections resolve
-    with (its factory captures that resolver, so one provider under two DNS settings — two
-    MAILERS aliases, or override_settings — is two pools)."""
+    """A pool's identity: the provider, the DNS configuration its connections resolve with
+    (its factory captures that resolver), and the pool settings. One provider under two
+    MAILERS aliases with other DNS or POOL settings is two pools: otherwise whichever alias
+    sent last would set the size and limits of both."""
 
     provider: ProviderConfig
     dns: DNSConfig
+    pool: PoolConfig
 
     @property
     def name(self) -> str:  # the pool's name in logs and stats
@@ -412,7 +414,7 @@ class Dispatcher(Runs):
         """
         resolver = resolver_for(self.config.dns)
         pool = pools.get(
-            _PoolKey(provider, self.config.dns),
+            _PoolKey(provider, self.config.dns, self.config.pool),
             lambda: SMTPConnection(provider, resolver=resolver),
             size=self.config.pool.size,
             idle_timeout=self.config.pool.idle_timeout,

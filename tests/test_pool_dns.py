@@ -1,4 +1,4 @@
-"""A provider's pooled connections resolve with the DNS settings in force, not the first.
+"""A provider's pooled connections follow the DNS and POOL settings in force, not the first.
 
 The pool's factory captures a resolver; a pool keyed on the provider alone kept the first
 DNS configuration's for the life of the process (another MAILERS alias with other ``dns``
@@ -32,3 +32,18 @@ def test_a_new_dns_configuration_is_used_for_a_provider_already_pooled(
 
         assert ("mail.test", "A") in second.queries
     assert len(server.messages) == 2
+
+
+def test_a_provider_under_other_pool_settings_gets_a_pool_of_its_own(
+    smtp_server: Any, robust: Any
+) -> None:
+    # Two MAILERS aliases (here, one after the other) with one provider and other POOL
+    # settings: each keeps its own size instead of the last sender's.
+    server = smtp_server()
+    entry = provider(server, "p")
+    robust([entry], POOL={"SIZE": 2})
+    assert mail.send_mail("s", "b", "a@example.com", ["x@example.com"]) == 1
+    robust([entry], POOL={"SIZE": 7, "MAX_MESSAGES": 50})
+    assert mail.send_mail("s", "b", "a@example.com", ["x@example.com"]) == 1
+
+    assert sorted(pool.size for pool in pools.all()) == [2, 7]
