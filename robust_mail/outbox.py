@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.db import DatabaseError, IntegrityError, connections, router, transaction
 from django.db.models import BooleanField, Case, F, Q, TextField, Value, When
@@ -33,6 +34,7 @@ from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 from django.utils.encoding import force_str
 
+from robust_mail.conf import ConfigurationError
 from robust_mail.db import insert
 from robust_mail.envelope import build_envelope, pin_message
 from robust_mail.exceptions import Classification, InvalidMessage, RobustMailError
@@ -94,6 +96,7 @@ def enqueue(
     Message-ID over 255 characters included), ``ValueError`` for an ``idempotency_key``
     over 255 characters, :class:`OutboxUnavailable` when the database fails.
     """
+    _check_deliverable(mailer)
     message_id = pin_message(message)
     _check_fits(message_id, idempotency_key)
     payload = message_to_data(message)  # InvalidMessage for what JSON cannot hold
@@ -136,6 +139,27 @@ def enqueue(
         ) from exc
     transaction.on_commit(functools.partial(_committed, message, row.pk, alias), using=alias)
     return row
+
+
+def _check_deliverable(mailer: str | None) -> None:
+    """Refuse a message nothing could ever deliver, rather than store it to go dead.
+
+    On Django 6.1 with MAILERS but no alias served by robust_mail, and no PROVIDERS in
+    ROBUST_MAIL, the delivery configuration has no provider: a worker would retry the
+    message until MAX_AGE (a sign-in code queued by default, say). Check W033 warns too.
+    """
+    from robust_mail.outbox_delivery import delivery_config  # it imports this module
+
+    try:
+        providers = delivery_config(mailer).providers
+    except ImproperlyConfigured as exc:
+        raise ConfigurationError(f"cannot queue for mailer {mailer!r}: {exc}") from exc
+    if not providers:
+        raise ConfigurationError(
+            "no configuration can deliver queued messages: MAILERS has no alias with "
+            "robust_mail's backend and ROBUST_MAIL has no PROVIDERS (see check "
+            "robust_mail.W033)"
+        )
 
 
 def _check_transactions(alias: str) -> None:

@@ -7,6 +7,7 @@ E030   OUTBOX LEASE is not longer than RETRY DEADLINE
 W030   OUTBOX LEASE is shorter than two worst-case deliveries
 W031   TASKS is set but no tasks framework is installed
 W032   the delivery task could not be defined for the TASKS backend
+W033   nothing can deliver the outbox (MAILERS without a robust alias, no PROVIDERS)
 =====  ==================================================================
 """
 
@@ -19,7 +20,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from robust_mail.conf import RobustMailConfig, setting_label
 from robust_mail.mailers import configurations
-from robust_mail.outbox_delivery import STEPS_PER_ATTEMPT, worst_case_delivery
+from robust_mail.outbox_delivery import STEPS_PER_ATTEMPT, delivery_config, worst_case_delivery
 
 
 @register("mail", "robust_mail")
@@ -27,20 +28,55 @@ def check_outbox(app_configs: object = None, **kwargs: Any) -> list[CheckMessage
     messages: list[CheckMessage] = []
     messages += _check_lease()
     messages += _check_tasks()
+    messages += _check_deliverable()
     return messages
+
+
+def _check_deliverable() -> list[CheckMessage]:
+    try:
+        providers = delivery_config().providers
+    except ImproperlyConfigured:
+        return []  # reported by robust_mail.checks
+    if providers:
+        return []
+    return [
+        Warning(
+            "Nothing can deliver robust_mail's outbox: MAILERS has no alias with "
+            "robust_mail's backend and ROBUST_MAIL has no PROVIDERS. Background sends, "
+            "sign-in codes and password-reset codes are refused.",
+            hint="Give a MAILERS alias robust_mail.backends.RobustEmailBackend (or "
+            "OutboxEmailBackend) with providers in its OPTIONS, or set ROBUST_MAIL['PROVIDERS'].",
+            id="robust_mail.W033",
+        )
+    ]
 
 
 def _check_lease() -> list[CheckMessage]:
     # Every configuration that delivers outbox messages: ROBUST_MAIL's, and each MAILERS
-    # alias's (a message queued through an alias is delivered with its options).
+    # alias's (a message queued through an alias is delivered with its options). Any
+    # worker may claim any message, with its own configuration's LEASE (--mailer picks
+    # it): each configuration's deliveries must fit in the shortest LEASE.
     try:
         found = configurations()
     except ImproperlyConfigured:
         return []  # reported by robust_mail.checks
+    if not found:
+        return []
+    lease_alias, lease_config = min(found, key=lambda item: item[1].outbox.lease)
+    lease = (lease_config.outbox.lease, _labels(lease_alias)[0])
     messages: list[CheckMessage] = []
     for alias, config in found:
-        messages += _lease_problems(config, _labels(alias))
+        also = (
+            ""
+            if alias == lease_alias
+            else f" (a worker with that LEASE also claims messages of {_whose(alias)})"
+        )
+        messages += _lease_problems(config, lease, _labels(alias)[1], also)
     return messages
+
+
+def _whose(alias: str | None) -> str:
+    return "ROBUST_MAIL" if alias is None else f"MAILERS[{alias!r}]"
 
 
 def _labels(alias: str | None) -> tuple[str, str]:
@@ -52,13 +88,16 @@ def _labels(alias: str | None) -> tuple[str, str]:
     )
 
 
-def _lease_problems(config: RobustMailConfig, labels: tuple[str, str]) -> list[CheckMessage]:
-    lease, deadline = config.outbox.lease, config.retry.deadline
-    lease_label, deadline_label = labels
+def _lease_problems(
+    config: RobustMailConfig, lease_of: tuple[float, str], deadline_label: str, also: str
+) -> list[CheckMessage]:
+    lease, lease_label = lease_of
+    deadline = config.retry.deadline
     if lease <= deadline:
         return [
             Error(
-                f"{lease_label} ({lease:g}s) is not longer than {deadline_label} ({deadline:g}s).",
+                f"{lease_label} ({lease:g}s) is not longer than {deadline_label} "
+                f"({deadline:g}s){also}.",
                 hint=(
                     "A worker may still be sending a message when its lease expires, and "
                     "another worker would send it again. Make LEASE several times DEADLINE."
@@ -74,7 +113,7 @@ def _lease_problems(config: RobustMailConfig, labels: tuple[str, str]) -> list[C
             Warning(
                 f"{lease_label} ({lease:g}s) is shorter than two worst-case deliveries "
                 f"({2 * worst:g}s; one is RETRY DEADLINE plus {STEPS_PER_ATTEMPT} provider "
-                "TIMEOUTs for a last attempt).",
+                f"TIMEOUTs for a last attempt){also}.",
                 hint=(
                     f"Raise LEASE to at least {2 * worst:g}s: a worker then never starts a "
                     "message that a slow provider could keep sending past its lease, when "

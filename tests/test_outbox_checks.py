@@ -86,7 +86,57 @@ def test_e030_is_checked_for_every_mailers_alias_and_names_it(settings: Any) -> 
         "bulk": {"BACKEND": "robust_mail.backends.OutboxEmailBackend", "OPTIONS": short},
     }
 
-    message = only("robust_mail.E030")
+    found = outbox_messages()
 
-    assert "MAILERS['bulk']['OPTIONS']['outbox']['lease'] (10s)" in message.msg
-    assert "MAILERS['bulk']['OPTIONS']['retry']['deadline'] (30s)" in message.msg
+    # A worker running with bulk's 10 s lease (--mailer bulk) claims every alias's messages.
+    assert {m.id for m in found} == {"robust_mail.E030"}
+    assert all("MAILERS['bulk']['OPTIONS']['outbox']['lease'] (10s)" in m.msg for m in found)
+    own = [m.msg for m in found if "also claims" not in m.msg]
+    assert own == [
+        "MAILERS['bulk']['OPTIONS']['outbox']['lease'] (10s) is not longer than "
+        "MAILERS['bulk']['OPTIONS']['retry']['deadline'] (30s)."
+    ]
+    assert any("also claims messages of MAILERS['default']" in m.msg for m in found)
+
+
+@needs_mailers
+def test_w030_checks_each_alias_against_the_shortest_lease_a_worker_may_claim_with(
+    settings: Any,
+) -> None:
+    # bulk's own lease holds two of its slow deliveries; default's, which a plain worker
+    # claims bulk's messages with, does not.
+    slow = {
+        "providers": ["smtp://127.0.0.1:2526?name=b&timeout=25"],
+        "retry": {"deadline": 120},
+        "outbox": {"lease": 900},
+    }
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": ["smtp://127.0.0.1:2525?name=a"]},
+        },
+        "bulk": {"BACKEND": "robust_mail.backends.OutboxEmailBackend", "OPTIONS": slow},
+    }
+
+    message = only("robust_mail.W030")
+
+    # The suite's settings module sets ROBUST_MAIL too: its 300 s LEASE or default's.
+    assert "['LEASE'] (300s)" in message.msg or "['lease'] (300s)" in message.msg
+    assert "also claims messages of MAILERS['bulk']" in message.msg
+
+
+@needs_mailers
+def test_w033_and_a_refused_enqueue_when_nothing_can_deliver_the_outbox(settings: Any) -> None:
+    from django.core.mail import EmailMessage
+
+    from robust_mail.conf import ConfigurationError
+    from robust_mail.outbox import enqueue
+
+    settings.ROBUST_MAIL = {"OTP": {"LENGTH": 8}}  # robust_mail for codes only
+    settings.MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+
+    warning = only("robust_mail.W033")
+    assert "Nothing can deliver robust_mail's outbox" in warning.msg
+    # A sign-in code queued here would wait until it went dead: refused instead.
+    with pytest.raises(ConfigurationError, match="no configuration can deliver queued"):
+        enqueue(EmailMessage("code", "123456", "f@example.com", ["t@example.com"]))
