@@ -21,7 +21,7 @@ E008   a value has the wrong type or is out of range
 E009   CACHE names an alias that is not in CACHES
 E010   a MAILER provider names a missing MAILERS alias, or its own alias
 E011   an SSL_CAFILE / SSL_CERTFILE / SSL_KEYFILE file does not exist
-E012   one provider NAME for different servers in two configurations (MAILERS aliases)
+E012   one provider NAME for different servers or accounts in two configurations (MAILERS)
 W001   FALLBACK "console" while DEBUG is False
 W002   a provider sends its password without TLS to a host that is not local
 W003   a provider's TIMEOUT is not shorter than RETRY DEADLINE
@@ -66,16 +66,19 @@ def _check_names_across_mailers() -> list[CheckMessage]:
     for alias, config in configurations():
         where = setting_label(alias=alias) if alias is not None else "ROBUST_MAIL"
         for provider in config.providers:
-            server = (provider.host, provider.port, provider.mailer)
+            # The account too: one name for two accounts on one server would share a
+            # breaker (one account's bad password would stop the other's mail).
+            server = (provider.host, provider.port, provider.mailer, provider.username)
             first = seen.setdefault(provider.name, (where, server))
             if first[1] != server:
                 messages.append(
                     Error(
-                        f"Provider name {provider.name!r} is used for different servers in "
+                        f"Provider name {provider.name!r} is used for different servers "
+                        f"or accounts in "
                         f"{first[0]} and {where}: they would share one circuit breaker (one "
                         "failing would stop sends to the other) and one set of counters.",
-                        hint="Give each server its own NAME; the same name is fine only for "
-                        "the same host and port.",
+                        hint="Give each server and account its own NAME; the same name is "
+                        "fine only for the same host, port and USERNAME.",
                         id="robust_mail.E012",
                     )
                 )

@@ -131,3 +131,17 @@ def test_providers_that_all_delegate_are_not_reported_reachable(settings):
     assert error is None  # nothing failed
     assert "delegates to mailer 'api': not checked over SMTP" in out
     assert "no SMTP provider to check" in out and "reachable" not in out
+
+
+@needs_mailers
+def test_a_name_reused_with_another_account_is_checked_again(smtp_server, settings):
+    server = smtp_server(auth={"good": "right-pw-123"})
+    at = f"127.0.0.1:{server.port}"
+    settings.MAILERS = _two_aliases(
+        [f"smtp://good:right-pw-123@{at}?name=p"], [f"smtp://bad:wrong-pw-456@{at}?name=p"]
+    )
+
+    out, error = _check()
+
+    assert error is not None and "1 provider(s) failed: p" in str(error)
+    assert "checked above" not in out

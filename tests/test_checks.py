@@ -360,3 +360,16 @@ def test_e012_one_provider_name_for_two_servers_across_mailers(settings: Any) ->
 
     settings.MAILERS["bulk"]["OPTIONS"]["providers"] = ["smtp://h1?name=primary"]
     assert "robust_mail.E012" not in ids()  # the same server: one breaker is right
+
+
+@needs_mailers
+def test_e012_one_provider_name_for_two_accounts_on_one_server(settings: Any) -> None:
+    # One account's bad password would open the breaker the other account's mail uses.
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": ["smtp://a:x@h1?name=p"]}},
+        "bulk": {"BACKEND": OUTBOX, "OPTIONS": {"providers": ["smtp://b:y@h1?name=p"]}},
+    }
+
+    message = only("robust_mail.E012")
+
+    assert "servers or accounts" in message.msg and "USERNAME" in (message.hint or "")

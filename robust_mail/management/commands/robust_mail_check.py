@@ -34,7 +34,7 @@ class Command(BaseCommand):
         unknown = wanted - {p.name for _, config in found for p in config.providers}
         if unknown:
             raise CommandError(f"no such provider: {', '.join(sorted(unknown))}")
-        checked: set[str] = set()
+        checked: dict[str, ProviderConfig] = {}
         delegated: set[str] = set()
         failed: list[str] = []
         for alias, config in found:
@@ -42,7 +42,9 @@ class Command(BaseCommand):
             if alias is not None and mine:
                 self.stdout.write(f"mailer {alias!r}")
             for provider in mine:
-                if provider.name in checked | delegated:  # one name, one server (E012)
+                # Only the very same provider is skipped: another alias may use the name
+                # with other credentials or TLS settings (E012 reports the former).
+                if checked.get(provider.name) == provider or provider.name in delegated:
                     self.stdout.write(f"{provider.name}  checked above")
                 elif provider.mailer:
                     delegated.add(provider.name)
@@ -51,7 +53,7 @@ class Command(BaseCommand):
                         "not checked over SMTP"
                     )
                 else:
-                    checked.add(provider.name)
+                    checked[provider.name] = provider
                     if not self._check(provider, config):
                         failed.append(provider.name)
         if failed:
