@@ -90,7 +90,15 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
     def get_readonly_fields(
         self, request: HttpRequest, obj: OutboxMessage | None = None
     ) -> list[str]:
-        return [f.name for f in OutboxMessage._meta.fields] + ["preview"]
+        return [f.name for f in OutboxMessage._meta.fields] + ["preview", "preview_headers"]
+
+    def get_fieldsets(self, request: HttpRequest, obj: OutboxMessage | None = None) -> Any:
+        # Bodies only for staff who may act on the outbox: a message not marked sensitive
+        # may still carry a secret (Django's own password-reset email holds a reset link),
+        # and view-only staff must not be able to read it and sign in as its recipient.
+        if super().has_change_permission(request):
+            return self.fieldsets
+        return (*self.fieldsets[:-1], ("Message", {"fields": ("preview_headers",)}))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -181,6 +189,16 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
         )
         parts = format_html_join("\n", "{}", ((_render_part(p),) for p in parsed.walk()))
         return format_html("{}\n{}", headers, parts)
+
+    @admin.display(description="decoded message")
+    def preview_headers(self, obj: OutboxMessage) -> str:
+        """The preview for view-only staff: who and what, never the bodies."""
+        return format_html(
+            "<div><strong>Subject:</strong> {}</div><div><strong>To:</strong> {}</div>"
+            "<p><em>Bodies are shown to staff who may change outbox messages.</em></p>",
+            obj.subject,
+            obj.recipients,
+        )
 
     @admin.action(
         description="Retry now (failed, dead or waiting messages)", permissions=["change"]

@@ -136,3 +136,21 @@ def _queue_another() -> OutboxMessage:
         "Newsletter", "Nothing secret", ["user@example.com"], background=True
     )
     return OutboxMessage.objects.latest("pk")
+
+
+def test_view_only_staff_never_see_bodies_even_of_unmarked_messages(
+    django_user_model: Any, admin_client: Client
+):
+    # Django's own password-reset email is not marked sensitive, yet holds a reset link.
+    row = _queue(sensitive=False)
+    change = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
+    viewer = django_user_model.objects.create_user("viewer", password="pw-viewer-1", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_outboxmessage"))
+    client = Client()
+    client.force_login(viewer)
+
+    seen = client.get(change).content.decode()
+
+    assert "Sign-in code" in seen and SECRET not in seen
+    assert "Bodies are shown to staff who may change outbox messages" in seen
+    assert SECRET in admin_client.get(change).content.decode()  # who may act, may read
