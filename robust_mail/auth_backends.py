@@ -173,6 +173,10 @@ def request_login_code(
         except RateLimited as exc:
             minutes = max(1, round(exc.retry_after / 60))
             form.add_error(None, f"Too many codes were requested. Try again in {minutes} min.")
+        except ValueError as exc:
+            # An address EmailField accepts but that is no usable identifier (one that grows
+            # past 254 characters under NFKC): the visitor's input, not a server error.
+            form.add_error("email", str(exc))
         except RobustMailError:
             # Logged by the delivery layer; showing it would tell that the account exists.
             logger.warning("sign-in code could not be queued")

@@ -33,6 +33,7 @@ from django.db.models.functions import Coalesce
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 from django.utils.encoding import force_str
+from django.views.decorators.debug import sensitive_variables
 
 from robust_mail.conf import ConfigurationError
 from robust_mail.db import insert
@@ -63,6 +64,9 @@ class OutboxUnavailable(RobustMailError):
 # --- enqueue ---------------------------------------------------------------------------
 
 
+# Stars in Django's error reports: the payload and the built message hold the bodies (a
+# one-time code, a reset link) when the INSERT fails.
+@sensitive_variables("payload", "envelope", "row")
 def enqueue(
     message: EmailMessage,
     *,
@@ -134,9 +138,12 @@ def enqueue(
         logger.info("message with idempotency key %r already queued", idempotency_key)
         return existing
     except DatabaseError as exc:
-        raise OutboxUnavailable(
+        error = OutboxUnavailable(
             f"cannot store the message in the outbox (database {alias!r}): {exc}"
-        ) from exc
+        )
+        # A secret's message: not chained, so the database's frames (whose locals hold
+        # the INSERT's parameters, the bodies) stay out of error reports; the text stays.
+        raise error from (None if row.sensitive else exc)
     transaction.on_commit(functools.partial(_committed, message, row.pk, alias), using=alias)
     return row
 

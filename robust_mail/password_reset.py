@@ -251,6 +251,9 @@ class PasswordResetService:
         return user
 
     @class_or_instance
+    # Stars in Django's error reports for the new password and the token (a later failure:
+    # the UPDATE, a hasher, a validator's password_changed), as in verify.
+    @sensitive_variables("token", "new_password", "new_hash")
     def complete(self, token: str, new_password: str) -> Any:
         """Validate and set ``new_password``; the token and every old session die with it.
 

@@ -215,3 +215,24 @@ def test_failed_admin_sign_in_keeps_the_code_out_of_logged_credentials(mail_serv
 
     (line,) = logged
     assert EMAIL in line and wrong not in line
+
+
+@pytest.mark.django_db
+def test_an_address_nfkc_makes_too_long_is_a_form_error_not_a_500(settings: Any) -> None:
+    from django.contrib.messages.storage import default_storage
+    from django.contrib.sessions.middleware import SessionMiddleware
+    from django.test import RequestFactory
+
+    from robust_mail.auth_backends import LoginCodeRequestForm, request_login_code
+
+    email = "a@" + "\ufdfa" * 15 + ".com"  # EmailField accepts it; NFKC makes it 270+ long
+    assert LoginCodeRequestForm({"email": email}).is_valid()
+    request = RequestFactory().post("/", {"email": email})
+    request._dont_enforce_csrf_checks = True  # type: ignore[attr-defined]
+    SessionMiddleware(lambda r: None).process_request(request)  # type: ignore[arg-type,return-value]
+    request._messages = default_storage(request)  # type: ignore[attr-defined]
+
+    response = request_login_code(request, next_url="/")
+
+    assert response.status_code == 200  # the form again, with the error
+    assert b"254 characters" in response.content

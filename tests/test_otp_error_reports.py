@@ -14,15 +14,18 @@ from typing import Any
 import pytest
 from django.contrib.auth import authenticate
 from django.views.debug import ExceptionReporter
+from django.views.decorators.debug import sensitive_variables
 
 from robust_mail.auth_backends import EmailCodeAdminLoginForm
-from robust_mail.otp import OTPService
+from robust_mail.otp import OTPService, SecretCode
 from robust_mail.otp_store import DatabaseOTPStore
 
 pytestmark = pytest.mark.django_db
 
 EMAIL = "alice@example.com"
 STORE = "tests.test_otp_error_reports.FailingStore"
+#: A code that cannot occur in a report by chance, nor in this file's source as such.
+KNOWN = "".join(("QWER", "TYUP"))
 
 
 class FailingStore(DatabaseOTPStore):
@@ -104,3 +107,53 @@ def test_password_reset_verify_keeps_the_code_out_of_error_reports(django_user_m
     text = report(excinfo)
     assert "password_reset.py" in text and "in verify" in text
     assert code not in text
+
+
+def test_password_reset_complete_keeps_the_password_and_token_out_of_error_reports(
+    django_user_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import robust_mail.password_reset as password_reset
+
+    user = django_user_model.objects.create_user("alice", EMAIL, password="an old password")
+    token = password_reset.PasswordResetService().make_token(user)
+    new = "-".join(("Brand", "New", "Passw0rd", "xyz"))  # not in this file's source as such
+
+    @sensitive_variables()  # this stand-in's own frame is not what is tested
+    def broken_hasher(password: str) -> str:  # a failure after validation
+        raise RuntimeError("the password hasher could not be loaded")
+
+    monkeypatch.setattr(password_reset, "make_password", broken_hasher)
+    with pytest.raises(RuntimeError) as excinfo:
+        password_reset.PasswordResetService.complete(token, new)
+
+    text = report(excinfo)
+    assert "password_reset.py" in text and "in complete" in text
+    assert new not in text and token not in text
+
+
+def test_a_code_email_the_outbox_cannot_store_stays_out_of_error_reports(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.db import DatabaseError
+
+    import robust_mail.outbox as outbox
+    from robust_mail.exceptions import DeliveryFailed
+
+    settings.ROBUST_MAIL = {"OTP": {"ALPHABET": "alphanumeric", "LENGTH": 8}}
+
+    @sensitive_variables()  # this stand-in's own frame is not what is tested
+    def broken_insert(*args: Any, **kwargs: Any) -> None:  # the database refuses the INSERT
+        raise DatabaseError("database is locked")
+
+    monkeypatch.setattr(outbox, "insert", broken_insert)
+
+    class KnownCode(OTPService):
+        def generate(self) -> SecretCode:
+            return SecretCode(KNOWN)
+
+    with pytest.raises(DeliveryFailed) as excinfo:
+        KnownCode().issue(EMAIL, background=True)
+
+    text = report(excinfo)
+    assert "in enqueue" in text and "database is locked" in text
+    assert KNOWN not in text
