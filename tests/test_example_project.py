@@ -534,3 +534,13 @@ def test_terminal_tour_shows_each_failure_class(tmp_path: Path) -> None:
     assert results[3] == "-> sent via backup after 1 attempt(s)"  # breaker open: skipped
     assert results[4] == "-> sent via backup after 2 attempt(s)"  # unreachable: no retry
     assert "message_fatal at rcpt" in results[5]
+
+
+@pytest.mark.parametrize("url", ["/signin/", "/signin/code/", "/reset/code/", "/reset/new/"])
+def test_views_that_take_codes_or_passwords_keep_them_out_of_error_reports(
+    client: Client, site: SimpleNamespace, url: str
+) -> None:
+    response = client.post(url, {"email": "a@example.com", "code": "123456"})
+
+    hidden = set(getattr(response.wsgi_request, "sensitive_post_parameters", ()))
+    assert {"code", "password", "password1", "password2"} <= hidden

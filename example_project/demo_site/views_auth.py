@@ -18,6 +18,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods, require_POST
 
 from example_project.demo_site.forms import CodeForm, EmailForm, NewPasswordForm
@@ -29,6 +30,10 @@ logger = logging.getLogger("example_project")
 
 RESET_TOKEN = "demo_site_reset_token"
 WRONG_CODE = "That code is not valid. Check the newest email, or ask for a new code."
+
+
+#: Codes and passwords typed into these views never reach Django's error reports.
+_SECRET_FIELDS = sensitive_post_parameters("code", "password", "password1", "password2")
 
 
 def _next_url(request: HttpRequest) -> str:
@@ -51,6 +56,7 @@ def _too_many(exc: RateLimited) -> str:
 
 
 @require_http_methods(["GET", "POST"])
+@_SECRET_FIELDS
 def sign_in(request: HttpRequest) -> HttpResponse:
     """Ask for a code by email, or sign in with a password."""
     action = request.POST.get("action") if request.method == "POST" else None
@@ -84,6 +90,7 @@ def sign_in(request: HttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["GET", "POST"])
+@_SECRET_FIELDS
 def sign_in_code(request: HttpRequest) -> HttpResponse:
     """Type in the emailed code."""
     form = CodeForm(request.POST or None, initial={"email": request.GET.get("email", "")})
@@ -132,6 +139,7 @@ def reset(request: HttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["GET", "POST"])
+@_SECRET_FIELDS
 def reset_code(request: HttpRequest) -> HttpResponse:
     """Step 2: the code buys a short-lived, single-use reset token (kept in the session)."""
     form = CodeForm(request.POST or None, initial={"email": request.GET.get("email", "")})
@@ -147,6 +155,7 @@ def reset_code(request: HttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["GET", "POST"])
+@_SECRET_FIELDS
 def reset_new(request: HttpRequest) -> HttpResponse:
     """Step 3: choose the new password."""
     token = request.session.get(RESET_TOKEN)
