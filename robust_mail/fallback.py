@@ -22,6 +22,7 @@ from robust_mail import metrics
 from robust_mail.conf import ConfigurationError, RobustMailConfig
 from robust_mail.envelope import build_envelope, pin_message
 from robust_mail.results import DeliveryResult, DeliveryStatus
+from robust_mail.terminal import terminal_safe
 
 logger = logging.getLogger("robust_mail")
 
@@ -135,7 +136,7 @@ def write_console(message: EmailMessage, stream: TextIO | None = None) -> None:
         lines.append("[bodies withheld: DEBUG is False]")
     lines.append("-" * 72)
     with _console_lock:
-        out.write("\n".join(lines) + "\n")
+        out.write(terminal_safe("\n".join(lines)) + "\n")
         out.flush()
     logger.warning("message %s written to the console fallback", envelope.message_id)
 

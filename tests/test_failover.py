@@ -285,6 +285,21 @@ def test_console_fallback_prints_a_readable_message(smtp_server, robust, setting
     assert f"Cliquez ici : {link}" in out  # decoded, and the long link on one line
 
 
+def test_console_fallback_prints_no_terminal_escape_sequences(
+    smtp_server, robust, settings, capsys
+):
+    down = smtp_server("refuse")
+    robust([provider(down, "down")], FALLBACK="console")
+    settings.DEBUG = True
+    retitle, clipboard = "\x1b]0;pwned\x07", "\x1b]52;c;ZXZpbA==\x07"
+    EmailMessage(f"Hi {retitle}", f"Body {clipboard}", "a@example.com", ["b@example.com"]).send()
+
+    out = capsys.readouterr().out
+
+    assert "\x1b" not in out and "\x07" not in out
+    assert "Hi \\x1b]0;pwned\\x07" in out  # shown, harmless
+
+
 def test_console_fallback_withholds_bodies_outside_debug(smtp_server, robust, capsys):
     down = smtp_server("refuse")
     robust([provider(down, "down")], FALLBACK="console")

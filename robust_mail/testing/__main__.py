@@ -16,12 +16,12 @@ import ipaddress
 import signal
 import sys
 import threading
-import unicodedata
 from collections.abc import Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from types import FrameType
 
+from robust_mail.terminal import terminal_safe
 from robust_mail.testing.certs import TestCertificates
 from robust_mail.testing.modes import Mode
 from robust_mail.testing.received import ReceivedMessage
@@ -113,14 +113,6 @@ def _body_text(message: EmailMessage) -> str | None:
     return str(text)
 
 
-def _printable(line: str) -> str:
-    # The body is arbitrary input: keep escape sequences from driving the terminal.
-    return "".join(
-        f"\\x{ord(char):02x}" if unicodedata.category(char) == "Cc" and char != "\t" else char
-        for char in line
-    )
-
-
 def _print_message(label: str, message: ReceivedMessage, show_body: bool) -> None:
     lines = [
         f"{label}from={message.mail_from} to={', '.join(message.rcpt_tos)} "
@@ -129,7 +121,7 @@ def _print_message(label: str, message: ReceivedMessage, show_body: bool) -> Non
     if show_body:
         text = _body_text(message.message)
         body = text.splitlines() if text is not None else ["(no text part)"]
-        lines.extend(f"{label}  {_printable(line)}" for line in body)
+        lines.extend(f"{label}  {terminal_safe(line)}" for line in body)
     print("\n".join(lines), flush=True)
 
 
