@@ -13,6 +13,7 @@ import email.errors
 import email.policy
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.headerregistry import Address, AddressHeader
@@ -153,6 +154,18 @@ def _takes_policy(method: Callable[..., Any]) -> bool:
     return "policy" in inspect.signature(method).parameters
 
 
+#: RFC 5322 field names: printable ASCII but the colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+
+
+def _check_header_names(message: EmailMessage) -> None:
+    # Django checks header values for line breaks, not names: a name holding "\r\n" wrote
+    # a header of the caller's choosing (harmful where names come from user input).
+    for name in message.extra_headers:
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise InvalidMessage(f"invalid header name {name!r}: printable ASCII, no colon")
+
+
 def build_envelope(message: EmailMessage, *, data: bytes | None = None) -> Envelope:
     """Pin the message and build its envelope; raise :class:`InvalidMessage` if it can't be sent.
 
@@ -168,6 +181,7 @@ def build_envelope(message: EmailMessage, *, data: bytes | None = None) -> Envel
     # count them twice, and a refusal must be judged per mailbox.
     recipients = tuple(dict.fromkeys(prep_address(r) for r in recipients_raw))
     if data is None:
+        _check_header_names(message)
         try:
             data = _message_bytes(message)
         except _BUILD_ERRORS as exc:

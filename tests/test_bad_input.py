@@ -164,3 +164,12 @@ def test_a_backend_used_without_the_app_installed_says_so_once(settings, caplog)
 
     warnings = [r for r in caplog.records if "not in INSTALLED_APPS" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+@pytest.mark.parametrize("name", ["X-A: 1\r\nX-Injected", "X-A\nB", "X A", "X-Ä", ""])
+def test_a_header_name_that_is_not_a_field_name_is_refused(server, name):
+    message = EmailMessage("Hi", "Body", "from@example.com", ["a@example.com"], headers={name: "v"})
+
+    with pytest.raises(InvalidMessage, match="invalid header name"):
+        message.send()
+    assert server.connections_total == 0  # refused before any traffic
