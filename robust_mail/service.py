@@ -123,6 +123,9 @@ class EmailService:
         cls, message: EmailMessage, background: bool, using: str | None, fail_silently: bool
     ) -> DeliveryResult:
         if background:
+            connection = _connection_of(message)
+            if using is None and isinstance(connection, _RobustBackendBase):
+                using = connection.alias  # queued for the alias it would have gone through
             if using is not None:
                 _check_outbox_alias(using)
             release_pins(message)
@@ -162,13 +165,17 @@ def _backend_for(message: EmailMessage, using: str | None) -> BaseEmailBackend:
     if using is not None:
         _require_mailers(using)
         return cast(BaseEmailBackend, mail.mailers[using])  # type: ignore[attr-defined]
+    connection = _connection_of(message)
+    if connection is not None:
+        return connection
+    return default_backend()
+
+
+def _connection_of(message: EmailMessage) -> BaseEmailBackend | None:
     # Read where Django keeps it: Django 6.1 deprecates the connection attribute (reading
     # it warns), and still honours a connection given to the message.
     stored = vars(message)
-    connection = stored.get("_connection", stored.get("connection"))
-    if connection is not None:
-        return cast(BaseEmailBackend, connection)
-    return default_backend()
+    return cast("BaseEmailBackend | None", stored.get("_connection", stored.get("connection")))
 
 
 def _send_through_other(backend: BaseEmailBackend, message: EmailMessage) -> DeliveryResult:

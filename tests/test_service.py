@@ -139,3 +139,28 @@ def test_a_background_send_checks_its_alias_before_queueing(settings):
         with pytest.raises(ConfigurationError, match="served by robust_mail"):
             EmailService.send_email("s", "b", ["t@example.com"], background=True, using=alias)
     assert not OutboxMessage.objects.exists()
+
+
+@needs_mailers
+@pytest.mark.django_db
+def test_a_background_send_is_queued_for_the_alias_of_the_message_s_connection(
+    smtp_server, settings
+):
+    from django.core import mail
+
+    from robust_mail.models import OutboxMessage
+
+    main, bulk = smtp_server(), smtp_server()
+    settings.MAILERS = {
+        name: {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": [{"name": name, "host": "127.0.0.1", "port": server.port}]},
+        }
+        for name, server in (("default", main), ("bulk", bulk))
+    }
+    message = EmailMessage("s", "b", "f@example.com", ["t@example.com"])
+    message.connection = mail.mailers["bulk"]  # type: ignore[attr-defined]
+
+    EmailService.send(message, background=True)
+
+    assert OutboxMessage.objects.get().mailer == "bulk"  # as a synchronous send would go
