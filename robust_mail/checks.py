@@ -19,7 +19,7 @@ E006   FALLBACK is not None, "console" or "outbox"
 E007   two providers share a name
 E008   a value has the wrong type or is out of range
 E009   CACHE names an alias that is not in CACHES
-E010   a MAILER provider names a missing MAILERS alias, or its own alias
+E010   a MAILER provider names a missing MAILERS alias, its own, or one of robust_mail's
 E011   an SSL_CAFILE / SSL_CERTFILE / SSL_KEYFILE file does not exist
 E012   one provider NAME for different servers or accounts in two configurations (MAILERS)
 W001   FALLBACK "console" while DEBUG is False
@@ -42,7 +42,12 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from robust_mail.conf import RobustMailConfig, mailers_setting, read_config, setting_label
-from robust_mail.mailers import classic_form_in_use, configurations, robust_mailers
+from robust_mail.mailers import (
+    ROBUST_BACKENDS,
+    classic_form_in_use,
+    configurations,
+    robust_mailers,
+)
 
 
 @register("mail", "robust_mail")
@@ -214,9 +219,21 @@ def _check_mailer(here: str, target: str, *, alias: str | None) -> list[CheckMes
     elif target not in mailers:
         problem = f"{here} delegates to mailer {target!r}, which is not in MAILERS."
         hint = f"Use one of {', '.join(map(repr, mailers))}." if mailers else None
+    elif _backend_of(mailers[target]) in ROBUST_BACKENDS:
+        # Its own failover, retries and pins inside ours: the Message-ID it sends is not
+        # the one our result reports, and two aliases delegating to each other loop.
+        problem = f"{here} delegates to mailer {target!r}, which is itself robust_mail's."
+        hint = (
+            "Delegate to another kind of backend (an HTTP API's, say), or list that "
+            "alias's providers here instead."
+        )
     else:
         return []
     return [Error(problem, hint=hint, id="robust_mail.E010")]
+
+
+def _backend_of(entry: object) -> object:
+    return entry.get("BACKEND") if isinstance(entry, Mapping) else None
 
 
 def _is_local(host: str) -> bool:

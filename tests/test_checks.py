@@ -373,3 +373,14 @@ def test_e012_one_provider_name_for_two_accounts_on_one_server(settings: Any) ->
     message = only("robust_mail.E012")
 
     assert "servers or accounts" in message.msg and "USERNAME" in (message.hint or "")
+
+
+@needs_mailers
+def test_e010_mailer_provider_delegating_to_another_robust_alias(settings: Any) -> None:
+    # Each delegating to the other loops; one way only, its Message-ID is not ours.
+    settings.MAILERS = {
+        "default": {"BACKEND": ROBUST, "OPTIONS": {"providers": [{"mailer": "bulk"}]}},
+        "bulk": {"BACKEND": OUTBOX, "OPTIONS": {"providers": ["smtp://h"]}},
+    }
+    message = only("robust_mail.E010")
+    assert "'bulk', which is itself robust_mail's" in message.msg
