@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import django
 import pytest
 from django.core.mail import EmailMessage
@@ -97,16 +99,21 @@ def test_send_goes_through_the_message_s_own_connection_like_message_send(smtp_s
     assert len(mail.outbox) == 1 and server.messages == []
 
 
-@needs_mailers
-def test_send_email_through_a_mailers_alias(smtp_server, settings):
-    main, bulk = smtp_server(), smtp_server()
-    settings.MAILERS = {
+def _robust_aliases(**servers: Any) -> dict[str, Any]:
+    """MAILERS with one robust_mail alias per test server, named as given."""
+    return {
         name: {
             "BACKEND": "robust_mail.backends.RobustEmailBackend",
             "OPTIONS": {"providers": [{"name": name, "host": "127.0.0.1", "port": server.port}]},
         }
-        for name, server in (("default", main), ("bulk", bulk))
+        for name, server in servers.items()
     }
+
+
+@needs_mailers
+def test_send_email_through_a_mailers_alias(smtp_server, settings):
+    main, bulk = smtp_server(), smtp_server()
+    settings.MAILERS = _robust_aliases(default=main, bulk=bulk)
 
     assert EmailService.send_email("s", "b", ["t@example.com"], using="bulk")
 
@@ -151,13 +158,7 @@ def test_a_background_send_is_queued_for_the_alias_of_the_message_s_connection(
     from robust_mail.models import OutboxMessage
 
     main, bulk = smtp_server(), smtp_server()
-    settings.MAILERS = {
-        name: {
-            "BACKEND": "robust_mail.backends.RobustEmailBackend",
-            "OPTIONS": {"providers": [{"name": name, "host": "127.0.0.1", "port": server.port}]},
-        }
-        for name, server in (("default", main), ("bulk", bulk))
-    }
+    settings.MAILERS = _robust_aliases(default=main, bulk=bulk)
     message = EmailMessage("s", "b", "f@example.com", ["t@example.com"])
     message.connection = mail.mailers["bulk"]  # type: ignore[attr-defined]
 
