@@ -20,6 +20,7 @@ from email.headerregistry import Address, AddressHeader
 from email.utils import formatdate, make_msgid
 from typing import Any
 
+import idna
 from django.conf import settings
 from django.core.mail import EmailMessage
 from django.core.mail.message import DNS_NAME  # type: ignore[attr-defined]
@@ -102,6 +103,14 @@ def prep_address(address: Any) -> str:
     return _prep_text(force_str(address))
 
 
+def _idna_2008(domain: str) -> str | None:
+    """``domain`` as IDNA 2008 (UTS #46, non-transitional) encodes it; None when it cannot."""
+    try:
+        return str(idna.encode(domain, uts46=True, transitional=False).decode("ascii"))
+    except (idna.IDNAError, UnicodeError):
+        return None  # not a name IDNA 2008 allows: IDNA 2003's answer is all there is
+
+
 @functools.lru_cache(maxsize=1024)
 def _prep_text(text: str) -> str:
     # Parsing an address with the email package costs more than sending a small message
@@ -128,9 +137,18 @@ def _prep_text(text: str) -> str:
     local, domain = mailbox.local_part or "", mailbox.domain or ""
     if domain and not domain.isascii():
         try:
-            domain = domain.encode("idna").decode("ascii")
+            encoded = domain.encode("idna").decode("ascii")  # IDNA 2003, as Django's headers
         except UnicodeError as exc:
             raise InvalidMessage(f"invalid address {text!r}: bad domain ({exc})") from exc
+        current = _idna_2008(domain)
+        if current is not None and current.lower() != encoded.lower():
+            # "faß.de" is fass.de under IDNA 2003 but xn--fa-hia.de today: mail (a one-time
+            # code, say) would reach another domain's owner. Refused, not guessed.
+            raise InvalidMessage(
+                f"invalid address {text!r}: its domain is {encoded} under IDNA 2003 (as "
+                f"email headers encode it) but {current} under IDNA 2008"
+            )
+        domain = encoded
     if not domain:
         return local
     # Address() re-quotes a local part that needs it ("a@b;"@corp.example): joining the

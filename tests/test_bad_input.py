@@ -173,3 +173,13 @@ def test_a_header_name_that_is_not_a_field_name_is_refused(server, name):
     with pytest.raises(InvalidMessage, match="invalid header name"):
         message.send()
     assert server.connections_total == 0  # refused before any traffic
+
+
+@pytest.mark.parametrize("domain", ["faß.example", "βόλος.example"])
+def test_a_domain_idna_2003_and_2008_encode_differently_is_refused(server, domain):
+    # IDNA 2003 (how email headers encode it) sends faß to fass: another domain's owner.
+    message = EmailMessage("Code", "123456", "from@example.com", [f"user@{domain}"])
+
+    with pytest.raises(InvalidMessage, match="under IDNA 2003 .* but .* under IDNA 2008"):
+        message.send()
+    assert server.connections_total == 0
