@@ -544,3 +544,12 @@ def test_views_that_take_codes_or_passwords_keep_them_out_of_error_reports(
 
     hidden = set(getattr(response.wsgi_request, "sensitive_post_parameters", ()))
     assert {"code", "password", "password1", "password2"} <= hidden
+
+
+def test_open_operator_pages_are_open_to_this_machine_only(
+    client: Client, site: SimpleNamespace
+) -> None:
+    # A demo started on 0.0.0.0 by mistake must not show its mailboxes (sign-in codes).
+    assert client.get("/mailbox/").status_code == 200
+    remote = client.get("/mailbox/", REMOTE_ADDR="192.0.2.10")  # no traffic: a META value
+    assert remote.status_code == 302 and "/admin/login/" in remote["Location"]

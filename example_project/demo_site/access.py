@@ -7,6 +7,7 @@ emailed codes or send mail through real providers: staff only.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -21,8 +22,17 @@ def operator_page(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespon
 
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if getattr(settings, "EXAMPLE_OPEN_PAGES", False):
+        # Open only to this machine: a demo started on 0.0.0.0 by mistake must not show
+        # its mailboxes (sign-in codes) to the network.
+        if getattr(settings, "EXAMPLE_OPEN_PAGES", False) and _from_loopback(request):
             return view(request, *args, **kwargs)
         return guarded(request, *args, **kwargs)
 
     return wrapper
+
+
+def _from_loopback(request: HttpRequest) -> bool:
+    try:
+        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        return False
