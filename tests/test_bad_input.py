@@ -180,6 +180,6 @@ def test_a_domain_idna_2003_and_2008_encode_differently_is_refused(server, domai
     # IDNA 2003 (how email headers encode it) sends faß to fass: another domain's owner.
     message = EmailMessage("Code", "123456", "from@example.com", [f"user@{domain}"])
 
-    with pytest.raises(InvalidMessage, match="under IDNA 2003 .* but .* under IDNA 2008"):
+    with pytest.raises(InvalidMessage, match=r"under IDNA 2003 .* but .* under IDNA 2008"):
         message.send()
     assert server.connections_total == 0
