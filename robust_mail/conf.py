@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import django
@@ -134,6 +134,9 @@ class RobustMailConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     otp: OTPConfig = field(default_factory=OTPConfig)
+    #: The MAILERS alias these are the OPTIONS of (Django 6.1); None: ROBUST_MAIL. What is
+    #: counted per configuration (rate limits) is counted per alias.
+    alias: str | None = None
 
 
 class ConfigurationError(RobustMailError, ImproperlyConfigured):
@@ -274,7 +277,8 @@ def read_config(
         reader = f.Reader(setting_label(), lower=False)
         return _read(reader, {} if raw is None else raw, classic=True)
     reader = f.Reader(setting_label(alias=alias, options=True), lower=True)
-    return _read(reader, options, classic=False)
+    config, problems = _read(reader, options, classic=False)
+    return (None if config is None else replace(config, alias=alias)), problems
 
 
 def validate(
@@ -301,9 +305,10 @@ def get_config(
                 if generation == _generation:
                     _settings_config = config
         return config
-    key = _freeze(options)
-    if key is None:  # unhashable leaves: cannot cache, still correct
+    frozen = _freeze(options)
+    if frozen is None:  # unhashable leaves: cannot cache, still correct
         return _build(options, alias)
+    key = (alias, frozen)  # the same OPTIONS under two aliases are two configurations
     cached = _options_configs.get(key)
     if cached is None:
         cached = _build(options, alias)

@@ -159,7 +159,10 @@ class Dispatcher(Runs):
         back (nothing counted), else None and the hits to settle once it is delivered."""
         try:
             hits = check_message_rates(
-                list(envelope.recipients), self.config.rate_limits, self.config.cache
+                list(envelope.recipients),
+                self.config.rate_limits,
+                self.config.cache,
+                scope=self.config.alias,
             )
         except RateLimited as exc:
             logger.warning("message %s deferred by a rate limit: %s", envelope.message_id, exc)

@@ -242,8 +242,12 @@ def check_message_rates(
     cache_alias: str,
     *,
     clock: Callable[[], float] = time.time,
+    scope: str | None = None,
 ) -> list[Hit]:
     """Count one message against ``GLOBAL`` and each recipient against ``PER_RECIPIENT``.
+
+    ``scope``: whose limits these are (a MAILERS alias); each scope counts on its own, so
+    two aliases sharing a cache do not share counters. None: ROBUST_MAIL's.
 
     Recipients are compared case-insensitively and counted once per message. Raises
     :class:`RateLimited` (with the ``retry_after`` of the limit that refused) and counts
@@ -252,13 +256,15 @@ def check_message_rates(
     the caller may :meth:`~RateLimiter.release` if the message is then not sent.
     """
     limiter = RateLimiter(cache_alias, clock=clock, fail_open=True)
+    # None keeps ROBUST_MAIL's keys as they always were: counts survive an upgrade.
+    owner = "" if scope is None else f"mailer:{scope}|"
     wanted: list[tuple[str, Rate]] = []
     if config.global_rate:
-        wanted.append(("global", parse_rate(config.global_rate)))
+        wanted.append((f"{owner}global", parse_rate(config.global_rate)))
     if config.per_recipient:
         rate = parse_rate(config.per_recipient)
         for address in sorted({r.strip().lower() for r in recipients if r and r.strip()}):
-            wanted.append((f"rcpt:{address}", rate))
+            wanted.append((f"{owner}rcpt:{address}", rate))
     hits: list[Hit] = []
     try:
         for key, rate in wanted:

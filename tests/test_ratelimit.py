@@ -450,3 +450,25 @@ def test_email_service_fail_silently_queues_a_message_over_the_limit(smtp_server
     assert OutboxMessage.objects.get().subject == "second"
     with pytest.raises(RateLimited):  # without fail_silently the caller is told
         EmailService.send_email("third", "b", ["c@example.com"])
+
+
+@needs_mailers
+def test_each_mailers_alias_counts_its_own_limits_in_a_shared_cache(smtp_server, settings):
+    from django.core.mail import send_mail
+
+    server = smtp_server()
+    limited = {
+        "providers": [f"smtp://127.0.0.1:{server.port}?name=p"],
+        "rate_limits": {"global": "1/h"},
+    }
+    settings.MAILERS = {
+        alias: {"BACKEND": "robust_mail.backends.RobustEmailBackend", "OPTIONS": limited}
+        for alias in ("default", "bulk")
+    }
+
+    send_mail("s", "b", "f@example.com", ["a@example.com"])  # default's one message
+    send_mail("s", "b", "f@example.com", ["a@example.com"], using="bulk")  # bulk's own
+
+    assert len(server.messages) == 2
+    with pytest.raises(RateLimited):
+        send_mail("s", "b", "f@example.com", ["a@example.com"], using="bulk")
