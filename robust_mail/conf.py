@@ -119,6 +119,9 @@ class OTPConfig:
     # At most this many of those notices per hour, site-wide (None: no cap); past it the
     # decoy stands in, so a flood of typed addresses cannot make the site a mail cannon.
     max_notices_per_hour: int | None = 100
+    # Django 6.1: the MAILERS alias code emails go through (queued ones too, so it must be
+    # robust_mail's to queue them); None: the default delivery (see docs/otp.md).
+    mailer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ _SECTIONS: dict[str, tuple[str, type[Any], tuple[tuple[str, str, f.Converter], .
             ("STORE", "store", f.optional(f.text)),
             ("NOTIFY_UNKNOWN", "notify_unknown", f.boolean),
             ("MAX_NOTICES_PER_HOUR", "max_notices_per_hour", f.optional(f.integer(1))),
+            ("MAILER", "mailer", f.optional(f.text)),
         ),
     ),
 }

@@ -375,7 +375,13 @@ class OTPService:
             return
         subject, text, html = self.render(address, code, purpose, expires_at, no_account=discard)
         sent = EmailService.send_email(
-            subject, text, [address], html_message=html, background=background, sensitive=True
+            subject,
+            text,
+            [address],
+            html_message=html,
+            background=background,
+            sensitive=True,
+            using=getattr(self.config, "mailer", None),  # a custom OTPConfig may lack it
         )
         if not sent:  # only with fail_silently, which is not used here; never quietly lost
             raise DeliveryFailed("the code email was not sent")

@@ -5,6 +5,7 @@ Ids are stable and never reused:
 - ``robust_mail.E020`` OTP ``SECRET`` is set but shorter than 32 characters.
 - ``robust_mail.E021`` no key for codes: ``SECRET`` is None and ``SECRET_KEY`` is empty.
 - ``robust_mail.E022`` the OTP ``STORE`` (when conf.py has one) cannot be imported.
+- ``robust_mail.E023`` the OTP ``MAILER`` is not a MAILERS alias served by robust_mail.
 - ``robust_mail.W020`` rate limits are on, DEBUG is off, and the cache that counts them is
   per-process or not atomic (LocMem, database, file, dummy).
 - ``robust_mail.W021`` the cache OTP store is used with such a cache.
@@ -27,8 +28,8 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.utils.module_loading import import_string
 
-from robust_mail.conf import RobustMailConfig, read_config, setting_label
-from robust_mail.mailers import configurations
+from robust_mail.conf import RobustMailConfig, mailers_setting, read_config, setting_label
+from robust_mail.mailers import configurations, robust_mailers
 
 __all__ = ["check_otp", "check_otp_limit_cache", "check_rate_limit_cache"]
 
@@ -114,6 +115,7 @@ def check_otp(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
                 id="robust_mail.W023",
             )
         )
+    messages += _check_otp_mailer(otp.mailer)
     store = getattr(otp, "store", None)
     if store:
         try:
@@ -174,6 +176,29 @@ def _uses_cache_store(otp: Any) -> bool:
     except ImportError:
         return False  # E022
     return isinstance(store, type) and issubclass(store, CacheOTPStore)
+
+
+def _check_otp_mailer(mailer: str | None) -> list[CheckMessage]:
+    if mailer is None:
+        return []
+    served = dict(robust_mailers())
+    if mailer in served:
+        return []
+    why = (
+        "MAILERS is not set (it arrived in Django 6.1)"
+        if mailers_setting() is None
+        else "it is not a MAILERS alias with robust_mail's backend (codes are queued "
+        "through it, which only robust_mail's backends can do)"
+    )
+    return [
+        Error(
+            f"ROBUST_MAIL['OTP']['MAILER'] is {mailer!r}, but {why}.",
+            hint=f"Name one of {sorted(served)}, or leave MAILER as None."
+            if served
+            else "Leave MAILER as None.",
+            id="robust_mail.E023",
+        )
+    ]
 
 
 @register("robust_mail")

@@ -7,6 +7,7 @@ import pytest
 from django.core.checks import run_checks
 
 from robust_mail.otp_checks import check_otp, check_otp_limit_cache
+from tests.conftest import needs_mailers
 
 
 def _ids() -> set[str]:
@@ -136,3 +137,36 @@ def test_no_w024_beside_w021_for_the_cache_store(settings):
 
     assert "robust_mail.W021" in _ids()
     assert check_otp_limit_cache() == []
+
+
+def test_e023_otp_mailer_must_be_a_robust_mailers_alias(settings):
+    settings.ROBUST_MAIL = {"OTP": {"MAILER": "codes"}}
+    settings.MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+
+    (error,) = [m for m in check_otp() if m.id == "robust_mail.E023"]
+
+    assert "'codes'" in error.msg
+
+
+@needs_mailers
+@pytest.mark.django_db
+def test_codes_go_through_the_otp_mailer_alias(smtp_server, settings):
+    from robust_mail.models import OutboxMessage
+    from robust_mail.otp import OTPService
+
+    server = smtp_server()
+    settings.ROBUST_MAIL = {"OTP": {"MAILER": "codes", "COOLDOWN": 0}}
+    settings.MAILERS = {
+        "default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"},
+        "codes": {
+            "BACKEND": "robust_mail.backends.RobustEmailBackend",
+            "OPTIONS": {"providers": [f"smtp://127.0.0.1:{server.port}?name=codes"]},
+        },
+    }
+    assert [m.id for m in check_otp() if m.id == "robust_mail.E023"] == []
+
+    OTPService().issue("alice@example.com", background=False)
+    OTPService().issue("alice@example.com", background=True)
+
+    assert len(server.messages) == 1  # not Django's default (locmem) mailer
+    assert OutboxMessage.objects.get().mailer == "codes"
