@@ -43,9 +43,9 @@ from django.core.checks import CheckMessage, Error, Warning, register
 
 from robust_mail.conf import RobustMailConfig, mailers_setting, read_config, setting_label
 from robust_mail.mailers import (
-    ROBUST_BACKENDS,
     classic_form_in_use,
     configurations,
+    is_robust_backend,
     robust_mailers,
 )
 
@@ -219,7 +219,7 @@ def _check_mailer(here: str, target: str, *, alias: str | None) -> list[CheckMes
     elif target not in mailers:
         problem = f"{here} delegates to mailer {target!r}, which is not in MAILERS."
         hint = f"Use one of {', '.join(map(repr, mailers))}." if mailers else None
-    elif _backend_of(mailers[target]) in ROBUST_BACKENDS:
+    elif is_robust_backend(_backend_of(mailers[target])):
         # Its own failover, retries and pins inside ours: the Message-ID it sends is not
         # the one our result reports, and two aliases delegating to each other loop.
         problem = f"{here} delegates to mailer {target!r}, which is itself robust_mail's."

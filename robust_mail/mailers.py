@@ -9,11 +9,13 @@ Prometheus collector all need the same answer; it is here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from robust_mail.conf import RobustMailConfig, get_config, mailers_setting
 
@@ -21,6 +23,8 @@ __all__ = [
     "ROBUST_BACKENDS",
     "classic_form_in_use",
     "configurations",
+    "delivering_configurations",
+    "is_robust_backend",
     "providers_in_use",
     "robust_mailers",
 ]
@@ -33,6 +37,33 @@ ROBUST_BACKENDS = frozenset(
 DJANGO_OPTIONS = frozenset({"fail_silently"})
 
 
+@functools.lru_cache(maxsize=64)
+def is_robust_backend(path: object) -> bool:
+    """Whether the dotted ``path`` names one of robust_mail's backends, or a subclass (a
+    project's own ``MyBackend(RobustEmailBackend)`` is served by robust_mail too)."""
+    if path in ROBUST_BACKENDS:
+        return True
+    if not isinstance(path, str):
+        return False
+    try:
+        backend = import_string(path)
+    except ImportError:
+        return False  # Django reports a backend that cannot be imported
+    from robust_mail.backends import _RobustBackendBase  # it imports this module's users
+
+    return isinstance(backend, type) and issubclass(backend, _RobustBackendBase)
+
+
+def delivering_configurations() -> list[tuple[str | None, RobustMailConfig]]:
+    """The configurations that deliver mail and outbox messages: :func:`configurations`
+    without ROBUST_MAIL's once an alias is served by robust_mail (ROBUST_MAIL then only
+    holds what is not per mailer: OTP, the metrics' CACHE)."""
+    found = configurations()
+    if any(alias is not None for alias, _ in found):
+        return [(alias, config) for alias, config in found if alias is not None]
+    return found
+
+
 def classic_form_in_use() -> bool:
     """True when ``ROBUST_MAIL`` / ``EMAIL_BACKEND`` configure a robust_mail backend."""
     # is_overridden() reads no setting, so it never triggers Django 6.1's EMAIL_* warnings.
@@ -41,7 +72,7 @@ def classic_form_in_use() -> bool:
         return True
     if mailers_setting() is not None:
         return False  # Django 6.1 with MAILERS: EMAIL_BACKEND does not exist
-    return bool(overridden("EMAIL_BACKEND") and settings.EMAIL_BACKEND in ROBUST_BACKENDS)
+    return bool(overridden("EMAIL_BACKEND") and is_robust_backend(settings.EMAIL_BACKEND))
 
 
 def robust_mailers() -> Iterator[tuple[str, Any]]:
@@ -51,7 +82,7 @@ def robust_mailers() -> Iterator[tuple[str, Any]]:
     (the checks report it).
     """
     for alias, entry in (mailers_setting() or {}).items():
-        if isinstance(entry, Mapping) and entry.get("BACKEND") in ROBUST_BACKENDS:
+        if isinstance(entry, Mapping) and is_robust_backend(entry.get("BACKEND")):
             options = entry.get("OPTIONS", {})
             if isinstance(options, Mapping):
                 options = {k: v for k, v in options.items() if k not in DJANGO_OPTIONS}

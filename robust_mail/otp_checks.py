@@ -29,7 +29,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from django.utils.module_loading import import_string
 
 from robust_mail.conf import RobustMailConfig, mailers_setting, read_config, setting_label
-from robust_mail.mailers import configurations, robust_mailers
+from robust_mail.mailers import delivering_configurations, robust_mailers
 
 __all__ = ["check_otp", "check_otp_limit_cache", "check_rate_limit_cache"]
 
@@ -229,7 +229,7 @@ def check_rate_limit_cache(app_configs: Any = None, **kwargs: Any) -> list[Check
         return []
     messages: list[CheckMessage] = []
     # ROBUST_MAIL's limits, and each MAILERS alias's: each counts in its own CACHE.
-    for alias, config in configurations():
+    for alias, config in delivering_configurations():
         limits = config.rate_limits
         weak = _weak_cache(config.cache)
         if weak is None or not (limits.global_rate or limits.per_recipient):

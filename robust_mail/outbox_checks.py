@@ -19,7 +19,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
 from robust_mail.conf import RobustMailConfig, setting_label
-from robust_mail.mailers import configurations
+from robust_mail.mailers import delivering_configurations
 from robust_mail.outbox_delivery import STEPS_PER_ATTEMPT, delivery_config, worst_case_delivery
 
 
@@ -57,7 +57,7 @@ def _check_lease() -> list[CheckMessage]:
     # worker may claim any message, with its own configuration's LEASE (--mailer picks
     # it): each configuration's deliveries must fit in the shortest LEASE.
     try:
-        found = configurations()
+        found = delivering_configurations()
     except ImproperlyConfigured:
         return []  # reported by robust_mail.checks
     if not found:

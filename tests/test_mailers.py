@@ -232,3 +232,45 @@ def test_a_mailer_provider_refusing_with_value_error_fails_over(smtp_server, set
     (error,) = result.errors
     assert (error.provider, error.classification) == ("api", Classification.TRANSIENT)
     assert "cannot send a message with an attachment" in error.message
+
+
+class ProjectBackend(RobustEmailBackend):
+    """A project's own subclass: robust_mail serves it like its own backends."""
+
+
+@pytest.mark.django_db
+def test_a_subclass_of_a_robust_backend_is_served_by_robust_mail(smtp_server, settings):
+    from robust_mail.models import OutboxMessage
+
+    down = smtp_server("refuse")
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": "tests.test_mailers.ProjectBackend",
+            "OPTIONS": {"providers": [smtp(down, "down")], "retry": RETRY, "fallback": "outbox"},
+        }
+    }
+
+    assert send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1  # queued
+
+    assert OutboxMessage.objects.get().mailer == "default"
+
+
+def test_robust_mail_s_own_settings_beside_aliases_raise_no_lease_check(settings):
+    from django.core.checks import run_checks
+
+    # ROBUST_MAIL for OTP only (the suite's settings module sets it too): its default LEASE
+    # is used by no worker once an alias is robust_mail's, and must not be checked.
+    settings.ROBUST_MAIL = {"OTP": {"LENGTH": 8}}
+    settings.MAILERS = {
+        "default": {
+            "BACKEND": ROBUST,
+            "OPTIONS": {
+                "providers": ["smtp://127.0.0.1:2525?name=a"],
+                "retry": {"deadline": 400},
+                "outbox": {"lease": 5000},
+            },
+        }
+    }
+
+    lease_checks = ("robust_mail.E030", "robust_mail.W030")
+    assert [m.id for m in run_checks(databases=[]) if m.id in lease_checks] == []
