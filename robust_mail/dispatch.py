@@ -362,10 +362,10 @@ class Dispatcher(Runs):
             if classification is Classification.AMBIGUOUS:
                 attempts.ambiguous = True
                 metrics.incr(provider.name, "ambiguous")
-            if classification is Classification.MESSAGE_FATAL:
-                then = "the message fails: no provider would take it"
-            elif attempts.incapable:
+            if attempts.incapable:  # this provider cannot take it (size, SMTPUTF8): others may
                 then = "trying the next provider"
+            elif classification is Classification.MESSAGE_FATAL:
+                then = "the message fails: no provider would take it"
             else:
                 then = "giving up on this provider"
             self._log_failure(provider, envelope, tries, exc, then)

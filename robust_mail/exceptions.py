@@ -130,9 +130,11 @@ class TransportError(RobustMailError):
         self.provider = provider
         #: For RCPT failures: every refused recipient with its code and reply.
         self.refused = dict(refused or {}) or _refused_of(cause)
-        # Every recipient refused: the first refusal stands for the failure's code, as a
-        # server's reply does for any other step (ProviderError.code, the log line).
-        first = next(iter(self.refused.values()), None)
+        # Every recipient refused: one refusal stands for the failure's code, as a server's
+        # reply does for any other step — a temporary one if any (the failure is then
+        # classified transient, and its code must not say 5xx).
+        replies = list(self.refused.values())
+        first = next((r for r in replies if 400 <= r[0] < 500), replies[0] if replies else None)
         self.code = code if code is not None else _code_of(cause) or (first and first[0])
         self.reply = reply or _reply_of(cause) or (first[1] if first else "")
         #: This message failed only because an earlier one of the same run lost the

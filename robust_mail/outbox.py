@@ -134,7 +134,8 @@ def enqueue(
     except IntegrityError as exc:
         existing = _existing(idempotency_key, alias)
         if existing is None:
-            raise OutboxUnavailable(f"the outbox refused the message: {exc}") from exc
+            refused = OutboxUnavailable(f"the outbox refused the message: {exc}")
+            raise refused from (None if row.sensitive else exc)  # as for DatabaseError below
         logger.info("message with idempotency key %r already queued", idempotency_key)
         return existing
     except DatabaseError as exc:

@@ -300,6 +300,16 @@ def test_refused_recipients_travel_with_the_error() -> None:
     assert error.step is Step.RCPT
 
 
+def test_every_recipient_refused_reports_a_code_that_agrees_with_its_class() -> None:
+    permanent = refused_at_rcpt(a=(550, "5.1.1 no such user"))
+    mixed = refused_at_rcpt(a=(550, "5.1.1 no such user"), b=(451, "4.3.0 try later"))
+
+    assert (permanent.code, classify(permanent)) == (550, Classification.MESSAGE_FATAL)
+    # Retried (transient): its code must not say 5xx.
+    assert (mixed.code, mixed.reply) == (451, "4.3.0 try later")
+    assert classify(mixed) is Classification.TRANSIENT
+
+
 def test_reply_code_and_text_are_taken_from_the_cause() -> None:
     error = at(Step.AUTH, smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials"))
     assert error.code == 535

@@ -283,6 +283,7 @@ def test_console_fallback_prints_a_readable_message(smtp_server, robust, setting
     assert message.delivery_result.status is DeliveryStatus.CONSOLE
     assert "Subject: Réinitialiser" in out
     assert f"Cliquez ici : {link}" in out  # decoded, and the long link on one line
+    assert "\\x0d" not in out  # CRLF line ends printed as line ends, not escaped
 
 
 def test_console_fallback_prints_no_terminal_escape_sequences(
@@ -512,16 +513,19 @@ def test_server_without_smtputf8_hands_a_non_ascii_address_to_the_next_provider(
     assert (breaker.failures, breaker.state.value) == (0, "closed")  # not held against it
 
 
-def test_message_over_one_providers_size_limit_goes_to_one_with_room(smtp_server, robust):
+def test_message_over_one_providers_size_limit_goes_to_one_with_room(smtp_server, robust, caplog):
     primary = smtp_server(size_limit=2000)
     backup = smtp_server()
     robust([provider(primary, "primary"), provider(backup, "backup")])
     message = EmailMessage("Big", "x" * 5000, "sender@example.com", ["rcpt@example.com"])
+    caplog.set_level(logging.WARNING, logger="robust_mail")
 
     assert message.send() == 1
 
     assert message.delivery_result.provider == "backup"
     assert "2000-byte limit" in message.delivery_result.errors[0].message
+    # The log says what happened: not "the message fails", it went on to the next one.
+    assert "trying the next provider" in caplog.text and "message fails" not in caplog.text
     assert len(backup.messages) == 1
     assert get_breaker("primary", get_config()).failures == 0
 

@@ -139,7 +139,7 @@ def _waiting(alias: str | None) -> str:
     not due yet: without this, "queue left 1" after a run that sent everything due reads
     like a message the worker missed.
     """
-    rows = OutboxMessage.objects.using(alias or router.db_for_read(OutboxMessage))
+    rows = OutboxMessage.objects.using(alias or router.db_for_write(OutboxMessage))  # claims
     try:
         queued = rows.filter(status=OutboxStatus.QUEUED).aggregate(
             count=Count("pk"), first=Min("next_attempt_at")
