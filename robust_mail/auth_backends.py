@@ -21,6 +21,7 @@ from django import forms
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import authenticate
 from django.contrib.auth.backends import ModelBackend
+from django.core.validators import EmailValidator
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render, resolve_url
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -173,10 +174,11 @@ def request_login_code(
         except RateLimited as exc:
             minutes = max(1, round(exc.retry_after / 60))
             form.add_error(None, f"Too many codes were requested. Try again in {minutes} min.")
-        except ValueError as exc:
+        except ValueError:
             # An address EmailField accepts but that is no usable identifier (one that grows
-            # past 254 characters under NFKC): the visitor's input, not a server error.
-            form.add_error("email", str(exc))
+            # past 254 characters under NFKC), or that no message can be built for: the
+            # visitor's input, not a server error. The wording is Django's own, not ours.
+            form.add_error("email", EmailValidator.message)
         except RobustMailError:
             # Logged by the delivery layer; showing it would tell that the account exists.
             logger.warning("sign-in code could not be queued")

@@ -136,19 +136,17 @@ def _prep_text(text: str) -> str:
     mailbox = mailboxes[0]
     local, domain = mailbox.local_part or "", mailbox.domain or ""
     if domain and not domain.isascii():
-        try:
-            encoded = domain.encode("idna").decode("ascii")  # IDNA 2003, as Django's headers
-        except UnicodeError as exc:
-            raise InvalidMessage(f"invalid address {text!r}: bad domain ({exc})") from exc
+        # The envelope decides where mail goes: IDNA 2008 (UTS #46), as registries and
+        # resolvers do today. IDNA 2003 (Python's codec, and Django's headers) maps "faß.de"
+        # to fass.de, another domain whose owner would get the mail (a one-time code, say).
+        # A name only IDNA 2003 allows (symbols) keeps its IDNA 2003 form.
         current = _idna_2008(domain)
-        if current is not None and current.lower() != encoded.lower():
-            # "faß.de" is fass.de under IDNA 2003 but xn--fa-hia.de today: mail (a one-time
-            # code, say) would reach another domain's owner. Refused, not guessed.
-            raise InvalidMessage(
-                f"invalid address {text!r}: its domain is {encoded} under IDNA 2003 (as "
-                f"email headers encode it) but {current} under IDNA 2008"
-            )
-        domain = encoded
+        if current is None:
+            try:
+                current = domain.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise InvalidMessage(f"invalid address {text!r}: bad domain ({exc})") from exc
+        domain = current
     if not domain:
         return local
     # Address() re-quotes a local part that needs it ("a@b;"@corp.example): joining the

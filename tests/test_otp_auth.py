@@ -235,4 +235,4 @@ def test_an_address_nfkc_makes_too_long_is_a_form_error_not_a_500(settings: Any)
     response = request_login_code(request, next_url="/")
 
     assert response.status_code == 200  # the form again, with the error
-    assert b"not an email address" in response.content
+    assert b"Enter a valid email address." in response.content
