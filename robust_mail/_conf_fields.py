@@ -9,6 +9,7 @@ setting. Problems carry the check id (``"E008"``) that ``checks.py`` reports the
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -233,6 +234,11 @@ def host(value: object) -> str:
         raise Invalid("must be a host name or IP address, without a port", hint=hint)
     if ":" not in name:
         _check_labels(name)
+        return name
+    try:  # two colons or more: an IPv6 address, or one with a port ("[::1]:25")
+        ipaddress.IPv6Address(name)
+    except ValueError:
+        raise Invalid("must be a host name or IP address, without a port", hint=hint) from None
     return name
 
 

@@ -418,6 +418,8 @@ def test_url_provider_range_errors_name_the_url_and_the_query_key(settings: Any)
         ({"PROVIDERS": [{"HOST": "h", "SSL_KEYFILE": "/k"}]}, "E008", "SSL_CERTFILE"),
         ({"PROVIDERS": [{"MAILER": "ses", "HOST": "h"}]}, "E008", "no effect"),
         ({"PROVIDERS": [{"HOST": "smtp..example.com"}]}, "E008", "empty label"),
+        ({"PROVIDERS": [{"HOST": "[::1]:25"}]}, "E008", "without a port"),
+        ({"PROVIDERS": [{"HOST": "fe80::1::2"}]}, "E008", "without a port"),
         ({"PROVIDERS": [{"HOST": ".example.com"}]}, "E008", "empty label"),
         ({"PROVIDERS": ["smtp://smtp..example.com"]}, "E008", "empty label"),
         ({"PROVIDERS": [{"HOST": "a" * 64 + ".example.com"}]}, "E008", "over 63"),
