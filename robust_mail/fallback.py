@@ -58,9 +58,10 @@ def apply_fallback(
     else:  # pragma: no cover - rejected by conf.py and the system checks
         raise ConfigurationError(f"unknown ROBUST_MAIL FALLBACK {config.fallback!r}")
     handled.attach(message)
-    if handled.ok:
+    if handled.ok and not result.rate_limited:
         # Counted against the last provider tried: the one whose failure (or open breaker)
-        # left the message to the fallback. An alert on it means "every provider is down".
+        # left the message to the fallback. An alert on it means "every provider is down";
+        # a message a rate limit held back (fail_silently) met no provider and is not one.
         last = result.errors[-1].provider if result.errors else "-"
         metrics.incr(last, "fallback")
     return handled

@@ -397,6 +397,10 @@ def test_fail_silently_with_the_outbox_fallback_queues_a_message_over_the_limit(
 
     (row,) = OutboxMessage.objects.all()
     assert row.subject == "error report" and row.status == "queued"
+    # No provider failed: nothing for the "every provider is down" alert to count.
+    from robust_mail import metrics
+
+    assert all(counts["fallback"] == 0 for counts in metrics.snapshot().values())
     assert row.next_attempt_at > row.created_at  # not before the window reopens
     assert len(server.messages) == 1
 
