@@ -208,13 +208,20 @@ def test_delete_queryset_keeps_a_message_requeued_after_the_confirmation() -> No
     assert not OutboxMessage.objects.filter(pk=finished.pk).exists()
 
 
+def _change_and_delete(row: OutboxMessage) -> tuple[str, str]:
+    """The admin URLs of a message's own page and of its delete page."""
+    return (
+        reverse("admin:robust_mail_outboxmessage_change", args=[row.pk]),
+        reverse("admin:robust_mail_outboxmessage_delete", args=[row.pk]),
+    )
+
+
 @pytest.mark.parametrize("status", ["queued", "sending"])
 def test_a_waiting_or_sending_message_cannot_be_deleted_on_its_own_page(
     admin_client: Client, status: str
 ) -> None:
     row = queued("a", "a@example.com", status=status)
-    change = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
-    delete = reverse("admin:robust_mail_outboxmessage_delete", args=[row.pk])
+    change, delete = _change_and_delete(row)
 
     assert delete not in admin_client.get(change).content.decode()  # no Delete button
     response = admin_client.post(delete, {"post": "yes"}, follow=True)
@@ -229,8 +236,7 @@ def test_a_finished_message_can_be_deleted_on_its_own_page(
     admin_client: Client, status: str
 ) -> None:
     row = queued("a", "a@example.com", status=status)
-    change = reverse("admin:robust_mail_outboxmessage_change", args=[row.pk])
-    delete = reverse("admin:robust_mail_outboxmessage_delete", args=[row.pk])
+    change, delete = _change_and_delete(row)
 
     assert delete in admin_client.get(change).content.decode()
     assert admin_client.post(delete, {"post": "yes"}).status_code == 302
