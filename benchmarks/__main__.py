@@ -46,6 +46,7 @@ def _trust_bundle(ca_file: str, directory: str) -> str:
 
 
 def _render_only(output: Path) -> int:
+    output.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
     import django
 
