@@ -38,6 +38,7 @@ __all__ = [
     "COUNTERS",
     "FLUSH_INTERVAL",
     "degraded",
+    "deployment_snapshot",
     "flush",
     "incr",
     "observe",
@@ -214,6 +215,17 @@ def degraded() -> bool:
     """True while the metrics' cache is down: :func:`snapshot` then shows this process's
     counts since the outage began, not the deployment's."""
     return _store().guard.degraded
+
+
+def deployment_snapshot(providers: Iterable[str] = ()) -> tuple[dict[str, dict[str, Any]], bool]:
+    """:func:`snapshot`, and whether it is the deployment's counts.
+
+    False when the cache was down before or after the read (it may fail, or answer again,
+    while being read): the snapshot may then hold only this process's counts.
+    """
+    down = degraded()
+    counts = snapshot(providers)
+    return counts, not (down or degraded())
 
 
 def _unwritten(alias: str) -> tuple[dict[str, int], set[str]]:

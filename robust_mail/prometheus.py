@@ -77,15 +77,11 @@ class RobustMailCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            # Down before or after: the snapshot may hold one process's counts (the cache
-            # may have failed, or answered again, while it was being read).
-            degraded = metrics.degraded()
-            snapshot = metrics.snapshot(_provider_names())
-            degraded = degraded or metrics.degraded()
+            snapshot, shared = metrics.deployment_snapshot(_provider_names())
         except Exception:
             logger.exception("robust_mail metrics could not be read")
             return
-        if degraded:
+        if not shared:
             # One process's counts in place of the deployment's would look like a counter
             # reset, then a jump at recovery: export none until the cache answers (the
             # counts made meanwhile are written then, nothing is lost).

@@ -71,8 +71,8 @@ def collect() -> dict[str, Any]:
     config = get_config()  # the counters' cache, ROBUST_MAIL's
     owners = providers_in_use()
     names = list(owners)
-    reachable = not metrics.degraded()  # before and after: see prometheus.py
-    counters = metrics.snapshot(names)
+    # reachable False: the counters are this process's since the cache went down.
+    counters, reachable = metrics.deployment_snapshot(names)
     now = time.time()
     providers: list[dict[str, Any]] = []
     for name in [*names, *sorted(set(counters) - set(names))]:
@@ -92,8 +92,6 @@ def collect() -> dict[str, Any]:
                 "latency_p99": _finite(metrics.percentile(latency, 0.99)),
             }
         )
-    # cache_reachable False: the counters are this process's since the cache went down.
-    reachable = reachable and not metrics.degraded()
     return {"cache": config.cache, "cache_reachable": reachable, "providers": providers}
 
 
