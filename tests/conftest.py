@@ -10,6 +10,8 @@ import django
 import pytest
 from django.core.cache import caches
 
+from tests.limited_smtp import limited_server  # noqa: F401 - a fixture for every module
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: For tests of Django 6.1's MAILERS setting, which earlier Djangos (and robust_mail on

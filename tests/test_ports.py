@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests import ports, postgres_server, redis_server, test_failover
+from tests import limited_smtp, ports, postgres_server, redis_server
 from tests.conftest import require
-from tests.test_failover import limited_server  # noqa: F401 - the fixture, used here
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def taken_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
         def free_port() -> int:
             return next(answers, None) or ports.free_port()
 
-        for module in (postgres_server, redis_server, test_failover):
+        for module in (postgres_server, redis_server, limited_smtp):
             monkeypatch.setattr(module, "free_port", free_port)
         yield port
 
@@ -57,7 +56,7 @@ def test_redis_starts_on_another_port_when_its_first_is_taken(taken_first: int) 
 def test_an_aiosmtpd_controller_starts_on_another_port_when_its_first_is_taken(
     taken_first: int, request: pytest.FixtureRequest
 ) -> None:
-    start: Callable[..., Any] = request.getfixturevalue("limited_server")
+    start: Callable[..., Any] = request.getfixturevalue("limited_server")  # after taken_first
     controller = start()
 
     assert controller.port != taken_first
