@@ -150,22 +150,16 @@ def enqueue(
 
 
 def _check_deliverable(mailer: str | None) -> None:
-    """Refuse a message nothing could ever deliver, rather than store it to go dead.
-
-    On Django 6.1 with MAILERS but no alias served by robust_mail, and no PROVIDERS in
-    ROBUST_MAIL, the delivery configuration has no provider: a worker would retry the
-    message until MAX_AGE (a sign-in code queued by default, say). Check W033 warns too.
-    """
-    from robust_mail.outbox_delivery import delivery_config  # it imports this module
+    """Refuse a message nothing could ever deliver, rather than store it to go dead."""
+    from robust_mail.outbox_delivery import NOTHING_DELIVERS, can_deliver  # imports this
 
     try:
-        providers = delivery_config(mailer).providers
+        deliverable = can_deliver(mailer)
     except ImproperlyConfigured as exc:
         raise ConfigurationError(f"cannot queue for mailer {mailer!r}: {exc}") from exc
-    if not providers:
+    if not deliverable:
         raise ConfigurationError(
-            "no configuration can deliver queued messages: MAILERS has no alias with "
-            "robust_mail's backend and ROBUST_MAIL has no PROVIDERS (see check "
+            f"no configuration can deliver queued messages: {NOTHING_DELIVERS} (see check "
             "robust_mail.W033)"
         )
 

@@ -20,7 +20,12 @@ from django.core.exceptions import ImproperlyConfigured
 
 from robust_mail.conf import RobustMailConfig, setting_label
 from robust_mail.mailers import delivering_configurations
-from robust_mail.outbox_delivery import STEPS_PER_ATTEMPT, delivery_config, worst_case_delivery
+from robust_mail.outbox_delivery import (
+    NOTHING_DELIVERS,
+    STEPS_PER_ATTEMPT,
+    can_deliver,
+    worst_case_delivery,
+)
 
 
 @register("mail", "robust_mail")
@@ -34,16 +39,14 @@ def check_outbox(app_configs: object = None, **kwargs: Any) -> list[CheckMessage
 
 def _check_deliverable() -> list[CheckMessage]:
     try:
-        providers = delivery_config().providers
+        if can_deliver():
+            return []
     except ImproperlyConfigured:
         return []  # reported by robust_mail.checks
-    if providers:
-        return []
     return [
         Warning(
-            "Nothing can deliver robust_mail's outbox: MAILERS has no alias with "
-            "robust_mail's backend and ROBUST_MAIL has no PROVIDERS. Background sends, "
-            "sign-in codes and password-reset codes are refused.",
+            f"Nothing can deliver robust_mail's outbox: {NOTHING_DELIVERS}. Background "
+            "sends, sign-in codes and password-reset codes are refused.",
             hint="Give a MAILERS alias robust_mail.backends.RobustEmailBackend (or "
             "OutboxEmailBackend) with providers in its OPTIONS, or set ROBUST_MAIL['PROVIDERS'].",
             id="robust_mail.W033",

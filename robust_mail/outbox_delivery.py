@@ -148,6 +148,22 @@ def delivery_config(mailer: str | None = None) -> RobustMailConfig:
     return get_config(ours[mailer], alias=mailer)
 
 
+#: Why :func:`can_deliver` is False (check W033, and ``enqueue()``'s refusal).
+NOTHING_DELIVERS = (
+    "MAILERS has no alias with robust_mail's backend and ROBUST_MAIL has no PROVIDERS"
+)
+
+
+def can_deliver(mailer: str | None = None) -> bool:
+    """Whether the configuration delivering ``mailer``'s queued messages has a provider.
+
+    False on Django 6.1 with MAILERS but no alias served by robust_mail and no PROVIDERS
+    in ROBUST_MAIL: a worker would retry such a message until MAX_AGE. Raises
+    ``ImproperlyConfigured`` as :func:`delivery_config` does.
+    """
+    return bool(delivery_config(mailer).providers)
+
+
 def attempt(
     row: OutboxMessage, *, dispatcher: Dispatcher, config: OutboxConfig, clock: Clock = timezone.now
 ) -> Outcome:
