@@ -5,8 +5,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+# The demo needs only the test servers: a newcomer's first `make demo` skips the dev tools.
+DEMO_STAMP := $(VENV)/.installed-demo
 # Pythons for the Django 6.x tox environments, through pyenv when it is there.
 export PYENV_VERSION ?= $(shell pyenv versions --bare 2>/dev/null | grep -E '^3\.1[123]\.' | sort -V | awk -F. '!seen[$$1"."$$2]++' | paste -sd: -)
+
+# Check the Python, then create .venv with an up-to-date pip if it is not there yet.
+define make-venv
+@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed: make PYTHON=python3.11 ...")'
+test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python -m pip install -q --upgrade pip
+endef
 
 .PHONY: help demo test test-fast lint format type bench tox django61 clean
 
@@ -18,13 +27,16 @@ help:
 	@echo "make tox     the Python x Django matrix (needs pyenv Pythons)"
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed: make PYTHON=python3.11 ...")'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(make-venv)
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml
+	$(make-venv)
+	$(BIN)/python -m pip install -q -e ".[testing]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m example_project.demo
 
 test: $(STAMP)

@@ -240,6 +240,20 @@ def test_primary_down_fails_over_to_backup_and_opens_the_breaker(
     assert "a trial in" in html
 
 
+def test_busy_switch_reaches_the_connection_the_last_send_left_open(
+    client: Client, site: SimpleNamespace, demo_user: Any
+) -> None:
+    signed_in_client(client, site, demo_user)
+    send(client, subject="Pooled")  # leaves a pooled connection to the primary open
+    client.post("/servers/primary/mode/", {"mode": "greeting_421"})
+
+    page = send(client, subject="Busy").content.decode()
+
+    assert "sent via backup" in page
+    assert [m.subject for m in site.primary.messages] == ["Pooled"]
+    assert [m.subject for m in site.backup.messages] == ["Busy"]
+
+
 def test_send_in_background_waits_in_the_outbox_until_the_worker_runs(
     client: Client, site: SimpleNamespace, demo_user: Any
 ) -> None:

@@ -19,6 +19,7 @@ from example_project.demo_site.forms import SendForm
 from example_project.demo_site.status import server_info
 from robust_mail import EmailService
 from robust_mail.exceptions import InvalidMessage, RobustMailError
+from robust_mail.testing import Mode
 
 
 @operator_page
@@ -88,11 +89,19 @@ def server_mode(request: HttpRequest, name: str) -> HttpResponse:
     if mode not in embedded.MODES:
         return HttpResponseBadRequest("unknown mode")
     server.mode = mode
+    if mode in _AT_CONNECTION:
+        # These act when a client connects: the web process's and the worker's pooled
+        # connections would otherwise go on delivering as if nothing had changed.
+        server.drop_connections()
     messages.info(request, f"{server.name} is now {embedded.MODES[mode]}.")
     target = request.POST.get("next", "")
     if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
         target = reverse("demo_site:dashboard")
     return redirect(target)
+
+
+#: Modes a server shows only to new connections (``refuse`` closes the old ones itself).
+_AT_CONNECTION = frozenset({Mode.GREETING_421.value, Mode.BLACKHOLE.value})
 
 
 def _server(name: str) -> embedded.SMTPTestServer:
