@@ -8,15 +8,19 @@ W030   OUTBOX LEASE is shorter than two worst-case deliveries
 W031   TASKS is set but no tasks framework is installed
 W032   the delivery task could not be defined for the TASKS backend
 W033   nothing can deliver the outbox (MAILERS without a robust alias, no PROVIDERS)
+W034   USE_TZ is False and TIME_ZONE has daylight saving time (leases jump by an hour)
 =====  ==================================================================
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
+from django.utils import timezone
 
 from robust_mail.conf import RobustMailConfig, setting_label
 from robust_mail.mailers import delivering_configurations
@@ -34,7 +38,34 @@ def check_outbox(app_configs: object = None, **kwargs: Any) -> list[CheckMessage
     messages += _check_lease()
     messages += _check_tasks()
     messages += _check_deliverable()
+    messages += _check_local_clock()
     return messages
+
+
+def _check_local_clock() -> list[CheckMessage]:
+    # With USE_TZ False, timezone.now() is naive local time, and leases, retry times and
+    # MAX_AGE are compared in it: when the clocks go forward, every live lease looks an
+    # hour older, and another worker takes over messages still being sent.
+    if settings.USE_TZ:
+        return []
+    try:
+        zone = timezone.get_default_timezone()
+    except Exception:  # a TIME_ZONE Django itself cannot load: Django reports it
+        return []
+    year = timezone.now().year
+    offsets = {zone.utcoffset(datetime(year, month, 1)) for month in (1, 7)}
+    if len(offsets) < 2:
+        return []
+    return [
+        Warning(
+            f"USE_TZ is False and TIME_ZONE {settings.TIME_ZONE!r} changes its clocks for "
+            "daylight saving time: when they go forward, the outbox's leases look an hour "
+            "older and a second worker may send messages still being sent.",
+            hint="Set USE_TZ = True (Django's default), or a TIME_ZONE without daylight "
+            "saving time such as 'UTC'.",
+            id="robust_mail.W034",
+        )
+    ]
 
 
 def _check_deliverable() -> list[CheckMessage]:

@@ -139,3 +139,23 @@ def test_w033_and_a_refused_enqueue_when_nothing_can_deliver_the_outbox(settings
     # A sign-in code queued here would wait until it went dead: refused instead.
     with pytest.raises(ConfigurationError, match="no configuration can deliver queued"):
         enqueue(EmailMessage("code", "123456", "f@example.com", ["t@example.com"]))
+
+
+def test_w034_naive_local_time_with_daylight_saving(settings: Any) -> None:
+    settings.USE_TZ = False
+    settings.TIME_ZONE = "Europe/Paris"
+
+    warning = only("robust_mail.W034")
+
+    assert "'Europe/Paris'" in warning.msg
+    assert "USE_TZ = True" in (warning.hint or "")
+
+
+@pytest.mark.parametrize("use_tz, zone", [(True, "Europe/Paris"), (False, "UTC")])
+def test_no_w034_with_aware_times_or_a_zone_without_daylight_saving(
+    settings: Any, use_tz: bool, zone: str
+) -> None:
+    settings.USE_TZ = use_tz
+    settings.TIME_ZONE = zone
+
+    assert "robust_mail.W034" not in [m.id for m in outbox_messages()]
