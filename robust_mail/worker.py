@@ -263,10 +263,19 @@ class Worker:
     def _release(self, held: outbox.Claim, rows: list[OutboxMessage], counts: Counter[str]) -> None:
         try:
             released = outbox.release(held, rows)
-        except DatabaseError as exc:
-            pks = [row.pk for row in rows]
-            logger.warning("cannot release outbox messages %s (%s): their leases expire", pks, exc)
-            released = 0
+        except DatabaseError:
+            # A connection the database closed (a restart) fails every query on it until
+            # it is dropped: reconnect and try once more, so that a stop does not leave the
+            # rows "sending" for a lease, then flagged ambiguous.
+            drop_connections()
+            try:
+                released = outbox.release(held, rows)
+            except DatabaseError as exc:
+                pks = [row.pk for row in rows]
+                logger.warning(
+                    "cannot release outbox messages %s (%s): their leases expire", pks, exc
+                )
+                released = 0
         with self._lock:
             counts["released"] += released
 
@@ -384,6 +393,10 @@ class _Threads:
                 try:
                     if job is None:
                         return
+                    # As the claiming loop and the recorder do: honour CONN_MAX_AGE and drop
+                    # a connection the database closed (a restart), before this job's queries
+                    # (message_sent receivers, releasing) run on it.
+                    _refresh_connections()
                     _guarded(self._handle, job)
                 finally:
                     self._queue.task_done()

@@ -7,12 +7,14 @@ failed under CI=true). Every test gets its own database.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 
 from tests.conftest import provider
 from tests.postgres_server import PostgresServer, postgres_server, require_postgres
@@ -217,3 +219,97 @@ def test_a_duplicate_key_leaves_the_callers_transaction_usable(
     # PostgreSQL aborts a transaction at its first error: without a savepoint around the
     # refused INSERT, the caller's next statement (and its commit) would fail.
     assert out == ["autocommit duplicate True", "in transaction duplicate True", "rows 2"]
+
+
+def test_sending_threads_reconnect_after_the_database_restarts(
+    smtp_server: Any, robust: Any, django_db_blocker: Any
+) -> None:
+    # In process, several sending threads: each has its own database connection, used by
+    # message_sent receivers and by releasing claimed rows on a stop. After a restart of
+    # the database those connections are dead; the threads must reconnect, not fail every
+    # query from then on.
+    from django.core.mail import EmailMessage
+    from django.db import connections
+
+    from robust_mail.models import OutboxMessage
+    from robust_mail.outbox import enqueue
+    from robust_mail.signals import message_sent
+    from robust_mail.worker import Worker
+
+    own = PostgresServer(require_postgres())  # its own server: this test restarts it
+    own.start()
+    alias = "restarted"
+    entry = {**connections.settings["default"], **own.django_settings(own.create_database())}
+    entry.update(OPTIONS={}, TEST={}, CONN_MAX_AGE=0)
+    connections.settings[alias] = entry
+    receivers: list[str] = []
+    workers: list[Worker] = []
+
+    def audit(sender: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name.startswith("robust_mail_worker-"):
+            try:
+                OutboxMessage.objects.using(alias).count()
+                receivers.append("ok")
+            except Exception as exc:
+                receivers.append(type(exc).__name__)
+
+    def restart_and_stop(received: Any) -> None:
+        # Mid-batch, with both threads holding connections opened before the restart.
+        if received.message["Subject"] == "late3" and not workers[0].stopping:
+            own.stop()
+            own.start()
+            workers[0].stop()
+
+    def queue(prefix: str, count: int) -> None:
+        for i in range(count):
+            message = EmailMessage(f"{prefix}{i}", "b", "f@example.com", [f"r{i}@example.com"])
+            enqueue(message, using=alias)
+
+    def statuses() -> Counter[str]:
+        return Counter(OutboxMessage.objects.using(alias).values_list("status", flat=True))
+
+    server = smtp_server(on_message=restart_and_stop)
+    robust([provider(server, "only")], OUTBOX={"LEASE": 60})
+    message_sent.connect(audit)
+    thread: threading.Thread | None = None
+    try:
+        with django_db_blocker.unblock():
+            call_command("migrate", database=alias, verbosity=0)
+            worker = Worker(concurrency=2, batch=20, sleep=0.1, using=alias)
+            workers.append(worker)
+            thread = threading.Thread(target=worker.run, daemon=True)
+            thread.start()
+            queue("early", 4)
+            server.wait_for(4, timeout=60)
+            wait_until(lambda: statuses() == {"sent": 4}, 60, "the first outcomes")
+            own.stop()
+            own.start()
+            connections[alias].close()  # this thread's, for queueing
+            receivers.clear()
+            queue("again", 4)
+            server.wait_for(8, timeout=60)
+            wait_until(lambda: statuses() == {"sent": 8}, 60, "the outcomes after the restart")
+            assert receivers == ["ok"] * 4
+
+            # A second restart in the middle of a batch, then a stop: the rows not yet
+            # sent are released (queued again), not left "sending" until their lease.
+            server.reply_delay = 0.2
+            server.mode = "slow"
+            queue("late", 20)
+            thread.join(120)
+            assert not thread.is_alive()
+            connections[alias].close()
+            left = statuses()
+            assert left["sending"] == 0
+            assert left["queued"] > 0 and left["sent"] + left["queued"] == 28
+            assert worker.stats.released == left["queued"]
+    finally:
+        message_sent.disconnect(audit)
+        for worker in workers:
+            worker.stop()
+        if thread is not None:
+            thread.join(60)
+        connections[alias].close()
+        del connections[alias]
+        del connections.settings[alias]
+        own.cleanup()
