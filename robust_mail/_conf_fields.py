@@ -24,6 +24,13 @@ SECRET_KEYS = frozenset({"PASSWORD", "SECRET"})
 
 _RATE = re.compile(r"^\s*([1-9][0-9]*)\s*/\s*([smhd])\s*$")
 
+#: The longest duration any setting takes: 100 years, as ``robust_mail_purge --older-than``
+#: (36500 days). Beyond it a finite number still overflows ``now + timedelta(...)`` (past
+#: the year 9999) at the first claim or send, instead of failing here with the setting named.
+MAX_SECONDS = 36500 * 86400
+_TOO_LONG = f"must be at most {MAX_SECONDS} seconds (100 years)"
+_TOO_LONG_HINT = "Give a number of seconds under 100 years (a day is 86400)."
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -167,6 +174,8 @@ def seconds(*, zero: bool = False) -> Converter:
         number = float(value)  # type: ignore[arg-type]
         if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
             raise Invalid(expected)
+        if number > MAX_SECONDS:
+            raise Invalid(_TOO_LONG, hint=_TOO_LONG_HINT)
         return number
 
     return convert_seconds
@@ -181,6 +190,8 @@ def timeout(value: object) -> float:
         raise Invalid("must be a number of seconds > 0")
     if value <= 0:  # type: ignore[operator]
         raise Invalid("must be a number of seconds > 0", code="E005", hint=hint)
+    if value > MAX_SECONDS:  # type: ignore[operator]
+        raise Invalid(_TOO_LONG, hint=_TOO_LONG_HINT)
     return float(value)  # type: ignore[arg-type]
 
 
@@ -292,6 +303,8 @@ def schedule(value: object) -> tuple[float, ...]:
             "must be a non-empty list of delays in seconds, each > 0",
             hint="For example [60, 300, 1800]: the waits before the 2nd, 3rd, 4th... try.",
         )
+    if any(v > MAX_SECONDS for v in value):
+        raise Invalid(f"must have each delay at most {MAX_SECONDS} seconds (100 years)")
     return tuple(float(v) for v in value)
 
 

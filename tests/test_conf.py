@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import FrozenInstanceError
 from typing import Any
 
@@ -392,6 +393,44 @@ def test_configuration_errors_never_show_a_password(settings: Any, provider: Any
         get_config()
     assert SECRET not in str(caught.value)
     assert "123456789" not in str(caught.value)
+
+
+# The same bound for every duration: robust_mail_purge's 100 years. A finite value beyond
+# it passed validation, then overflowed ``now +/- timedelta(seconds=...)`` in the worker at
+# every claim (OverflowError), or in a send.
+TOO_LONG = "at most 3153600000 seconds (100 years)"
+
+
+@pytest.mark.parametrize(
+    ("robust_mail", "label"),
+    [
+        ({"OUTBOX": {"MAX_AGE": sys.maxsize}}, "ROBUST_MAIL['OUTBOX']['MAX_AGE']"),
+        ({"OUTBOX": {"MAX_AGE": 1e11}}, "ROBUST_MAIL['OUTBOX']['MAX_AGE']"),
+        ({"OUTBOX": {"LEASE": 1e11}}, "ROBUST_MAIL['OUTBOX']['LEASE']"),
+        ({"OUTBOX": {"RETRY_SCHEDULE": [60, 1e11]}}, "ROBUST_MAIL['OUTBOX']['RETRY_SCHEDULE']"),
+        ({"RETRY": {"DEADLINE": 1e11}}, "ROBUST_MAIL['RETRY']['DEADLINE']"),
+        ({"OTP": {"TTL": sys.maxsize}}, "ROBUST_MAIL['OTP']['TTL']"),
+        ({"PROVIDERS": [{"HOST": "h", "TIMEOUT": 1e11}]}, "ROBUST_MAIL['PROVIDERS'][0]['TIMEOUT']"),
+        ({"PROVIDERS": ["smtp://h?timeout=1e11"]}, "('smtp://h?timeout=1e11') query 'timeout'"),
+    ],
+)
+def test_a_duration_over_100_years_is_a_configuration_error_naming_the_setting(
+    settings: Any, robust_mail: Any, label: str
+) -> None:
+    settings.ROBUST_MAIL = robust_mail
+    with pytest.raises(ConfigurationError) as caught:
+        get_config()
+    message = str(caught.value)
+    assert f"{label} must" in message and TOO_LONG in message
+    assert codes(validate()) == ["E008"]
+
+
+def test_a_duration_of_100_years_is_accepted(settings: Any) -> None:
+    hundred_years = 36500 * 86400
+    settings.ROBUST_MAIL = {
+        "OUTBOX": {"MAX_AGE": hundred_years, "LEASE": hundred_years, "RETRY_SCHEDULE": [60]},
+    }
+    assert get_config().outbox.max_age == hundred_years
 
 
 def test_url_provider_range_errors_name_the_url_and_the_query_key(settings: Any) -> None:
