@@ -209,6 +209,9 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # not ModelAdmin[...]: Django has n
             sensitive=True, status__in=(OutboxStatus.FAILED, OutboxStatus.DEAD)
         )
         now = timezone.now()
+        # A waiting message scheduled for later (not_before) is due now: MAX_AGE counts from
+        # now, not from the time it was scheduled for.
+        retryable.filter(status=OutboxStatus.QUEUED, retried_at__gt=now).update(retried_at=now)
         count = retryable.filter(status=OutboxStatus.QUEUED).update(next_attempt_at=now)
         # A failed or dead message starts over: the whole schedule, MAX_AGE from now.
         count += retryable.filter(status__in=(OutboxStatus.FAILED, OutboxStatus.DEAD)).update(

@@ -119,6 +119,9 @@ def enqueue(
         priority=priority,
         next_attempt_at=not_before or now,
         created_at=now,
+        # MAX_AGE counts from the first attempt it is due for, not from now: a message
+        # scheduled further ahead than MAX_AGE would otherwise die at its first failure.
+        retried_at=not_before if not_before is not None and not_before > now else None,
         idempotency_key=idempotency_key,
         mailer=mailer or "",
         sensitive=bool(getattr(message, "robust_mail_sensitive", False))

@@ -295,6 +295,25 @@ def test_an_abandoned_message_that_had_its_time_is_dead_not_taken_over_again() -
     assert "redacted" not in rows[too_old.pk].payload
 
 
+def test_an_abandoned_message_scheduled_beyond_max_age_is_taken_over_not_buried() -> None:
+    # MAX_AGE counts from the first attempt a message is due for (not_before), also when
+    # its worker died at that attempt.
+    from robust_mail.outbox import GiveUp
+
+    due = timezone.now() + timedelta(days=4)
+    (row,) = queue(1, not_before=due)
+    claim(limit=1, lease=60, now=due)  # the worker that dies
+
+    held = claim(
+        limit=1,
+        lease=60,
+        now=due + timedelta(seconds=61),
+        give_up=GiveUp(max_age=3 * 86400, attempts=17),
+    )
+
+    assert [(r.pk, r.status, r.ambiguous) for r in held.rows] == [(row.pk, "sending", True)]
+
+
 def test_give_up_follows_the_retry_schedule() -> None:
     from robust_mail.conf import OutboxConfig
     from robust_mail.outbox_delivery import give_up

@@ -122,6 +122,27 @@ def test_a_dead_message_retried_by_hand_gets_the_whole_schedule_again(
     assert dead.next_attempt_at - dead.retried_at >= timedelta(seconds=59)  # first step
 
 
+def test_retry_now_of_a_message_scheduled_for_later_counts_max_age_from_now(
+    admin_client: Client,
+) -> None:
+    from datetime import timedelta
+
+    from django.core.mail import EmailMessage
+    from django.utils import timezone
+
+    from robust_mail.outbox import enqueue
+
+    due = timezone.now() + timedelta(days=4)
+    row = enqueue(EmailMessage("s", "b", "f@example.com", ["t@example.com"]), not_before=due)
+    assert row.queued_since == due  # MAX_AGE from its first scheduled attempt
+
+    admin_client.post(reverse(CHANGELIST), {"action": "retry_now", "_selected_action": [row.pk]})
+
+    row.refresh_from_db()
+    assert row.status == "queued" and row.next_attempt_at < due
+    assert row.queued_since == row.next_attempt_at  # due now: MAX_AGE from now
+
+
 def test_cancel_fails_waiting_messages_and_says_who(admin_client: Client) -> None:
     waiting = queued("a", "a@example.com")
     sent = queued("b", "b@example.com", status="sent")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from django.core.mail import EmailMessage
+from django.utils import timezone
 
 from robust_mail.models import OutboxMessage
 from robust_mail.outbox import enqueue
@@ -159,6 +160,28 @@ def test_message_still_undelivered_after_max_age_is_dead_with_the_reason(
     assert row.status == "dead"
     assert "MAX_AGE" in row.last_error and "connect" in row.last_error
     assert len(failures) == 1
+
+
+def test_a_message_scheduled_beyond_max_age_gets_its_whole_max_age_from_then(
+    smtp_server: Any, robust: Any
+) -> None:
+    # not_before 4 days ahead, MAX_AGE 3 days (the default): counted from the enqueue, the
+    # message was dead at its very first transient failure.
+    robust([provider(smtp_server("refuse"), "only")])
+    start = timezone.now()
+    due = start + timedelta(days=4)
+    row = enqueue(message(), not_before=due)
+    clock = Clock(due + timedelta(seconds=1))
+
+    stats = drain(clock)
+
+    after = reload(row)
+    assert stats.retried == 1 and stats.dead == 0
+    assert (after.status, after.attempts) == ("queued", 1)
+    assert after.next_attempt_at == due + timedelta(seconds=1 + MINUTE)  # the first step
+    clock.now = due + timedelta(days=3)  # MAX_AGE after the first due attempt: no more
+    assert drain(clock).dead == 1
+    assert "MAX_AGE" in reload(row).last_error
 
 
 def test_open_breaker_defers_without_dropping_or_counting_an_attempt(

@@ -73,8 +73,10 @@ class OutboxMessage(models.Model):
     sensitive = models.BooleanField(default=False)
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
-    #: When "Retry now" sent it back to the queue after it had failed or died: MAX_AGE
-    #: counts from here then, so the retry gets the whole schedule, not a single try.
+    #: Where MAX_AGE counts from when not ``created_at``: when "Retry now" sent it back to
+    #: the queue after it had failed or died (so the retry gets the whole schedule, not a
+    #: single try), or, for a message queued with a future ``not_before``, that first
+    #: scheduled attempt (so a schedule beyond MAX_AGE does not kill it at its first failure).
     retried_at = models.DateTimeField(null=True, blank=True, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=255, unique=True, null=True, blank=True)
@@ -99,7 +101,8 @@ class OutboxMessage(models.Model):
 
     @property
     def queued_since(self) -> Any:
-        """Where its MAX_AGE counts from: queued, or last retried by hand."""
+        """Where its MAX_AGE counts from: queued, first due (``not_before``), or last
+        retried by hand."""
         return self.retried_at or self.created_at
 
     def rebuild(self) -> Any:
