@@ -162,7 +162,8 @@ class CircuitBreaker:
     Cost: ``allow()`` is one store read (``get_many`` of the state and the failure count,
     when the store has it, else ``get``); a half-open breaker adds one ``store.add``. After
     an ``allow()`` that found the breaker closed with no failures counted,
-    ``record_success()`` in the same thread costs nothing: there is nothing to reset.
+    ``record_success()`` in the same thread costs one ``get`` (of the state, in case another
+    process opened the breaker meanwhile): there are no failures to reset.
     Otherwise it is a ``delete``, a ``get`` and, if the breaker was open, two ``delete``.
 
     Why skipping that reset is safe across processes: the caller's send ran from its
@@ -293,12 +294,18 @@ class CircuitBreaker:
         """The provider accepted a message (or refused it for message reasons: it is up)."""
         clean, trial = self._take_seen()
         if clean and trial is None:
-            return  # nothing to reset (see the class docstring for why this is safe)
-        self.store.delete(self._failures_key)
-        record = self._open_record()
-        if record is None:
-            self._free_trial(trial)  # closed meanwhile by another caller's success
-            return
+            # No failures to reset (see the class docstring for why this is safe), but the
+            # breaker may have opened since allow(): this success must close it.
+            record = self._open_record()
+            if record is None:
+                return
+            self.store.delete(self._failures_key)
+        else:
+            self.store.delete(self._failures_key)
+            record = self._open_record()
+            if record is None:
+                self._free_trial(trial)  # closed meanwhile by another caller's success
+                return
         # Any success closes it, also one of a send that started before it opened: the
         # provider is up. A trial in flight is moot then (everyone may send again).
         old = self._open_state(record)
