@@ -331,6 +331,9 @@ class CircuitBreaker:
                 self._changed(BreakerState.HALF_OPEN, BreakerState.OPEN)
             self._free_trial(trial)
             return
+        # Closed meanwhile by another caller's success: a trial this caller won must still
+        # be freed, or the next half-open would admit nobody until it expires.
+        self._free_trial(trial)
         failures = self.store.incr(self._failures_key, 1, None)
         if fatal or failures >= self.failure_threshold:
             self.trip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -520,3 +521,42 @@ def test_a_trial_that_expired_does_not_free_its_successor() -> None:
     assert not h.new().allow()  # the successor's trial is still the only one
     successor.record_success()
     assert h.breaker.state is CLOSED
+
+
+class InterleavingStore(MemoryStore):
+    """A MemoryStore that runs ``before_add`` once, just before the next ``add``: another
+    process acting between a breaker's read and its election of the trial."""
+
+    before_add: Callable[[], None] | None = None
+
+    def add(self, key: str, value: object, timeout: float | None) -> bool:
+        hook, self.before_add = self.before_add, None
+        if hook is not None:
+            hook()
+        return super().add(key, value, timeout)
+
+
+def test_trial_won_on_a_breaker_closed_meanwhile_is_freed_by_its_failure() -> None:
+    clock = FakeClock()
+    store = InterleavingStore(clock=clock)
+
+    def new() -> CircuitBreaker:
+        return CircuitBreaker(
+            "primary", failure_threshold=1, reset_timeout=5, store=store, clock=clock,
+            trial_timeout=600.0,
+        )  # fmt: skip
+
+    new().trip()
+    clock.advance(6)
+    trial = new()
+    # Between this caller's read (half-open) and its add of the trial key, another
+    # process's late success closes the breaker: the trial is won on a closed breaker.
+    store.before_add = new().record_success
+    assert trial.allow()
+    assert trial.state is CLOSED
+
+    trial.record_failure()  # counted on the closed breaker: threshold 1 opens it again
+
+    assert trial.state is OPEN
+    clock.advance(6)
+    assert new().allow()  # the next half-open admits a trial, not only after trial_timeout
