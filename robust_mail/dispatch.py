@@ -30,6 +30,7 @@ from robust_mail.exceptions import (
     InvalidMessage,
     ProviderError,
     RateLimited,
+    RobustMailError,
     Step,
     TransportError,
     classify,
@@ -134,7 +135,9 @@ class Dispatcher(Runs):
         """Deliver ``message`` through the first provider that takes it.
 
         Raises :class:`InvalidMessage` (before any network traffic) when the
-        message cannot be built; every other failure is reported in the result.
+        message cannot be built; every other failure is reported in the result. An
+        exception that is not robust_mail's (a task's time limit, a bug) is not a delivery
+        failure: it propagates as raised, the message possibly sent.
         ``rendered``: the bytes an earlier build of this message produced (the outbox's),
         sent as they are.
         """
@@ -351,7 +354,10 @@ class Dispatcher(Runs):
             return self.retry.call(once, retry_if=retry_if, deadline=deadline, on_retry=on_retry)
         except InvalidMessage:
             raise
-        except Exception as exc:
+        except RobustMailError as exc:
+            # Only our own errors are delivery failures. Anything else (a task's soft time
+            # limit, a bug) is not classified, retried or failed over: it goes to the
+            # caller, the message possibly sent (deliver() releases the breaker).
             classification = classify(exc)
             attempts.busy_locally = isinstance(exc, PoolTimeout)
             attempts.collateral = bool(getattr(exc, "collateral", False))
@@ -525,6 +531,9 @@ def _retryable(exc: BaseException) -> bool:
     # pool is not retried either: waiting again would only burn the deadline. Nor is an
     # attempt the deadline cut short: there is no time left for another.
     if isinstance(exc, PoolTimeout) or cut_by_deadline(exc):
+        return False
+    # Not ours (a task's time limit, a bug): never retried, it goes to the caller.
+    if not isinstance(exc, RobustMailError):
         return False
     return classify(exc) is Classification.TRANSIENT
 

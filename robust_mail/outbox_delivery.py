@@ -226,13 +226,16 @@ def attempt_many(
     try:
         results = dispatcher.deliver_many(items, proceed=proceed, on_result=on_result)
     except Exception as exc:
-        # Not a delivery failure (those come back as results): a bug or a broken
-        # environment. Retry on the schedule rather than stall or lose the messages.
+        # Not a delivery failure (those come back as results): a bug, a broken
+        # environment, or a task's time limit raised mid-send. Retry on the schedule
+        # rather than stall or lose the messages; any of them may have been sent.
         logger.exception("outbox message(s) %s: delivery raised", [rows[i].pk for i in to_send])
         for index, message in zip(to_send, messages, strict=True):
             if outcomes[index] is None:
                 reason = f"{type(exc).__name__}: {exc}"
-                decided(index, _defer(rows[index], reason, None, config, clock(), None, message))
+                outcome = _defer(rows[index], reason, None, config, clock(), None, message)
+                outcome.fields["ambiguous"] = True
+                decided(index, outcome)
         return outcomes
     for position, result in enumerate(results):
         index = to_send[position]
@@ -257,11 +260,14 @@ def _decide(
     if isinstance(result, InvalidMessage):
         return _final(OutboxStatus.FAILED, f"invalid message: {result}", None, message)
     if isinstance(result, Exception):
-        # Not a delivery failure (those come back as results): a bug or a broken
-        # environment. Retry on the schedule rather than stall or lose the message.
+        # Not a delivery failure (those come back as results): a bug, a broken
+        # environment, or a task's time limit raised mid-send. Retry on the schedule
+        # rather than stall or lose the message; it may have been sent: ambiguous.
         logger.error("outbox message %s: delivery raised", row.pk, exc_info=result)
         reason = f"{type(result).__name__}: {result}"
-        return _defer(row, reason, None, config, clock(), None, message)
+        outcome = _defer(row, reason, None, config, clock(), None, message)
+        outcome.fields["ambiguous"] = True
+        return outcome
     ambiguous = row.ambiguous or result.ambiguous
     if result.status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
         refused = {addr: [code, reply] for addr, (code, reply) in result.refused.items()}

@@ -14,7 +14,9 @@ Lifecycle of a connection, all inside :meth:`ConnectionPool.connection`:
   or by :meth:`ConnectionPool.prune`); closed at a check-out, their QUITs wait at most half
   a second in all and never past the caller's deadline;
 - ``max_messages`` messages sent → closed after use;
-- the caller's block raised and the connection is not ``reusable`` → closed.
+- the caller's block raised and the connection is not ``reusable`` → closed; so is one
+  whose block raised anything but a ``TransportError`` (the transport settles the session
+  for those; anything else may have left a reply owed).
 
 Fork: the child forgets every connection inherited from the parent without any I/O on it
 (no QUIT, no TLS close), so the parent's sessions are untouched; the child opens its own.
@@ -37,7 +39,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from robust_mail.exceptions import RobustMailError
+from robust_mail.exceptions import RobustMailError, TransportError
 
 __all__ = ["ConnectionPool", "PoolRegistry", "PoolTimeout", "PooledConnection", "pools"]
 
@@ -204,12 +206,14 @@ class ConnectionPool(Generic[C]):
         pid = os.getpid()
         try:
             yield conn
-        except Exception:
+        except TransportError:
+            # The transport settled the session: ``reusable`` says whether it can go on.
             self._checkin(conn, generation, pid, failed=True)
             raise
         except BaseException:
-            # Interrupted (KeyboardInterrupt, SystemExit) possibly mid-transaction, where
-            # ``reusable`` may not have been updated: never pool it again.
+            # Anything else (a task's time limit raised by a signal handler, KeyboardInterrupt,
+            # a bug) may have cut a transaction short, where ``reusable`` was not updated
+            # and a reply may still be owed: never pool it again.
             conn.reusable = False
             self._checkin(conn, generation, pid, failed=True)
             raise
@@ -347,8 +351,15 @@ class ConnectionPool(Generic[C]):
             if alive and self.clock() - item.since > self.check_after:
                 try:
                     alive = bool(conn.noop(deadline=deadline))
-                except Exception:
-                    alive = False
+                except BaseException:
+                    # noop() reports a dead session by returning False: this is something
+                    # else (a task's time limit, KeyboardInterrupt) cutting the wait for its
+                    # reply short. Close it (the reply may still come) and let it through;
+                    # the caller frees the slot.
+                    conn.reusable = False
+                    self._count("discarded")
+                    _close_all([conn])
+                    raise
             if alive:
                 self._count("reused")
                 return conn

@@ -108,6 +108,14 @@ class Transactions:
         try:
             refused = self._transaction(smtp, from_addr, recipients, data, options)
             return self._send_the_rest(smtp, from_addr, recipients, refused, data, options)
+        except TransportError:
+            raise  # the step that failed settled the session
+        except Exception:
+            # Not a failure of the session: something else (a task's time limit raised by
+            # a signal handler, say) cut a step short, possibly with a reply still owed,
+            # which would answer the next command. The session must not be used again.
+            self._abort()
+            raise
         finally:
             smtp.deadline = None
 

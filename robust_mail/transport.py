@@ -366,6 +366,11 @@ class SMTPConnection(Transactions):
         except _STEP_ERRORS as exc:
             logger.debug("%s: NOOP failed: %s", self.provider.name, exc)
             code = -1
+        except Exception:
+            # Interrupted while waiting for the reply (a task's time limit, say): it may
+            # still come, out of step with the next command.
+            self._abort()
+            raise
         finally:
             smtp.deadline = None
         if code == 250:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import smtplib
 import threading
 import time
 import warnings
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from robust_mail.exceptions import Step, TransportError
 from robust_mail.pool import QUIT_TIMEOUT_AT_EXIT, ConnectionPool, PoolRegistry, PoolTimeout
 
 _ids = itertools.count(1)
@@ -270,15 +272,59 @@ def test_unreusable_connection_is_discarded_after_an_error(make_pool, factory: F
     assert fresh is not conn
 
 
-def test_reusable_connection_survives_an_error(make_pool, factory: Factory) -> None:
+def test_reusable_connection_survives_a_transport_error(make_pool, factory: Factory) -> None:
     pool = make_pool()
-    with pytest.raises(ValueError), pool.connection() as conn:
-        raise ValueError("550 no such user; RSET done, session fine")
+    refused = smtplib.SMTPRecipientsRefused({"to@example.com": (550, b"no such user")})
+    with pytest.raises(TransportError), pool.connection() as conn:
+        raise TransportError(Step.RCPT, refused)  # RSET done, session fine
 
     with pool.connection() as again:
         pass
     assert again is conn
     assert "close" not in conn.events
+
+
+class SoftTimeLimitExceeded(Exception):
+    """As Celery's: an Exception a signal handler raises wherever the task is."""
+
+
+def test_block_that_raised_anything_but_a_transport_error_never_returns_its_connection(
+    make_pool,
+) -> None:
+    pool = make_pool()
+    with pytest.raises(SoftTimeLimitExceeded), pool.connection() as conn:
+        # Raised mid-transaction, before the transport could update ``reusable``.
+        raise SoftTimeLimitExceeded
+
+    assert conn.events[-1] == "close"
+    assert pool.open_connections == 0
+    with pool.connection() as fresh:
+        pass
+    assert fresh is not conn
+
+
+@pytest.mark.parametrize("interruption", [SoftTimeLimitExceeded, KeyboardInterrupt])
+def test_interrupted_liveness_check_closes_the_connection_and_frees_its_slot(
+    make_pool, factory: Factory, clock: Clock, interruption: type[BaseException]
+) -> None:
+    pool = make_pool(size=1, check_after=1.0)
+    with pool.connection() as idle:
+        pass
+    clock.now += 5
+
+    def interrupted_noop(*, deadline: float | None = None) -> bool:
+        raise interruption  # while waiting for the reply to NOOP
+
+    idle.noop = interrupted_noop  # type: ignore[method-assign]
+    with pytest.raises(interruption), pool.connection():
+        pass
+
+    assert idle.events[-1] == "close"  # its reply may still come: never used again
+    assert pool.open_connections == 0
+    with pool.connection() as fresh:
+        pass
+    assert fresh is not idle
+    assert len(factory.made) == 2
 
 
 def test_interrupted_block_never_returns_its_connection(make_pool) -> None:
