@@ -79,8 +79,8 @@ class _PoolKey:
 
 
 if hasattr(os, "register_at_fork"):
-    # A resolver's lock may have been held by another thread of the parent at fork(),
-    # and would stay held in the child: a forked child makes its own resolvers.
+    # A forked child makes its own resolvers. Those its pools' factories captured are
+    # kept, with fresh locks (robust_mail.resolver resets every resolver's at fork).
     os.register_at_fork(after_in_child=resolver_for.cache_clear)
 
 
