@@ -162,15 +162,17 @@ class CircuitBreaker:
     Cost: ``allow()`` is one store read (``get_many`` of the state and the failure count,
     when the store has it, else ``get``); a half-open breaker adds one ``store.add``. After
     an ``allow()`` that found the breaker closed with no failures counted,
-    ``record_success()`` in the same thread costs one ``get`` (of the state, in case another
-    process opened the breaker meanwhile): there are no failures to reset.
+    ``record_success()`` in the same thread costs nothing: there is nothing to reset.
     Otherwise it is a ``delete``, a ``get`` and, if the breaker was open, two ``delete``.
 
     Why skipping that reset is safe across processes: the caller's send ran from its
     ``allow()`` to its report, so its success may be placed at the moment ``allow()`` read
     the store, when there was nothing to reset. Failures another process reported after
     that read are concurrent with this send and stay counted — as they would had they
-    been reported a moment later. A stale reading can only cost an extra ``delete``.
+    been reported a moment later. A stale reading can only cost an extra ``delete``. So
+    placed, such a success also leaves alone a breaker another process opened after that
+    read: it stays open until its half-open trial. (A success with failures to reset reads
+    the state anyway, and closes an open breaker.)
     """
 
     def __init__(
@@ -294,20 +296,14 @@ class CircuitBreaker:
         """The provider accepted a message (or refused it for message reasons: it is up)."""
         clean, trial = self._take_seen()
         if clean and trial is None:
-            # No failures to reset (see the class docstring for why this is safe), but the
-            # breaker may have opened since allow(): this success must close it.
-            record = self._open_record()
-            if record is None:
-                return
-            self.store.delete(self._failures_key)
-        else:
-            self.store.delete(self._failures_key)
-            record = self._open_record()
-            if record is None:
-                self._free_trial(trial)  # closed meanwhile by another caller's success
-                return
-        # Any success closes it, also one of a send that started before it opened: the
-        # provider is up. A trial in flight is moot then (everyone may send again).
+            return  # nothing to reset (see the class docstring for why this is safe)
+        self.store.delete(self._failures_key)
+        record = self._open_record()
+        if record is None:
+            self._free_trial(trial)  # closed meanwhile by another caller's success
+            return
+        # A success that reads the state closes it, also one of a send that started before
+        # it opened: the provider is up. A trial in flight is moot then (everyone may send again).
         old = self._open_state(record)
         self.store.delete(self._state_key)
         self.store.delete(self._trial_key)
