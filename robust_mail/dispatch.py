@@ -196,6 +196,11 @@ class Dispatcher(Runs):
     def _closed(self, provider: ProviderConfig) -> bool:
         return get_breaker(provider.name, self.config).state is BreakerState.CLOSED
 
+    def _had_most_of_the_deadline(self, began: float | None) -> bool:
+        # Half of RETRY.DEADLINE: a provider that had less was cut short by the time the
+        # others (and our backoff) used before it, which says nothing of its own speed.
+        return began is not None and self.clock() - began >= self.config.retry.deadline / 2
+
     def _deliver(
         self,
         message: EmailMessage,
@@ -236,6 +241,7 @@ class Dispatcher(Runs):
             if index > 0 and attempts.count:
                 metrics.incr(provider.name, "failed_over")
             last_chance = index == len(self.config.providers) - 1
+            began = None if index == 0 and first is not None else self.clock()
             try:
                 outcome = self._try_provider(
                     provider,
@@ -265,6 +271,14 @@ class Dispatcher(Runs):
                 # The provider is up and answered: the message, not the provider, is at fault.
                 breaker.record_success()
                 break
+            if attempts.out_of_time and self._had_most_of_the_deadline(began):
+                # Our deadline cut it, but only after it had used most of the delivery's
+                # time: a provider answering each step just under TIMEOUT. Uncounted, it
+                # would take every message's whole deadline and never let the next
+                # provider have one; counted, its breaker opens and the others get them.
+                attempts.out_of_time = False
+                breaker.record_failure()
+                continue
             if attempts.busy_locally or attempts.out_of_time or attempts.collateral:
                 # Our own pool was exhausted, or our own deadline cut the provider short:
                 # neither says anything about the provider's health. Nor does a message

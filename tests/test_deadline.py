@@ -14,6 +14,7 @@ import pytest
 from django.core.mail import EmailMessage
 
 from robust_mail import signals
+from robust_mail.breaker import BreakerState
 from robust_mail.conf import get_config
 from robust_mail.dispatch import Dispatcher
 from robust_mail.exceptions import Classification, Step, TransportError, classify
@@ -231,6 +232,29 @@ def test_backup_gets_only_the_time_the_primary_left_and_the_deadline_is_reported
     # The primary failed on its own; the backup only ran out of our time.
     assert get_breaker("primary", config).failures == 1
     assert get_breaker("backup", config).failures == 0
+
+
+def test_primary_too_slow_for_the_deadline_opens_its_breaker_for_the_backup(smtp_server, robust):
+    # Each reply well within TIMEOUT, but together longer than the delivery's deadline:
+    # uncounted, the primary would take every message's whole deadline forever.
+    primary = smtp_server("slow", reply_delay=0.4)
+    backup = smtp_server()
+    robust(
+        [provider(primary, "primary", TIMEOUT=2), provider(backup, "backup")],
+        RETRY={"ATTEMPTS": 1, "BACKOFF": 0, "MAX_BACKOFF": 0, "DEADLINE": 1.0},
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 2, "RESET_TIMEOUT": 60},
+    )
+    dispatcher = Dispatcher(get_config())
+
+    cut = [dispatcher.deliver(_message()) for _ in range(2)]
+    result = dispatcher.deliver(_message())
+
+    assert [r.status for r in cut] == [DeliveryStatus.DEFERRED] * 2
+    assert all("DeadlineReached" in r.errors[0].message for r in cut)
+    assert get_breaker("primary", get_config()).state is BreakerState.OPEN
+    assert result.status is DeliveryStatus.SENT
+    assert result.provider == "backup"
+    assert len(backup.messages) == 1
 
 
 def test_black_holed_primary_then_slow_backup_ends_with_the_deadline(smtp_server, robust):
