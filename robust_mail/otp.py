@@ -20,6 +20,7 @@ Security properties (docs/otp.md says what they do and do not protect against):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -56,8 +57,16 @@ from robust_mail.otp_codes import (
     mask,
     normalize_identifier,
 )
-from robust_mail.otp_store import IssueLimits, NewCode, OTPStore, purge_decoys, write_decoy
+from robust_mail.otp_store import (
+    IssueLimits,
+    NewCode,
+    OTPStore,
+    StoredCode,
+    purge_decoys,
+    write_decoy,
+)
 from robust_mail.ratelimit import Rate, RateLimiter, ip_bucket
+from robust_mail.state import guard, shared_incr
 
 if TYPE_CHECKING:
     from robust_mail.password_reset import PasswordResetService
@@ -421,8 +430,10 @@ class OTPService:
             return VerifyResult(False, Reason.NO_CODE)
         if record.expires_at <= now:
             return VerifyResult(False, Reason.EXPIRED)
-        if record.attempts >= self.config.max_attempts or not self.store.count_attempt(
-            record.key, self.config.max_attempts
+        if (
+            record.attempts >= self.config.max_attempts
+            or not self.store.count_attempt(record.key, self.config.max_attempts)
+            or not self._attempt_may_count(record, now)
         ):
             return VerifyResult(False, Reason.LOCKED)
         candidate = self.normalize_code(code)
@@ -475,6 +486,30 @@ class OTPService:
             # in the same call.
             limiter.release(hit, amount=0)
         return True
+
+    def _attempt_may_count(self, record: StoredCode, now: datetime) -> bool:
+        """Count one attempt on ``record`` in the cache too; False once over ``MAX_ATTEMPTS``.
+
+        The store's count (an UPDATE) is part of the caller's transaction: a view under
+        ``ATOMIC_REQUESTS`` that refuses a wrong code by raising rolls it back, and the code
+        would allow guesses without end. The cache is outside every transaction. A store
+        whose counts are too (``counts_outside_transactions``, the cache store) needs no
+        second count. A dead cache lets the attempt through, as the per-IP limit does: the
+        store's count still holds wherever nothing rolls it back.
+        """
+        if getattr(self.store, "counts_outside_transactions", False):
+            return True
+        # The created_at tells a code from one with the same key in a database since reset.
+        key = "\x00".join((record.purpose, record.identifier, record.key, str(record.created_at)))
+        cache_key = "robust_mail:otp-attempts:" + hashlib.sha256(key.encode()).hexdigest()[:40]
+        # Outlives the code, whose expiry ends its attempts anyway.
+        timeout = (record.expires_at - now).total_seconds() + 60
+
+        def count_in(cache: Any) -> int | None:
+            return shared_incr(cache, cache_key, 1, timeout)
+
+        count = guard(self.cache_alias).call(count_in, lambda: None)
+        return count is None or count <= self.config.max_attempts
 
     def _ip_may_try(self, ip_address: str) -> bool:
         # Guessing across many identifiers from one address: bound it too.

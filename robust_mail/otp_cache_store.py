@@ -47,6 +47,10 @@ class CacheOTPStore:
     not LocMem outside tests.
     """
 
+    #: Its attempt counts are cache writes, which no database rollback undoes: the
+    #: service counts no second time (see ``OTPStore``).
+    counts_outside_transactions = True
+
     def __init__(self, cache_alias: str = "default", *, prefix: str = "robust_mail:otp") -> None:
         self.cache_alias = cache_alias
         self.prefix = prefix

@@ -92,7 +92,14 @@ class StoredCode:
 
 
 class OTPStore(Protocol):
-    """The operations the OTP service needs. Keys are opaque strings."""
+    """The operations the OTP service needs. Keys are opaque strings.
+
+    A store whose ``count_attempt`` no database rollback can undo may say so with a
+    class attribute ``counts_outside_transactions = True``. Otherwise the service counts
+    each attempt a second time in its cache, so that a request rolled back (a view that
+    refuses a wrong code by raising, under ``ATOMIC_REQUESTS``) cannot take back its
+    attempt.
+    """
 
     def add(self, code: NewCode, limits: IssueLimits) -> str:
         """Store ``code`` pending; raise RateLimited (storing nothing) when over a limit.
