@@ -34,7 +34,7 @@ from django.contrib.auth import get_user_model, password_validation
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.hashers import make_password
 from django.core import signing
-from django.core.exceptions import ValidationError
+from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.validators import validate_email
 from django.utils.crypto import constant_time_compare, salted_hmac
 from django.views.decorators.debug import sensitive_variables
@@ -84,7 +84,7 @@ def users_with_email(
     # decomposed input still finds the stored, composed address.
     typed = unicodedata.normalize("NFKC", str(email)).strip()
     where: dict[str, Any] = {f"{field}__iexact": typed}
-    if active_only:
+    if active_only and _has_active_field(user_model):
         where["is_active"] = True
     candidates = list(user_model._default_manager.filter(**where))
     found = bool(candidates)
@@ -100,8 +100,21 @@ def users_with_email(
         for user in candidates
         if _same_address(getattr(user, field, None), wanted)
         and (not usable_password or user.has_usable_password())
+        # A model without the field may still say so (a property; AbstractBaseUser: True).
+        and (not active_only or getattr(user, "is_active", True))
     ]
     return matches if found else []
+
+
+def _has_active_field(user_model: Any) -> bool:
+    """Whether ``is_active`` is a database field of ``user_model``, so a query can filter
+    on it. AbstractBaseUser has it only as a class attribute (always True); a custom model
+    may have a property or nothing: those are checked in Python instead."""
+    try:
+        field = user_model._meta.get_field("is_active")
+    except FieldDoesNotExist:
+        return False
+    return bool(getattr(field, "concrete", False))
 
 
 def _same_address(stored: Any, wanted: str) -> bool:
@@ -241,11 +254,14 @@ class PasswordResetService:
                 str(token), salt=TOKEN_SALT, max_age=timedelta(seconds=self.token_max_age)
             )
             user_model = get_user_model()
-            user = user_model._default_manager.get(pk=data["u"], is_active=True)
+            where = {"is_active": True} if _has_active_field(user_model) else {}
+            user = user_model._default_manager.get(pk=data["u"], **where)
         except (signing.BadSignature, KeyError, TypeError, ValueError, LookupError):
             raise ResetTokenInvalid("the reset link or code is invalid or has expired") from None
         except get_user_model().DoesNotExist:
             raise ResetTokenInvalid("the reset link or code is invalid or has expired") from None
+        if not getattr(user, "is_active", True):
+            raise ResetTokenInvalid("the reset link or code is invalid or has expired")
         if not constant_time_compare(str(data.get("s", "")), self._state(user)):
             raise ResetTokenInvalid("the reset link or code is invalid or has expired")
         return user

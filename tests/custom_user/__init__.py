@@ -1,0 +1,1 @@
+"""A test-only app: a custom user model without an ``is_active`` field."""
