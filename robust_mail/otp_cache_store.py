@@ -154,6 +154,11 @@ class CacheOTPStore:
                 self._kill(other)
         ttl = max(1.0, (code.expires_at - code.created_at).total_seconds())
         self._push(code.identifier, code.purpose, key, ttl + 60)
+        # An invalidate() since the check above read the index before this key was in it,
+        # and killed everything but this code. It moved the generation first, and this
+        # reads it after the push: one of the two sees the other.
+        if record.generation != self._generation(code.identifier, code.purpose):
+            self._kill(key)
 
     def _kill(self, key: str) -> bool:
         """Retire a code for good; True if this call did (it was there)."""

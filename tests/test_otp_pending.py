@@ -135,3 +135,28 @@ def test_a_used_code_is_a_success_even_if_retiring_the_others_fails():
     issued = otp.issue(USER, send=False)
 
     assert otp.verify(USER, str(issued.code)).ok
+
+
+class InvalidatedBeforePush(CacheOTPStore):
+    """An invalidate() (a password change in another request) lands after activate() has
+    checked the generation, just before it puts the code in the index."""
+
+    armed = False
+    invalidated: int | None = None
+
+    def _push(self, identifier: str, purpose: str, key: str, ttl: float) -> None:
+        if self.armed:
+            self.armed = False
+            self.invalidated = self.invalidate(identifier, purpose)
+        super()._push(identifier, purpose, key, ttl)
+
+
+def test_a_code_invalidated_while_the_cache_store_activates_it_never_works():
+    store = InvalidatedBeforePush("default")
+    otp = OTPService(store=store, clock=Clock())
+    store.armed = True
+
+    issued = otp.issue(USER, "password_reset", send=False)
+
+    assert not store.armed and store.invalidated == 0  # it ran, and found nothing to kill
+    assert otp.verify(USER, str(issued.code), "password_reset").reason is Reason.NO_CODE
