@@ -399,9 +399,9 @@ class OTPService:
 
     @class_or_instance
     # Innermost: it wraps the function, which class_or_instance then binds. Django's error
-    # reports (DEBUG off) then show the typed and the normalised code as stars, here and
-    # in every frame below this one.
-    @sensitive_variables("code", "candidate")
+    # reports (DEBUG off) then show the typed and the normalised code, and the stored
+    # record with its hash, as stars, here and in every frame below this one.
+    @sensitive_variables("code", "candidate", "record")
     def verify(
         self,
         identifier: Any,

@@ -32,7 +32,7 @@ Both pass ``tests/test_otp_store.py``'s contract tests.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -71,7 +71,9 @@ class IssueLimits:
 class NewCode:
     identifier: str
     purpose: str
-    code_hash: str
+    #: Out of the ``repr``, so out of error reports and error trackers' locals: with the
+    #: key, it gives the code in at most one guess per possible code.
+    code_hash: str = field(repr=False)
     created_at: datetime
     expires_at: datetime
     ip_address: str | None = None
@@ -85,7 +87,7 @@ class StoredCode:
     key: str
     identifier: str
     purpose: str
-    code_hash: str
+    code_hash: str = field(repr=False)  # as in NewCode
     created_at: datetime
     expires_at: datetime
     attempts: int

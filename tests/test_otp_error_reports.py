@@ -18,7 +18,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from robust_mail.auth_backends import EmailCodeAdminLoginForm
 from robust_mail.otp import OTPService, SecretCode
-from robust_mail.otp_store import DatabaseOTPStore
+from robust_mail.otp_store import DatabaseOTPStore, NewCode
 
 pytestmark = pytest.mark.django_db
 
@@ -154,3 +154,43 @@ def test_a_code_email_the_outbox_cannot_store_stays_out_of_error_reports(setting
     text = report(excinfo)
     assert "in enqueue" in text and "cannot store the message" in text
     assert KNOWN not in text
+
+
+def test_the_stored_hash_is_in_no_repr(settings: Any) -> None:
+    # A hash and the key give the code by trying every one: it stays out of reprs, which
+    # error trackers record for every local.
+    from robust_mail.otp_cache_store import CacheOTPStore, _CachedCode
+
+    settings.ROBUST_MAIL = {"OTP": {}}
+    store = CacheOTPStore("default")
+    otp = OTPService(store=store)
+    issued = otp.issue(EMAIL, send=False)
+    stored = store.latest(EMAIL, "login")
+    record = store._record(issued.key)
+    assert stored is not None and isinstance(record, _CachedCode)
+    new = NewCode(
+        identifier=EMAIL,
+        purpose="login",
+        code_hash=stored.code_hash,
+        created_at=stored.created_at,
+        expires_at=stored.expires_at,
+    )
+
+    for value in (new, stored, record):
+        assert stored.code_hash not in repr(value)
+        assert "identifier=" in repr(value)  # the rest is still there
+
+
+def test_verify_keeps_the_stored_hash_out_of_error_reports(settings: Any) -> None:
+    from robust_mail.models import OneTimePassword
+
+    settings.ROBUST_MAIL = {"OTP": {"STORE": STORE}}
+    issued = OTPService().issue(EMAIL, send=False)
+    code_hash = OneTimePassword.objects.get(pk=int(issued.key)).code_hash
+
+    with pytest.raises(RuntimeError) as excinfo:
+        OTPService().verify(EMAIL, str(issued.code))
+
+    text = report(excinfo)
+    assert "in verify" in text and "in consume" in text
+    assert code_hash not in text
