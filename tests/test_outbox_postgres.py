@@ -229,7 +229,7 @@ def test_sending_threads_reconnect_after_the_database_restarts(
     # the database those connections are dead; the threads must reconnect, not fail every
     # query from then on.
     from django.core.mail import EmailMessage
-    from django.db import connections
+    from django.db import connections, transaction
 
     from robust_mail.models import OutboxMessage
     from robust_mail.outbox import enqueue
@@ -295,7 +295,10 @@ def test_sending_threads_reconnect_after_the_database_restarts(
             # sent are released (queued again), not left "sending" until their lease.
             server.reply_delay = 0.2
             server.mode = "slow"
-            queue("late", 20)
+            # In one commit, so that one claim (batch=20) takes them all: a row queued after
+            # the last claim would stay queued without having been released.
+            with transaction.atomic(using=alias):
+                queue("late", 20)
             thread.join(120)
             assert not thread.is_alive()
             connections[alias].close()
