@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.db import DatabaseError, IntegrityError, connections, router, transaction
@@ -101,6 +102,8 @@ def enqueue(
     over 255 characters, :class:`OutboxUnavailable` when the database fails.
     """
     _check_deliverable(mailer)
+    if not_before is not None:
+        not_before = _as_now_is(not_before)
     message_id = pin_message(message)
     _check_fits(message_id, idempotency_key)
     payload = message_to_data(message)  # InvalidMessage for what JSON cannot hold
@@ -165,6 +168,19 @@ def _check_deliverable(mailer: str | None) -> None:
             f"no configuration can deliver queued messages: {NOTHING_DELIVERS} (see check "
             "robust_mail.W033)"
         )
+
+
+def _as_now_is(value: datetime) -> datetime:
+    """``value`` aware or naive as ``timezone.now()`` is, so the two compare.
+
+    A naive time under ``USE_TZ`` is read in the default time zone, as a DateTimeField
+    reads it; an aware one without ``USE_TZ`` becomes the default zone's local time.
+    """
+    if settings.USE_TZ and timezone.is_naive(value):
+        return timezone.make_aware(value)
+    if not settings.USE_TZ and timezone.is_aware(value):
+        return timezone.make_naive(value)
+    return value
 
 
 def _check_transactions(alias: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -152,6 +152,28 @@ def test_not_before_and_priority_are_stored() -> None:
         EmailMessage("s", "b", "f@example.com", ["t@example.com"]), priority=5, not_before=later
     )
     assert row.priority == 5 and row.next_attempt_at == later
+
+
+def test_a_naive_not_before_is_read_in_the_default_time_zone(settings: Any) -> None:
+    settings.TIME_ZONE = "Europe/Paris"
+    naive = timezone.make_naive(timezone.now() + timedelta(days=4))
+
+    row = enqueue(EmailMessage("s", "b", "f@example.com", ["t@example.com"]), not_before=naive)
+
+    row.refresh_from_db()
+    assert row.next_attempt_at == timezone.make_aware(naive)
+    assert row.queued_since == timezone.make_aware(naive)
+
+
+def test_an_aware_not_before_without_use_tz_is_the_local_time(settings: Any) -> None:
+    settings.USE_TZ = False
+    settings.TIME_ZONE = "UTC"
+    aware = datetime.now(UTC) + timedelta(days=4)
+
+    row = enqueue(EmailMessage("s", "b", "f@example.com", ["t@example.com"]), not_before=aware)
+
+    row.refresh_from_db()
+    assert row.next_attempt_at == aware.replace(tzinfo=None)
 
 
 def test_message_queued_is_sent_only_when_the_transaction_commits(
