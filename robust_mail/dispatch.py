@@ -196,10 +196,10 @@ class Dispatcher(Runs):
     def _closed(self, provider: ProviderConfig) -> bool:
         return get_breaker(provider.name, self.config).state is BreakerState.CLOSED
 
-    def _had_most_of_the_deadline(self, began: float | None) -> bool:
+    def _had_most_of_the_deadline(self, began: float) -> bool:
         # Half of RETRY.DEADLINE: a provider that had less was cut short by the time the
         # others (and our backoff) used before it, which says nothing of its own speed.
-        return began is not None and self.clock() - began >= self.config.retry.deadline / 2
+        return self.clock() - began >= self.config.retry.deadline / 2
 
     def _deliver(
         self,
@@ -241,7 +241,8 @@ class Dispatcher(Runs):
             if index > 0 and attempts.count:
                 metrics.incr(provider.name, "failed_over")
             last_chance = index == len(self.config.providers) - 1
-            began = None if index == 0 and first is not None else self.clock()
+            # An attempt made already (in a run) counts its own time here too.
+            began = self.clock() - (first.seconds if index == 0 and first is not None else 0.0)
             try:
                 outcome = self._try_provider(
                     provider,

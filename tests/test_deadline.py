@@ -21,7 +21,7 @@ from robust_mail.exceptions import Classification, Step, TransportError, classif
 from robust_mail.pool import pools
 from robust_mail.providers import ProviderConfig
 from robust_mail.resolver import Resolver
-from robust_mail.results import DeliveryStatus
+from robust_mail.results import DeliveryResult, DeliveryStatus
 from robust_mail.state import get_breaker
 from robust_mail.transport import DeadlineReached, SMTPConnection
 from tests.conftest import provider
@@ -255,6 +255,26 @@ def test_primary_too_slow_for_the_deadline_opens_its_breaker_for_the_backup(smtp
     assert result.status is DeliveryStatus.SENT
     assert result.provider == "backup"
     assert len(backup.messages) == 1
+
+
+def test_primary_too_slow_for_a_batchs_run_opens_its_breaker_too(smtp_server, robust):
+    # The same through deliver_many (send_messages, a worker's batch): the first attempts
+    # share one connection there, and each message's own time counts.
+    primary = smtp_server("slow", reply_delay=0.4)
+    backup = smtp_server()
+    robust(
+        [provider(primary, "primary", TIMEOUT=2), provider(backup, "backup")],
+        RETRY={"ATTEMPTS": 1, "BACKOFF": 0, "MAX_BACKOFF": 0, "DEADLINE": 1.0},
+        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 2, "RESET_TIMEOUT": 60},
+    )
+    dispatcher = Dispatcher(get_config())
+
+    cut = dispatcher.deliver_many([(_message(), None), (_message(), None)])
+    result = dispatcher.deliver(_message())
+
+    assert all(isinstance(r, DeliveryResult) and r.status is DeliveryStatus.DEFERRED for r in cut)
+    assert get_breaker("primary", get_config()).state is BreakerState.OPEN
+    assert result.provider == "backup"
 
 
 def test_black_holed_primary_then_slow_backup_ends_with_the_deadline(smtp_server, robust):
