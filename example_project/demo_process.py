@@ -28,9 +28,11 @@ def free_port() -> int:
 
 def _port_taken(log: str) -> bool:
     # The demo's own check before it starts anything, Django's runserver, and the SMTP
-    # servers (errno EADDRINUSE) say so in these words.
+    # servers (errno EADDRINUSE: "Address already in use", or asyncio's "... address
+    # already in use") say so in these words.
+    log = log.lower()
     return any(
-        words in log for words in ("are in use", "port is already in use", "Address already in use")
+        words in log for words in ("are in use", "port is already in use", "address already in use")
     )
 
 

@@ -567,3 +567,17 @@ def test_open_operator_pages_are_open_to_this_machine_only(
     assert client.get("/mailbox/").status_code == 200
     remote = client.get("/mailbox/", REMOTE_ADDR="192.0.2.10")  # no traffic: a META value
     assert remote.status_code == 302 and "/admin/login/" in remote["Location"]
+
+
+def test_demo_runner_retries_when_an_smtp_port_was_taken_after_it_was_chosen() -> None:
+    from example_project.demo_process import _port_taken
+
+    # asyncio's wording, as the embedded SMTP servers report it (a CI run met it).
+    asyncio_log = (
+        "RuntimeError: cannot listen on 127.0.0.1:33327 for the backup demo SMTP server "
+        "([Errno 98] error while attempting to bind on address ('127.0.0.1', 33327): "
+        "address already in use)"
+    )
+    assert _port_taken(asyncio_log)
+    assert _port_taken("Error: That port is already in use.")
+    assert not _port_taken("ImproperlyConfigured: SECRET_KEY is missing")
