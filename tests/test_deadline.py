@@ -234,9 +234,10 @@ def test_backup_gets_only_the_time_the_primary_left_and_the_deadline_is_reported
     assert get_breaker("backup", config).failures == 0
 
 
-def test_primary_too_slow_for_the_deadline_opens_its_breaker_for_the_backup(smtp_server, robust):
-    # Each reply well within TIMEOUT, but together longer than the delivery's deadline:
-    # uncounted, the primary would take every message's whole deadline forever.
+@pytest.fixture
+def slow_primary(smtp_server, robust) -> tuple[Dispatcher, Any]:
+    """A primary whose every reply comes well within TIMEOUT, but too slowly in all for
+    RETRY.DEADLINE (1 s), and a healthy backup; FAILURE_THRESHOLD 2."""
     primary = smtp_server("slow", reply_delay=0.4)
     backup = smtp_server()
     robust(
@@ -244,7 +245,13 @@ def test_primary_too_slow_for_the_deadline_opens_its_breaker_for_the_backup(smtp
         RETRY={"ATTEMPTS": 1, "BACKOFF": 0, "MAX_BACKOFF": 0, "DEADLINE": 1.0},
         CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 2, "RESET_TIMEOUT": 60},
     )
-    dispatcher = Dispatcher(get_config())
+    return Dispatcher(get_config()), backup
+
+
+def test_primary_too_slow_for_the_deadline_opens_its_breaker_for_the_backup(slow_primary):
+    # Each reply well within TIMEOUT, but together longer than the delivery's deadline:
+    # uncounted, the primary would take every message's whole deadline forever.
+    dispatcher, backup = slow_primary
 
     cut = [dispatcher.deliver(_message()) for _ in range(2)]
     result = dispatcher.deliver(_message())
@@ -257,17 +264,10 @@ def test_primary_too_slow_for_the_deadline_opens_its_breaker_for_the_backup(smtp
     assert len(backup.messages) == 1
 
 
-def test_primary_too_slow_for_a_batchs_run_opens_its_breaker_too(smtp_server, robust):
+def test_primary_too_slow_for_a_batchs_run_opens_its_breaker_too(slow_primary):
     # The same through deliver_many (send_messages, a worker's batch): the first attempts
     # share one connection there, and each message's own time counts.
-    primary = smtp_server("slow", reply_delay=0.4)
-    backup = smtp_server()
-    robust(
-        [provider(primary, "primary", TIMEOUT=2), provider(backup, "backup")],
-        RETRY={"ATTEMPTS": 1, "BACKOFF": 0, "MAX_BACKOFF": 0, "DEADLINE": 1.0},
-        CIRCUIT_BREAKER={"FAILURE_THRESHOLD": 2, "RESET_TIMEOUT": 60},
-    )
-    dispatcher = Dispatcher(get_config())
+    dispatcher, backup = slow_primary
 
     cut = dispatcher.deliver_many([(_message(), None), (_message(), None)])
     result = dispatcher.deliver(_message())
@@ -275,6 +275,7 @@ def test_primary_too_slow_for_a_batchs_run_opens_its_breaker_too(smtp_server, ro
     assert all(isinstance(r, DeliveryResult) and r.status is DeliveryStatus.DEFERRED for r in cut)
     assert get_breaker("primary", get_config()).state is BreakerState.OPEN
     assert result.provider == "backup"
+    assert len(backup.messages) == 1
 
 
 def test_black_holed_primary_then_slow_backup_ends_with_the_deadline(smtp_server, robust):
