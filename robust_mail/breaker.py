@@ -18,14 +18,14 @@ the caller sends, then reports with ``record_success()`` / ``record_failure()``.
 from __future__ import annotations
 
 import enum
-import os
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
+
+from robust_mail.forks import renew_lock_after_fork
 
 __all__ = ["BreakerState", "BreakerStore", "CircuitBreaker", "MemoryStore", "OnChange"]
 
@@ -79,7 +79,7 @@ class MemoryStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._data: dict[str, tuple[Any, float | None]] = {}
-        _memory_stores.add(self)
+        renew_lock_after_fork(self)  # a fresh lock in a forked child
 
     def _expires(self, timeout: float | None) -> float | None:
         return None if timeout is None else self._clock() + timeout
@@ -131,21 +131,6 @@ class MemoryStore:
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
-
-
-#: Every MemoryStore of this process, so that a forked child can give each a fresh lock.
-_memory_stores: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # A lock another thread of the parent held at fork() stays held forever in the child,
-    # where that thread does not exist: replace them (the child has a single thread now).
-    for store in list(_memory_stores):
-        store._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class CircuitBreaker:

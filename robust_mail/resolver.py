@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 
 import dns.exception
@@ -29,6 +28,7 @@ import dns.name
 import dns.resolver
 
 from robust_mail.exceptions import DeadlineReached, ResolutionError, Step
+from robust_mail.forks import renew_lock_after_fork
 
 logger = logging.getLogger("robust_mail.resolver")
 
@@ -47,22 +47,6 @@ class _Unreachable(Exception):
     def __init__(self, reason: str, *, cut: bool = False) -> None:
         super().__init__(reason)
         self.cut = cut
-
-
-#: Every Resolver of this process, so that a forked child can give each a fresh lock.
-_resolvers: weakref.WeakSet[Resolver] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # A lock another thread of the parent held at fork() (in the middle of a lookup) stays
-    # held forever in the child, where that thread does not exist. Resolvers outlive a
-    # fork inside pooled connections' factories, so each one gets a fresh lock.
-    for resolver in list(_resolvers):
-        resolver._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Resolver:
@@ -96,7 +80,7 @@ class Resolver:
         self._last_good: dict[tuple[str, bool], tuple[list[str], float]] = {}
         self._hosts: dict[str, list[str]] = {}
         self._hosts_stamp: tuple[int, int] | None = None
-        _resolvers.add(self)
+        renew_lock_after_fork(self)  # a fresh lock in a forked child
 
     def resolve(self, host: str, *, ipv4_only: bool, deadline: float | None = None) -> list[str]:
         """Return the addresses for ``host``, IPv6 first unless ``ipv4_only``.
