@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -66,6 +67,18 @@ def test_accept_records_the_message_with_envelope_and_parsed_form(server: SMTPTe
     assert received.tls is False
     assert received.auth_user is None
     assert received.received_at.tzinfo is not None
+
+
+def test_the_parsed_form_is_built_on_first_use_and_kept(server: SMTPTestServer) -> None:
+    # Parsing costs the server more than receiving; a benchmark's thousands of messages
+    # are only counted, so the server must not parse them as they arrive.
+    with connect(server) as client:
+        client.sendmail(SENDER, [RECIPIENT], make_message())
+    [received] = server.messages
+    assert "message" not in vars(received)
+    parsed = received.message
+    assert received.message is parsed
+    assert received == dataclasses.replace(received)  # equality still ignores it
 
 
 def test_port_zero_gives_each_server_its_own_free_port() -> None:

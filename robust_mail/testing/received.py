@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import email.policy
+import functools
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -16,6 +17,9 @@ class ReceivedMessage:
     ``data`` is the content exactly as transmitted (dot-unstuffed, CRLF line
     ends); ``message`` is the same bytes parsed with ``email.policy.default``
     after turning CRLF into LF, so ``get_content()`` reads like Python text.
+    It is parsed on first use, not when the message arrives: parsing costs the
+    server more than receiving does, and most messages of a long run are only
+    counted.
     ``chunked`` is True for a message sent with BDAT (CHUNKING) rather than DATA.
     """
 
@@ -28,15 +32,16 @@ class ReceivedMessage:
     received_at: datetime.datetime = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC)
     )
-    message: EmailMessage = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    # A cached_property writes the instance's __dict__ directly, which a frozen dataclass
+    # allows; it is not a field, so equality and repr ignore it as before.
+    @functools.cached_property
+    def message(self) -> EmailMessage:
         parsed = BytesParser(policy=email.policy.default).parsebytes(
             self.data.replace(b"\r\n", b"\n")
         )
         assert isinstance(parsed, EmailMessage)
-        # Frozen: the parsed form is derived once, here.
-        object.__setattr__(self, "message", parsed)
+        return parsed
 
     @property
     def message_id(self) -> str | None:
