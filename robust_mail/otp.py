@@ -230,8 +230,9 @@ class OTPService:
         does all the work of sending — the email is built and serialised as for the
         outbox, and one row is written in a transaction of its own — but queues nothing:
         the same work for an address without an account as for one with (enumeration).
-        ``notify=False`` (with ``discard``): not even the "no account" notice, for an
-        address that has an account this code is not for (see :meth:`send`).
+        ``notify=False`` (with ``discard``): not even the "no account" notice (see
+        :meth:`send`); its rehearsal takes less time than a queued email, which tells the
+        two cases apart.
         """
         ident = normalize_identifier(identifier)
         check_purpose(purpose)
@@ -364,9 +365,7 @@ class OTPService:
         sends the "no account" email instead (templates ``..._no_account_...``, without the
         code), through the same calls; with ``OTP["NOTIFY_UNKNOWN"] = False``, or past
         ``OTP["MAX_NOTICES_PER_HOUR"]``, it builds the code email and does the work of
-        queueing it (:func:`rehearse_queueing`) without queueing it; so does ``notify=False``
-        (the address has an account, which the purpose is not for: a password reset for an
-        account without a usable password, which Django's PasswordResetForm mails nothing).
+        queueing it (:func:`rehearse_queueing`) without queueing it; so does ``notify=False``.
         Raises the delivery error. The bodies are :class:`SecretText` (masked ``repr``)
         and no exception raised here quotes them.
         """

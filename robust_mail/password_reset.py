@@ -15,9 +15,12 @@ gets a code.
 Enumeration: ``initiate`` does the same work for every well-formed address — one user
 query, one code generated, hashed and stored (so the issue limits apply to unknown
 addresses exactly as to known ones), the email rendered, built and serialised, and one
-row inserted in a transaction of its own: the outbox row when an account exists, a decoy
-row in the code table when none does (see :meth:`OTPService.issue`, ``discard``). The
-response time does not depend on SMTP. The token is signed with
+row inserted in a transaction of its own. That row is the outbox row when exactly one
+account may use the code (its code email) and, by default, when none may (the "no code"
+notice, ``OTP["NOTIFY_UNKNOWN"]``: no account, an inactive one, one without a usable
+password for a reset, or several sharing the address); with notices off or past
+``MAX_NOTICES_PER_HOUR``, a decoy row in the code table (see :meth:`OTPService.issue`,
+``discard``). The response time does not depend on SMTP. The token is signed with
 ``django.core.signing`` and bound to an HMAC of the user's password hash and last login,
 so it stops working once used (or once the user signs in), like Django's own
 ``PasswordResetTokenGenerator``.
@@ -136,11 +139,13 @@ def issue_account_code(
     background: bool = True,
     usable_password: bool = True,
 ) -> IssuedCode:
-    """Issue and email a code if exactly one account has ``email``; the same work if not.
+    """Issue and email a code if exactly one account may use it; the same work if not.
 
     The code is bound to the account's stored address and sent there — never to the
-    address as typed. With no account, or several (whose would it be?), the same work is
-    done for the typed address and nothing is sent.
+    address as typed. With no such account (none has the address, it is inactive, it has
+    no usable password where ``usable_password`` asks for one, or several share the
+    address: whose would it be?), the same work is done for the typed address, which gets
+    the "no code" notice instead (``OTP["NOTIFY_UNKNOWN"]``) or nothing.
 
     Raises ``ValueError`` for a malformed address and :class:`RateLimited` over a limit —
     both independent of whether an account exists. Delivery errors can only happen for
@@ -168,11 +173,11 @@ def issue_account_code(
         ip_address=ip_address,
         user_agent=user_agent,
         background=background,
+        # Accounts that have the address but may not use the code (inactive, no usable
+        # password, or several) get the same notice as an address without one: mailing
+        # them nothing, as Django's PasswordResetForm does, took the decoy path, whose
+        # timing told "an account exists here" apart from "none does" (docs/otp.md).
         discard=account is None,
-        # Accounts have the address, none may use this code (inactive, no usable password,
-        # or several): as Django's PasswordResetForm, mail nothing; a "no account" notice
-        # would be untrue.
-        notify=not everyone,
     )
 
 

@@ -97,6 +97,18 @@ def test_unknown_address_gets_a_notice_without_a_code(mail_server):
     assert server.messages[0].message["Subject"] == "Your sign-in request"
 
 
+def test_inactive_account_gets_the_notice_and_no_code(mail_server, django_user_model):
+    # Mailing it nothing took the decoy path, whose timing told "an account exists here"
+    # apart from "none does".
+    django_user_model.objects.create_user("off", "off@example.com", is_active=False)
+    server = mail_server()
+
+    send_login_code("off@example.com")
+    deliver_outbox()
+
+    assert notices_only(server) == ["off@example.com"]
+
+
 def test_without_notices_unknown_address_gets_no_email(mail_server):
     server = mail_server(OTP={"NOTIFY_UNKNOWN": False})
 

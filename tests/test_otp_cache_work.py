@@ -84,8 +84,8 @@ def test_known_and_unknown_addresses_make_the_same_cache_calls(
 def test_an_address_whose_account_may_not_get_a_code_makes_the_same_cache_calls(
     mail_server, shared_cache, django_user_model, flow
 ):
-    # An inactive account: nothing is mailed (a "no account" notice would be untrue), yet
-    # the cache sees what it sees for an account that gets its code.
+    # An inactive account gets the notice, not a code, and the cache sees what it sees
+    # for an account that gets its code.
     django_user_model.objects.create_user("alice", KNOWN, "a-password-1")
     django_user_model.objects.create_user("off", "off@example.com", "a-password-2", is_active=False)
     mail_server(OTP={"MAX_NOTICES_PER_HOUR": 1})

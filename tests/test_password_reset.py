@@ -167,6 +167,20 @@ def test_old_sessions_are_signed_out(mail_server, alice, client):
     assert get_user(request).is_anonymous
 
 
+def refused_account(users: Any, account: str, address: str) -> None:
+    """Accounts that have ``address`` but may not reset a password with it."""
+    if account == "shared":
+        users.objects.create_user("o1", address, OLD)
+        users.objects.create_user("o2", address.upper(), OLD)
+        return
+    user = users.objects.create_user("o", address, OLD)
+    if account == "passwordless":
+        user.set_unusable_password()
+    else:
+        user.is_active = False
+    user.save()
+
+
 def test_several_accounts_sharing_an_address_get_no_code_and_no_token(
     mail_server, alice, django_user_model
 ):
@@ -180,32 +194,36 @@ def test_several_accounts_sharing_an_address_get_no_code_and_no_token(
     clock.advance(61)
     code = str(reset.otp.issue(EMAIL, "password_reset", send=False).code)
 
-    # Whose password would it reset? Neither: nothing is sent (not a "no account" notice
-    # either: accounts do have the address), and no code gives a token.
-    assert server.messages == []
+    # Whose password would it reset? Neither: the address is told no code was sent, and
+    # no code gives a token.
+    assert notices_only(server) == [EMAIL]
     assert reset.verify(EMAIL, code) is None
 
 
-def test_an_inactive_account_is_mailed_nothing(mail_server, django_user_model):
-    # As Django's PasswordResetForm; a "no account" notice would be untrue.
-    django_user_model.objects.create_user("off", "off@example.com", OLD, is_active=False)
+@pytest.mark.parametrize("account", ["inactive", "passwordless"])
+def test_an_account_that_may_not_reset_gets_the_notice_and_no_code(
+    mail_server, django_user_model, account
+):
+    # No code, as Django's PasswordResetForm (an inactive account; one that signs in
+    # another way: codes, single sign-on). Mailing nothing took the decoy path, whose
+    # timing told these addresses from those without an account: they get the notice.
+    refused_account(django_user_model, account, "o@example.com")
     server = mail_server()
 
-    PasswordResetService().initiate("off@example.com")
+    PasswordResetService().initiate("o@example.com")
     deliver_outbox()
 
-    assert server.messages == []
+    assert notices_only(server) == ["o@example.com"]
 
 
-def test_an_account_without_a_usable_password_is_mailed_nothing(mail_server, django_user_model):
-    # As Django's PasswordResetForm: no reset for an account that signs in another way
-    # (codes, single sign-on); and no "no account" notice either, which would be untrue.
-    nopass = django_user_model.objects.create_user("np", "np@example.com")
-    nopass.set_unusable_password()
-    nopass.save()
-    server = mail_server()
+@pytest.mark.parametrize("account", ["inactive", "passwordless"])
+def test_without_notices_an_account_that_may_not_reset_is_mailed_nothing(
+    mail_server, django_user_model, account
+):
+    refused_account(django_user_model, account, "o@example.com")
+    server = mail_server(OTP={"NOTIFY_UNKNOWN": False})
 
-    PasswordResetService().initiate("np@example.com")
+    PasswordResetService().initiate("o@example.com")
     deliver_outbox()
 
     assert server.messages == []
@@ -337,19 +355,10 @@ def test_unknown_address_gets_the_same_answer_and_the_same_work(
 def test_an_address_whose_accounts_may_not_reset_does_the_same_work_as_a_known_one(
     mail_server, alice, measure, django_user_model, notify, account
 ):
-    # Nothing is mailed for these (a "no account" notice would be untrue), but the work is
-    # the same as for an account that gets its code, so that the answer tells nothing.
+    # No code for these, but the work is the same as for an account that gets its code
+    # (and for an address without one), so that the answer tells nothing.
     other = "other@example.com"
-    if account == "shared":
-        django_user_model.objects.create_user("o1", other, OLD)
-        django_user_model.objects.create_user("o2", other.upper(), OLD)
-    else:
-        user = django_user_model.objects.create_user("o", other, OLD)
-        if account == "passwordless":
-            user.set_unusable_password()
-        else:
-            user.is_active = False
-        user.save()
+    refused_account(django_user_model, account, other)
     mail_server(OTP={"NOTIFY_UNKNOWN": notify})
 
     known = measure(EMAIL)
@@ -358,8 +367,8 @@ def test_an_address_whose_accounts_may_not_reset_does_the_same_work_as_a_known_o
     assert refused.steps == known.steps
     assert (refused.builds, refused.payloads) == (known.builds, known.payloads)
     assert [_verb(q) for q in refused.sql] == [_verb(q) for q in known.sql]
-    # The decoy row stands in for the outbox row, as for an unknown address without notices.
-    assert _inserts(refused.sql) == ["robust_mail_onetimepassword"] * 2
+    # The notice's outbox row, as for an unknown address; without notices, the decoy row.
+    assert _inserts(refused.sql) == ["robust_mail_onetimepassword", PATHS[notify]]
 
 
 @pytest.mark.django_db(transaction=True)
