@@ -320,13 +320,17 @@ def _defer(
         "ambiguous": row.ambiguous or bool(result and result.ambiguous),
     }
     deadline = row.queued_since + timedelta(seconds=config.max_age)
-    if now >= deadline:
+    # Nothing tried (every breaker open, or a rate limit): deferred, never dropped. A
+    # rate-limited backlog larger than the limit allows in MAX_AGE would otherwise go dead
+    # without any provider having seen it; past the deadline, its next real attempt decides.
+    nothing_tried = result is not None and result.attempts == 0
+    if now >= deadline and not nothing_tried:
         fields["last_error"] = (
             f"undelivered after {row.attempts} attempt(s) in {config.max_age:.0f}s "
             f"(MAX_AGE): {reason}"
         )
         return Outcome(OutboxStatus.DEAD, fields, result, message)
-    if result is not None and result.attempts == 0:
+    if nothing_tried:
         # Nothing was tried (every breaker open, or a rate limit): not an attempt of this
         # message, so it neither uses up a step of the schedule nor waits one out.
         fields["attempts"] = max(row.attempts - 1, 0)
@@ -337,7 +341,8 @@ def _defer(
     # At least a second, so a worker draining with --once never spins on one message;
     # and one last try at the deadline itself rather than giving up before it.
     delay = max(delay, MIN_DELAY)
-    fields["next_attempt_at"] = min(now + timedelta(seconds=delay), deadline)
+    next_attempt = now + timedelta(seconds=delay)
+    fields["next_attempt_at"] = min(next_attempt, deadline) if now < deadline else next_attempt
     return Outcome(OutboxStatus.QUEUED, fields, result, message)
 
 

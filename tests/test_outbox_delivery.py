@@ -221,6 +221,31 @@ def test_rate_limit_defers_the_message_until_the_window_allows_it(
     assert len(server.messages) == 1
 
 
+def test_a_rate_limited_message_past_max_age_waits_for_a_real_attempt(
+    smtp_server: Any, robust: Any
+) -> None:
+    # A backlog larger than GLOBAL allows within MAX_AGE went dead without any provider
+    # seeing it: rate limits defer, they never drop (docs/rate-limits.md).
+    server = smtp_server()
+    robust(
+        [provider(server, "only")],
+        RATE_LIMITS={"GLOBAL": "1/h"},
+        OUTBOX={"MAX_AGE": 600, "RETRY_SCHEDULE": [60]},
+    )
+    first, second = enqueue(message("one")), enqueue(message("two"))
+    clock = Clock(second.created_at)
+    drain(clock)
+    clock.now = second.created_at + timedelta(seconds=601)  # past MAX_AGE, same window
+
+    stats = drain(clock)
+
+    waiting = [r for r in (reload(first), reload(second)) if r.status != "sent"]
+    assert stats.dead == 0 and stats.retried == 1
+    assert [(r.status, r.attempts) for r in waiting] == [("queued", 0)]
+    assert waiting[0].next_attempt_at > clock.now  # not due again at once: no busy loop
+    assert len(server.messages) == 1
+
+
 def test_poison_message_fails_and_never_stalls_the_queue(smtp_server: Any, robust: Any) -> None:
     server = smtp_server()
     robust([provider(server, "only")])
