@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from django.core.cache import caches
 
 from robust_mail.exceptions import RateLimited
-from robust_mail.state import guard
+from robust_mail.state import guard, incr_keeping_expiry
 
 __all__ = [
     "Hit",
@@ -119,6 +119,18 @@ class Hit:
     count: int
     #: When this window ends (clock seconds).
     resets_at: float
+    #: How long the counter is kept after ``resets_at`` (seconds).
+    kept_after: float = 60.0
+
+
+def _keep_for(rate: Rate) -> float:
+    """How long a window's counter outlives the window.
+
+    Keys are unique per window, so keeping one longer costs only memory; expiring it a
+    second after the window ends let a host whose clock is a few seconds behind create it
+    again from 0 and count the same window twice (3N around a boundary, not 2N).
+    """
+    return float(max(60, rate.seconds))
 
 
 class _Counter(Protocol):
@@ -176,7 +188,7 @@ class RateLimiter:
         """
         now = self.clock()
         cache_key, resets_at = self.cache_key(key, rate, now)
-        timeout = resets_at - now + 1
+        timeout = resets_at - now + _keep_for(rate)
         if self.fail_open:
 
             def count_in(cache: Any) -> int | None:
@@ -192,31 +204,34 @@ class RateLimiter:
         else:
             count = self._incr(cache_key, amount, timeout=timeout)
         if count > rate.limit:
-            self._decr(cache_key, amount)
+            self._decr(cache_key, amount, timeout=timeout)
             raise RateLimited(f"over the rate limit of {rate}", retry_after=resets_at - now)
-        return Hit(cache_key=cache_key, count=count, resets_at=resets_at)
+        return Hit(
+            cache_key=cache_key, count=count, resets_at=resets_at, kept_after=_keep_for(rate)
+        )
 
     def release(self, hit: Hit | None, *, amount: int = 1) -> None:
         """Give back a counted hit whose event did not happen after all."""
         if hit is not None:
-            self._decr(hit.cache_key, amount)
+            timeout = hit.resets_at - self.clock() + hit.kept_after
+            self._decr(hit.cache_key, amount, timeout=timeout)
 
     def _incr(self, cache_key: str, amount: int, *, timeout: float, cache: Any = None) -> int:
         cache = cache if cache is not None else self.cache
         for _ in range(3):
             cache.add(cache_key, 0, timeout=max(1.0, timeout))
             try:
-                return int(cache.incr(cache_key, amount))
+                return incr_keeping_expiry(cache, cache_key, amount, timeout)
             except ValueError:
                 # Evicted or expired between add and incr: create it again.
                 continue
         raise _Vanishing(f"rate limit counter {cache_key!r} keeps disappearing")
 
-    def _decr(self, cache_key: str, amount: int) -> None:
+    def _decr(self, cache_key: str, amount: int, *, timeout: float) -> None:
         def give_back(cache: Any) -> None:
             # ValueError: the window has expired meanwhile, nothing to give back.
             with contextlib.suppress(ValueError):
-                cache.decr(cache_key, amount)
+                incr_keeping_expiry(cache, cache_key, -amount, max(1.0, timeout))
 
         if self.fail_open:
             # Through the guard, like hits: a cache known to be down is not asked (no
@@ -259,12 +274,15 @@ def check_message_rates(
     # None keeps ROBUST_MAIL's keys as they always were: counts survive an upgrade.
     owner = "" if scope is None else f"mailer:{scope}|"
     wanted: list[tuple[str, Rate]] = []
-    if config.global_rate:
-        wanted.append((f"{owner}global", parse_rate(config.global_rate)))
+    # Recipients before GLOBAL: a message refused for one over-limit recipient must not
+    # hold a GLOBAL slot meanwhile, or a flood aimed at one address (a resend button) gets
+    # other people's mail refused whenever GLOBAL is near its limit.
     if config.per_recipient:
         rate = parse_rate(config.per_recipient)
         for address in sorted({r.strip().lower() for r in recipients if r and r.strip()}):
             wanted.append((f"{owner}rcpt:{address}", rate))
+    if config.global_rate:
+        wanted.append((f"{owner}global", parse_rate(config.global_rate)))
     hits: list[Hit] = []
     try:
         for key, rate in wanted:

@@ -35,6 +35,7 @@ __all__ = [
     "get_breaker",
     "get_store",
     "guard",
+    "incr_keeping_expiry",
     "reset",
     "shared_incr",
 ]
@@ -196,11 +197,25 @@ def _seconds(timeout: float | None) -> int | None:
     return None if timeout is None else max(1, math.ceil(timeout))
 
 
+def incr_keeping_expiry(cache: BaseCache, key: str, delta: int, timeout: float | None) -> int:
+    """``cache.incr``, the key keeping ``timeout`` (seconds from now; None: no expiry).
+
+    Redis, memcached and LocMem count in place. Django's generic ``incr`` (the database and
+    file caches) is a get and a ``set`` with the cache's default TIMEOUT (300 s), which
+    replaced a counter's own expiry: rate-limit windows and metrics counters vanished after
+    five minutes. There the expiry is set again.
+    """
+    value = int(cache.incr(key, delta))
+    if type(cache).incr is BaseCache.incr:
+        cache.touch(key, _seconds(timeout))
+    return value
+
+
 def shared_incr(cache: BaseCache, key: str, delta: int, timeout: float | None) -> int:
     """Atomic add-or-create: Django's ``incr`` refuses missing keys with ValueError."""
     for _ in range(3):
         try:
-            return int(cache.incr(key, delta))
+            return incr_keeping_expiry(cache, key, delta, timeout)
         except ValueError:
             if cache.add(key, delta, _seconds(timeout)):
                 return delta

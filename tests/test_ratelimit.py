@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
 
 import pytest
+from django.core.cache import caches
+from django.core.cache.backends.locmem import LocMemCache
 from django.core.checks import run_checks
+from django.core.management import call_command
+from django.db import connection
+from django.utils import timezone
 
 from robust_mail.conf import RateLimitConfig
 from robust_mail.exceptions import RateLimited
 from robust_mail.ratelimit import Rate, RateLimiter, check_message_rates, parse_rate
+from robust_mail.state import shared_incr
 from tests.conftest import needs_mailers, provider
 from tests.redis_server import redis_server
 from tests.test_otp_support import close_cache
@@ -119,6 +127,71 @@ def test_a_refused_message_uses_up_no_limit():
 
     # The refusal counted neither the global limit nor b@.
     check_message_rates(["b@example.com"], config, "default", clock=clock)
+
+
+class RecordingCache(LocMemCache):
+    """LocMem that notes every key it increments (``incr`` and ``decr`` alike)."""
+
+    incremented: ClassVar[list[str]] = []
+
+    def incr(self, key: str, delta: int = 1, version: int | None = None) -> int:
+        type(self).incremented.append(key)
+        return super().incr(key, delta, version)
+
+
+def test_a_recipient_over_its_limit_never_takes_a_global_slot(settings):
+    # Counted GLOBAL first and given back after the recipient refused, the slot was held
+    # meanwhile: a flood at one address got other people's mail refused near the limit.
+    settings.CACHES = {**settings.CACHES, "rec": {"BACKEND": f"{__name__}.RecordingCache"}}
+    config = RateLimitConfig(global_rate="100/h", per_recipient="1/h")
+    clock = Clock(0.0)
+    check_message_rates(["a@example.com"], config, "rec", clock=clock)
+    global_key, _ = RateLimiter("rec").cache_key("global", parse_rate("100/h"), 0.0)
+    RecordingCache.incremented.clear()
+
+    with pytest.raises(RateLimited):
+        check_message_rates(["a@example.com"], config, "rec", clock=clock)
+
+    assert RecordingCache.incremented
+    assert not [key for key in RecordingCache.incremented if global_key in key]
+
+
+def test_a_window_counter_outlives_its_window_by_a_minute():
+    # Expiring a second after the window let a host whose clock is a few seconds behind
+    # create the same window's counter again from 0: 3N through around a boundary.
+    limiter = RateLimiter("default")
+    hit = limiter.hit("skew", parse_rate("5/s"))
+    assert hit is not None
+    expires_at = caches["default"]._expire_info[caches["default"].make_key(hit.cache_key)]
+
+    assert expires_at - time.time() >= 60
+    assert hit.kept_after == 60
+
+
+@pytest.mark.django_db
+def test_counters_keep_their_expiry_on_the_database_cache(settings):
+    # Django's generic incr (database and file caches) re-sets the key with the cache's
+    # default TIMEOUT (300 s): a daily limit, and metrics counters, vanished after 5 min.
+    settings.CACHES = {
+        **settings.CACHES,
+        "dbc": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "rl_c"},
+    }
+    call_command("createcachetable", "--database", "default", verbosity=0)
+    cache = caches["dbc"]
+    hit = RateLimiter("dbc").hit("daily", parse_rate("3/d"))
+    assert hit is not None
+    shared_incr(cache, "metric", 1, None)
+    shared_incr(cache, "metric", 1, None)
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT cache_key, expires FROM rl_c")
+        # As DatabaseCache reads them back: naive UTC on SQLite.
+        expires = {k: v if v.tzinfo else v.replace(tzinfo=UTC) for k, v in cursor.fetchall()}
+    now = timezone.now()
+    day_ends = datetime.fromtimestamp(hit.resets_at, UTC)
+    assert expires[cache.make_key(hit.cache_key)] >= day_ends  # not now + 300 s
+    assert expires[cache.make_key("metric")] > now + timedelta(days=365)  # never expires
+    assert cache.get("metric") == 2
 
 
 def test_no_limits_configured_counts_nothing():
