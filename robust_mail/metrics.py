@@ -55,7 +55,9 @@ FLUSH_INTERVAL = 1.0
 #: What each counter counts, per provider.
 COUNTERS: dict[str, str] = {
     "sent": "messages the provider accepted (fully or partially)",
-    "failed": "attempts that failed at this provider",
+    # Once per message and provider, after its retries: each failed attempt before the
+    # last is a "retried".
+    "failed": "messages that failed at this provider, after its retries",
     "retried": "retries after a transient failure",
     # Counted on the provider that takes the message over; a skip past an open breaker is
     # not an attempt, so it is not counted (the breaker_opened counter tells that story).

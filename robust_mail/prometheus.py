@@ -51,7 +51,10 @@ logger = logging.getLogger("robust_mail.prometheus")
 #: metrics counter name -> (family name without ``_total``, help)
 COUNTER_FAMILIES: dict[str, tuple[str, str]] = {
     "sent": ("robust_mail_messages_sent", "Messages accepted by the provider."),
-    "failed": ("robust_mail_send_failures", "Delivery attempts that failed at the provider."),
+    "failed": (
+        "robust_mail_send_failures",
+        "Messages that failed at the provider, after its retries.",
+    ),
     "retried": ("robust_mail_retries", "Retries after a transient failure."),
     "failed_over": (
         "robust_mail_failovers",
@@ -69,6 +72,14 @@ COUNTER_FAMILIES: dict[str, tuple[str, str]] = {
     ),
 }
 
+DURATION = (
+    "robust_mail_send_duration_seconds",
+    "Time to deliver one message through the provider.",
+)
+BREAKER_STATE = (
+    "robust_mail_breaker_state",
+    "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+)
 STATE_VALUES = {BreakerState.CLOSED: 0.0, BreakerState.OPEN: 1.0, BreakerState.HALF_OPEN: 2.0}
 
 
@@ -91,11 +102,7 @@ class RobustMailCollector(Collector):
             name: CounterMetricFamily(family, help_text, labels=["provider"])
             for name, (family, help_text) in COUNTER_FAMILIES.items()
         }
-        latency = HistogramMetricFamily(
-            "robust_mail_send_duration_seconds",
-            "Time to deliver one message through the provider.",
-            labels=["provider"],
-        )
+        latency = HistogramMetricFamily(DURATION[0], DURATION[1], labels=["provider"])
         for provider, values in snapshot.items():
             for name, family in counters.items():
                 family.add_metric([provider], values[name])
@@ -109,18 +116,19 @@ class RobustMailCollector(Collector):
         yield latency
         states = _breaker_states()
         if states:
-            gauge = GaugeMetricFamily(
-                "robust_mail_breaker_state",
-                "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
-                labels=["provider"],
-            )
+            gauge = GaugeMetricFamily(BREAKER_STATE[0], BREAKER_STATE[1], labels=["provider"])
             for provider, breaker_state in states:
                 gauge.add_metric([provider], STATE_VALUES[breaker_state])
             yield gauge
 
     def describe(self) -> Iterable[Metric]:
-        # No description: collect() talks to the cache, which register() must not do.
-        return []
+        # The families' names without their samples: register() must not talk to the cache
+        # (collect() does), and with names the registry refuses a second registration
+        # ("Duplicated timeseries") instead of exporting every series twice.
+        for family, help_text in COUNTER_FAMILIES.values():
+            yield CounterMetricFamily(family, help_text, labels=["provider"])
+        yield HistogramMetricFamily(DURATION[0], DURATION[1], labels=["provider"])
+        yield GaugeMetricFamily(BREAKER_STATE[0], BREAKER_STATE[1], labels=["provider"])
 
 
 def _provider_names() -> list[str]:

@@ -204,6 +204,18 @@ def test_prometheus_collector_exports_conventional_names() -> None:
     assert "# TYPE robust_mail_messages_sent_total counter" in text
 
 
+def test_registering_the_collector_twice_is_refused_not_exported_twice() -> None:
+    # describe() gave no names, so the registry could not see the duplicate and every
+    # series appeared twice in a scrape, which Prometheus rejects.
+    registry = CollectorRegistry()
+    register(registry)
+
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        register(registry)
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE robust_mail_messages_sent_total counter") == 1
+
+
 def test_prometheus_collector_reports_breaker_states(robust: Any) -> None:
     robust(providers=["smtp://127.0.0.1:1?name=primary", "smtp://127.0.0.1:2?name=backup"])
     from robust_mail.conf import get_config
