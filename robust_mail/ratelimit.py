@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from django.core.cache import caches
+from django.core.cache.backends.dummy import DummyCache
 
 from robust_mail.exceptions import RateLimited
 from robust_mail.state import guard, incr_keeping_expiry
@@ -186,6 +187,10 @@ class RateLimiter:
         without asking it again until the next probe, so a dead or blackholed Redis costs
         one socket timeout every few seconds, not one per message.
         """
+        if isinstance(self.cache, DummyCache):
+            # Keeps nothing, so counts nothing: limits are off (docs/rate-limits.md; checks
+            # W020 and W024 say so outside DEBUG), whether or not the caller fails open.
+            return None
         now = self.clock()
         cache_key, resets_at = self.cache_key(key, rate, now)
         timeout = resets_at - now + _keep_for(rate)

@@ -194,6 +194,18 @@ def test_counters_keep_their_expiry_on_the_database_cache(settings):
     assert cache.get("metric") == 2
 
 
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_the_dummy_cache_turns_limits_off(settings, fail_open):
+    # It keeps nothing: every count vanished and the limiter raised a private error.
+    settings.CACHES = {
+        **settings.CACHES,
+        "dummy": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"},
+    }
+    limiter = RateLimiter("dummy", fail_open=fail_open)
+
+    assert [limiter.hit("k", parse_rate("1/h")) for _ in range(3)] == [None] * 3
+
+
 def test_no_limits_configured_counts_nothing():
     assert check_message_rates(["a@example.com"], RateLimitConfig(), "default") == []
 
