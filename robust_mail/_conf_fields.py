@@ -288,8 +288,19 @@ def nameservers(value: object) -> tuple[str, ...]:
             "must be a non-empty list of IP addresses",
             hint='Write ["192.0.2.53"], not "192.0.2.53"; None uses the system resolvers.',
         )
-    if not all(isinstance(v, str) and v for v in value):
-        raise Invalid("must contain only IP address strings")
+    hint = (
+        'List nameservers by IP address ("192.0.2.53", "2001:db8::53"), without a '
+        "port (the port goes in DNS PORT): the resolver cannot look up a nameserver's "
+        "own name."
+    )
+    for entry in value:
+        if not isinstance(entry, str):
+            raise Invalid("must contain only IP address strings", hint=hint)
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            # dnspython refuses anything else at the first send, for every message.
+            raise Invalid("must contain only IP addresses, without a port", hint=hint) from None
     return tuple(value)
 
 

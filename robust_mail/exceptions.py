@@ -210,6 +210,9 @@ _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 #: Steps in which a TLS handshake happens (implicit TLS during CONNECT); None: unknown.
 _HANDSHAKE = frozenset({None, Step.CONNECT, Step.GREETING, Step.STARTTLS})
+#: Steps where the message itself is being built or sent; None is a bare exception raised
+#: outside a session (building the message before any connection).
+_MESSAGE_STEPS = frozenset({None, Step.BUILD, Step.MAIL, Step.RCPT, Step.DATA, Step.DATA_END})
 
 
 def enhanced_status(reply: str) -> tuple[int, int, int] | None:
@@ -321,7 +324,12 @@ def _classify_step(
             return Ambiguous
         return Transient
     if isinstance(cause, UnicodeError | ValueError | TypeError):
-        return MessageFatal
+        if step in _MESSAGE_STEPS:
+            return MessageFatal
+        # Raised while reaching or greeting the server (a nameserver dnspython refuses, a
+        # password SMTP AUTH cannot encode): the provider's configuration, not the
+        # message, so another provider or the outbox may still take it.
+        return ProviderFatal
     return Transient
 
 

@@ -181,7 +181,12 @@ class Resolver:
                 except dns.resolver.NoResolverConfiguration as exc:
                     raise _Unreachable(f"no system resolver configuration ({exc})") from exc
                 if self.nameservers is not None:
-                    resolver.nameservers = list(self.nameservers)
+                    try:
+                        resolver.nameservers = list(self.nameservers)
+                    except ValueError as exc:
+                        # Not an IP address (checks report it as E008). A resolution
+                        # failure, not a bad message: the next provider may not need DNS.
+                        raise _Unreachable(f"bad nameserver setting ({exc})") from exc
                     resolver.port = self.port
                 resolver.timeout = self.timeout
                 resolver.lifetime = self.timeout

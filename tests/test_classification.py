@@ -273,6 +273,21 @@ ROWS: list[tuple[str, BaseException, Classification]] = [
     ("InvalidMessage at MAIL", at(Step.MAIL, InvalidMessage("no SMTPUTF8")), MESSAGE_FATAL),
     ("InvalidMessage at BUILD", at(Step.BUILD, InvalidMessage("no recipients")), MESSAGE_FATAL),
     ("unencodable message", UnicodeEncodeError("ascii", "é", 0, 1, "nope"), MESSAGE_FATAL),
+    (
+        "unencodable message at DATA",
+        at(Step.DATA, UnicodeEncodeError("ascii", "é", 0, 1, "nope")),
+        MESSAGE_FATAL,
+    ),
+    # A ValueError while reaching the server is the provider's configuration, never the
+    # message's: it must fail over, not fail the message.
+    ("ValueError at RESOLVE", at(Step.RESOLVE, ValueError("bad nameserver")), PROVIDER_FATAL),
+    ("ValueError at CONNECT", at(Step.CONNECT, ValueError("bad address")), PROVIDER_FATAL),
+    ("ValueError at STARTTLS", at(Step.STARTTLS, ValueError("bad context")), PROVIDER_FATAL),
+    (
+        "unencodable password at AUTH",
+        at(Step.AUTH, UnicodeEncodeError("ascii", "é", 0, 1, "nope")),
+        PROVIDER_FATAL,
+    ),
     # --- ambiguous: the server may have the message ------------------------------------
     (
         "disconnect at DATA_END",

@@ -466,6 +466,8 @@ def test_url_provider_range_errors_name_the_url_and_the_query_key(settings: Any)
         ({"FORCE_IPV4": "yes"}, "E008", "True or False"),
         ({"CACHE": ""}, "E008", "non-empty string"),
         ({"DNS": {"NAMESERVERS": "8.8.8.8"}}, "E008", 'not "192.0.2.53"'),
+        ({"DNS": {"NAMESERVERS": ["dns.google"]}}, "E008", "only IP addresses"),
+        ({"DNS": {"NAMESERVERS": ["192.0.2.53:53"]}}, "E008", "without a port"),
         ({"DNS": {"PORT": 0}}, "E008", "1 to 65535"),
         ({"RETRY": {"ATTEMPTS": True}}, "E008", "integer"),
         ({"RETRY": {"DEADLINE": float("nan")}}, "E008", "seconds > 0"),

@@ -290,6 +290,17 @@ def test_unreachable_nameserver_is_a_transient_error(clock):
     assert not info.value.permanent
 
 
+def test_a_nameserver_dnspython_refuses_is_a_transient_error_not_a_value_error(clock):
+    # Checks report it (E008); a configuration built around them must still fail as a
+    # resolution failure, so the dispatcher fails over instead of failing the message.
+    resolver = Resolver(["dns.google"], port=53, timeout=DOWN_TIMEOUT, clock=clock)
+    with pytest.raises(ResolutionError) as info:
+        resolver.resolve("mail.test", ipv4_only=True)
+    assert not info.value.permanent
+    assert "bad nameserver setting" in info.value.reason
+    assert classify(info.value) is Classification.TRANSIENT
+
+
 # --- threads ----------------------------------------------------------------------------------
 
 
