@@ -11,6 +11,7 @@ from typing import Any
 
 from robust_mail import _conf_fields as f
 from robust_mail.providers import (
+    URL_QUERY_KEYS,
     ProviderConfig,
     ProviderURLError,
     default_name,
@@ -76,7 +77,10 @@ def read_providers(r: f.Reader, raw: object, force_ipv4: bool) -> tuple[Provider
 
 def _url_labeler(url_label: str) -> f.Labeler:
     def label(key: str) -> str:
-        return f"{url_label} query {key.lower()!r}"
+        if key.lower() in URL_QUERY_KEYS:
+            return f"{url_label} query {key.lower()!r}"
+        # The host, port and credentials are in the URL itself, not in its query.
+        return f"{url_label} {key.lower()}"
 
     return label
 
@@ -141,6 +145,16 @@ def read_provider(
     if out.get("force_ipv4") is None:
         out["force_ipv4"] = force_ipv4
     host = out.get("host", ProviderConfig.host)
+    if out["force_ipv4"] and ":" in host:
+        # Only an IPv6 literal has a colon (host() refused host:port). With IPv4 forced it
+        # can never be reached: every send would fail at resolve with a permanent error.
+        r.report(
+            "E008",
+            f"{label('HOST')} is an IPv6 address, but IPv4 is forced for this provider.",
+            "Set this provider's FORCE_IPV4 to False (?force_ipv4=false in a URL; the "
+            "global FORCE_IPV4 for settings.EMAIL_HOST), or give an IPv4 address or a "
+            "host name.",
+        )
     take("NAME", f.text)
     out.setdefault("name", default_name(host=host, mailer=mailer))
     if len(r.problems) > before:

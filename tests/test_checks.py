@@ -343,7 +343,12 @@ def test_e008_host_must_be_a_host_alone_and_a_password_in_it_is_not_shown(
 
 
 def test_ipv6_hosts_are_still_accepted(settings: Any) -> None:
-    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": "::1"}, {"NAME": "b", "HOST": "[::1]"}]}
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [
+            {"HOST": "::1", "FORCE_IPV4": False},
+            {"NAME": "b", "HOST": "[::1]", "FORCE_IPV4": False},
+        ]
+    }
     assert messages() == []
 
 

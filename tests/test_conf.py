@@ -343,7 +343,9 @@ def test_provider_force_ipv4_none_defers_to_the_global_setting(settings: Any) ->
 
 
 def test_unnamed_providers_are_named_after_their_host(settings: Any) -> None:
-    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": "[::1]"}, "smtps://smtp.example.com"]}
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [{"HOST": "[::1]", "FORCE_IPV4": False}, "smtps://smtp.example.com"]
+    }
     assert [p.name for p in get_config().providers] == ["::1", "smtp.example.com"]
     assert get_config().providers[0].host == "::1"
 
@@ -599,9 +601,52 @@ def test_options_config_is_cached_per_value_without_mixing_true_and_1() -> None:
 
 @pytest.mark.parametrize("host", ["mail.example.com.", "localhost", "127.0.0.1", "::1", "[::1]"])
 def test_host_names_dns_can_hold_are_accepted(settings: Any, host: str) -> None:
-    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": host}]}
+    settings.ROBUST_MAIL = {"PROVIDERS": [{"HOST": host, "FORCE_IPV4": False}]}
     config, problems = read_config()
     assert problems == [] and config is not None
+
+
+@pytest.mark.parametrize(
+    ("robust_mail", "where"),
+    [
+        ({"PROVIDERS": [{"HOST": "::1"}]}, "['HOST']"),
+        ({"PROVIDERS": [{"HOST": "[2001:db8::25]", "FORCE_IPV4": True}]}, "['HOST']"),
+        ({"PROVIDERS": ["smtp://[::1]:2525?name=relay"]}, "?name=relay') host"),
+        ({"PROVIDERS": [{"HOST": "::1", "FORCE_IPV4": None}], "FORCE_IPV4": True}, "['HOST']"),
+    ],
+)
+def test_an_ipv6_host_with_ipv4_forced_is_reported_not_failed_at_every_send(
+    settings: Any, robust_mail: Any, where: str
+) -> None:
+    # It could never be reached: every send would fail at resolve, provider-fatal.
+    settings.ROBUST_MAIL = robust_mail
+    config, problems = read_config()
+    assert config is None
+    assert codes(problems) == ["E008"]
+    assert where in problems[0].message and "IPv6 address" in problems[0].message
+    assert "FORCE_IPV4 to False" in problems[0].hint
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        {"HOST": "::1", "FORCE_IPV4": False},
+        "smtp://[::1]:2525?name=relay&force_ipv4=false",
+    ],
+)
+def test_an_ipv6_host_with_ipv4_not_forced_is_accepted(settings: Any, provider: Any) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": [provider]}
+    config, problems = read_config()
+    assert problems == [] and config is not None
+    assert config.providers[0].host == "::1"
+
+
+def test_an_ipv6_email_host_with_ipv4_forced_is_reported(settings: Any) -> None:
+    del settings.ROBUST_MAIL
+    settings.EMAIL_HOST = "::1"
+    config, problems = read_config()
+    assert config is None
+    assert "settings.EMAIL_HOST is an IPv6 address" in problems[0].message
 
 
 def test_a_mailers_alias_cannot_set_otp_which_nothing_would_read() -> None:
