@@ -29,6 +29,7 @@ from robust_mail.exceptions import (
     Classification,
     InvalidMessage,
     ProviderError,
+    ProviderMisconfigured,
     RateLimited,
     RobustMailError,
     Step,
@@ -575,7 +576,18 @@ def _send_via_mailer(provider: ProviderConfig, message: EmailMessage) -> dict[st
     from django.core import mail
 
     assert provider.mailer is not None
-    backend = mail.mailers[provider.mailer]  # type: ignore[attr-defined]
+    try:
+        backend = mail.mailers[provider.mailer]  # type: ignore[attr-defined]
+    except Exception as exc:
+        # No mail.mailers before Django 6.1 (AttributeError), or an alias that is missing
+        # or cannot be built (MailerDoesNotExist, InvalidMailer, ImproperlyConfigured):
+        # check E010 reports it. At send time it is this provider's configuration, so the
+        # next provider, fail_silently and the fallback must still get their turn.
+        raise TransportError(
+            Step.CONNECT,
+            ProviderMisconfigured(f"mailer {provider.mailer!r}: {type(exc).__name__}: {exc}"),
+            provider=provider.name,
+        ) from exc
     try:
         sent = backend.send_messages([message])
     except Exception as exc:

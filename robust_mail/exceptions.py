@@ -86,6 +86,13 @@ class StartTLSUnavailable(RobustMailError, smtplib.SMTPNotSupportedError):
     """The provider requires STARTTLS but the server did not offer it."""
 
 
+class ProviderMisconfigured(RobustMailError):
+    """This provider cannot work as configured (a MAILER alias that cannot be built).
+
+    Always provider-fatal: retrying it cannot help, but another provider may work.
+    """
+
+
 class DeadlineReached(RobustMailError, TimeoutError):
     """The caller's delivery deadline ran out before or during a step.
 
@@ -283,6 +290,8 @@ def _classify_step(
 ) -> Classification:
     if isinstance(cause, InvalidMessage):
         return MessageFatal
+    if isinstance(cause, ProviderMisconfigured):
+        return ProviderFatal
     if isinstance(cause, StartTLSUnavailable):
         # A missing STARTTLS never falls back to plain text.
         return ProviderFatal

@@ -16,6 +16,7 @@ import pytest
 from robust_mail.exceptions import (
     Classification,
     InvalidMessage,
+    ProviderMisconfigured,
     ResolutionError,
     StartTLSUnavailable,
     Step,
@@ -280,6 +281,11 @@ ROWS: list[tuple[str, BaseException, Classification]] = [
     ),
     # A ValueError while reaching the server is the provider's configuration, never the
     # message's: it must fail over, not fail the message.
+    (
+        "a MAILER alias that cannot be built",
+        at(Step.CONNECT, ProviderMisconfigured("mailer 'api': MailerDoesNotExist")),
+        PROVIDER_FATAL,
+    ),
     ("ValueError at RESOLVE", at(Step.RESOLVE, ValueError("bad nameserver")), PROVIDER_FATAL),
     ("ValueError at CONNECT", at(Step.CONNECT, ValueError("bad address")), PROVIDER_FATAL),
     ("ValueError at STARTTLS", at(Step.STARTTLS, ValueError("bad context")), PROVIDER_FATAL),

@@ -552,3 +552,36 @@ def test_a_failed_further_transaction_reports_its_recipients_and_never_resends_t
     code, reply = result.refused["b@example.com"]
     assert code == 554 and "another transaction" in reply
     assert server.handler.transactions == [["a@example.com"]]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("first", [True, False], ids=["mailer-first", "mailer-last"])
+def test_a_mailer_provider_that_cannot_be_built_fails_over_and_falls_back(
+    smtp_server, robust, first
+):
+    # Before Django 6.1 there is no mail.mailers at all; on 6.1 the alias is missing.
+    # Check E010 reports both; at send time neither may escape failover or the fallback.
+    from robust_mail.models import OutboxMessage
+
+    if first:
+        backup = smtp_server()
+        robust([{"NAME": "api", "MAILER": "nope"}, provider(backup, "backup")])
+        message = _send()
+        result = message.delivery_result
+        assert result.status is DeliveryStatus.SENT and result.provider == "backup"
+        (error,) = result.errors
+        assert (error.provider, error.classification, error.step) == (
+            "api",
+            Classification.PROVIDER_FATAL,
+            "connect",
+        )
+        assert "mailer 'nope'" in error.message
+    else:
+        down = smtp_server("refuse")
+        robust(
+            [provider(down, "down"), {"NAME": "api", "MAILER": "nope"}],
+            RETRY={"ATTEMPTS": 1, "BACKOFF": 0.0, "MAX_BACKOFF": 0.0, "DEADLINE": 20.0},
+            FALLBACK="outbox",
+        )
+        assert send_mail("s", "b", "sender@example.com", ["rcpt@example.com"]) == 1
+        assert OutboxMessage.objects.count() == 1
