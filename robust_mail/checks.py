@@ -20,7 +20,7 @@ E007   two providers share a name
 E008   a value has the wrong type or is out of range
 E009   CACHE names an alias that is not in CACHES
 E010   a MAILER provider names a missing MAILERS alias, its own, or one of robust_mail's
-E011   an SSL_CAFILE / SSL_CERTFILE / SSL_KEYFILE file does not exist
+E011   an SSL_CAFILE / SSL_CERTFILE / SSL_KEYFILE file does not exist or cannot be loaded
 E012   one provider NAME for different servers or accounts in two configurations (MAILERS)
 W001   FALLBACK "console" while DEBUG is False
 W002   a provider sends its password without TLS to a host that is not local
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,8 @@ from robust_mail.mailers import (
     is_robust_backend,
     robust_mailers,
 )
+from robust_mail.providers import ProviderConfig
+from robust_mail.tls import check_tls_files
 
 
 @register("mail", "robust_mail")
@@ -151,9 +154,11 @@ def _check_environment(
         if provider.mailer is not None:
             out += _check_mailer(here, provider.mailer, alias=alias)
             continue
+        missing = False
         for attr in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             path = getattr(provider, attr)
             if path is not None and not os.path.isfile(path):
+                missing = True
                 out.append(
                     Error(
                         f"{here}: {key(attr.upper())} {path!r} does not exist or is not a file.",
@@ -162,6 +167,9 @@ def _check_environment(
                         id="robust_mail.E011",
                     )
                 )
+        if not missing:
+            files = " / ".join(key(a) for a in ("SSL_CAFILE", "SSL_CERTFILE", "SSL_KEYFILE"))
+            out += _check_tls_files(f"{here}: its {files}", provider)
         plain = not (provider.use_tls or provider.use_ssl)
         if provider.username and plain and not _is_local(provider.host):
             out.append(
@@ -186,6 +194,25 @@ def _check_environment(
             )
     out += _check_redis_timeouts(config.cache, caches)
     return out
+
+
+def _check_tls_files(files: str, provider: ProviderConfig) -> list[CheckMessage]:
+    # A file that exists but is not PEM (or a key that does not match its certificate)
+    # would otherwise fail every TLS connection to this provider, at send time.
+    if not (provider.ssl_cafile or provider.ssl_certfile):
+        return []
+    try:
+        check_tls_files(provider)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return [
+            Error(
+                f"{files} cannot be loaded ({type(exc).__name__}: {exc}).",
+                hint="Give PEM files: a CA bundle for SSL_CAFILE, the client certificate "
+                "and its unencrypted key for SSL_CERTFILE / SSL_KEYFILE.",
+                id="robust_mail.E011",
+            )
+        ]
+    return []
 
 
 def _check_redis_timeouts(alias: str, caches: Mapping[str, Any]) -> list[CheckMessage]:

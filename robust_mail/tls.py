@@ -20,9 +20,11 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from robust_mail.providers import ProviderConfig
 
-__all__ = ["clear_tls_contexts", "server_name", "tls_context"]
+__all__ = ["check_tls_files", "clear_tls_contexts", "server_name", "tls_context"]
 
 _Key = tuple[str | None, str | None, str | None]
 
@@ -61,6 +63,22 @@ def tls_context(provider: ProviderConfig) -> ssl.SSLContext:
     return context
 
 
+def check_tls_files(provider: ProviderConfig) -> None:
+    """Load ``provider``'s certificate files the way a connection will, without caching.
+
+    Raises what :func:`tls_context` would (``OSError``, ``ssl.SSLError``), so that a file
+    that exists but is not PEM, or a key that does not match its certificate, is found by
+    the system checks instead of at every send. An encrypted key fails here too: nothing
+    could supply its passphrase at send time either.
+    """
+    _build(provider.ssl_cafile, provider.ssl_certfile, provider.ssl_keyfile, password=_none)
+
+
+def _none() -> str:
+    # Never prompt on a terminal for a passphrase from a system check.
+    return ""
+
+
 def server_name(host: str) -> str:
     """The name TLS sends (SNI) and checks the certificate against, for ``host``.
 
@@ -81,12 +99,17 @@ def clear_tls_contexts() -> None:
     _contexts.clear()
 
 
-def _build(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+def _build(
+    cafile: str | None,
+    certfile: str | None,
+    keyfile: str | None,
+    password: Callable[[], str] | None = None,
+) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if cafile:
         context.load_verify_locations(cafile=cafile)
     if certfile:
-        context.load_cert_chain(certfile, keyfile or None)
+        context.load_cert_chain(certfile, keyfile or None, password)
     # create_default_context already verifies; say so explicitly, it is the whole point.
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED

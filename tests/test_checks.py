@@ -213,6 +213,45 @@ def test_e011_ssl_file_missing(settings: Any, tmp_path: Path) -> None:
     assert "PEM file" in (message.hint or "")
 
 
+def test_e011_ssl_file_that_is_not_pem_is_reported_not_failed_at_every_send(
+    settings: Any, tmp_path: Path
+) -> None:
+    # The file exists, so the old isfile() test passed; every TLS connection then failed.
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [{"HOST": "h", "USE_TLS": True, "SSL_CAFILE": str(not_pem)}]
+    }
+    message = only("robust_mail.E011")
+    assert "cannot be loaded" in message.msg and "SSL_CAFILE" in message.msg
+    assert "PEM" in (message.hint or "")
+
+
+def test_e011_loadable_ssl_files_pass(settings: Any, certs: Any) -> None:
+    # The test CA as an extra trust anchor, the server's pair as a client certificate.
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [
+            {
+                "HOST": "h",
+                "USE_TLS": True,
+                "SSL_CAFILE": certs.ca_file,
+                "SSL_CERTFILE": certs.cert_file,
+                "SSL_KEYFILE": certs.key_file,
+            }
+        ]
+    }
+    assert "robust_mail.E011" not in ids()
+
+
+def test_e011_a_key_that_does_not_match_its_certificate(
+    settings: Any, certs: Any, tmp_path: Path
+) -> None:
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [{"HOST": "h", "SSL_CERTFILE": certs.cert_file, "SSL_KEYFILE": certs.ca_file}]
+    }
+    assert "cannot be loaded" in only("robust_mail.E011").msg
+
+
 # --- warnings -------------------------------------------------------------------------
 
 
