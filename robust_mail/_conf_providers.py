@@ -93,12 +93,19 @@ def _dict_labeler(r: f.Reader, path: tuple[str | int, ...]) -> f.Labeler:
 
 
 def read_provider(
-    r: f.Reader, given: Mapping[str, object], label: f.Labeler, force_ipv4: bool
+    r: f.Reader,
+    given: Mapping[str, object],
+    label: f.Labeler,
+    force_ipv4: bool,
+    *,
+    password_needs_user: bool = True,
 ) -> ProviderConfig | None:
     """One provider from a dict keyed by the upper-case provider keys, or None (reported).
 
     ``label(key)`` names a key in messages the way the user wrote it; ``force_ipv4`` is
-    the global setting a provider's FORCE_IPV4 None defers to.
+    the global setting a provider's FORCE_IPV4 None defers to. ``password_needs_user``
+    False keeps Django's own leniency for ``settings.EMAIL_*``, where a password without
+    a user name is simply not used.
     """
     before = len(r.problems)
     out: dict[str, Any] = {}
@@ -132,6 +139,7 @@ def read_provider(
             "USE_TLS means STARTTLS on a plain connection (usually port 587), USE_SSL "
             "means implicit TLS (usually port 465); set only one of them.",
         )
+    _check_credentials(r, out, label, password_needs_user=password_needs_user)
     if out.get("ssl_keyfile") and not out.get("ssl_certfile"):
         r.report(
             "E008",
@@ -160,6 +168,31 @@ def read_provider(
     if len(r.problems) > before:
         return None
     return ProviderConfig(**out)
+
+
+def _check_credentials(
+    r: f.Reader, out: Mapping[str, Any], label: f.Labeler, *, password_needs_user: bool
+) -> None:
+    # Both would pass unnoticed and fail every send: AUTH is skipped without a user name
+    # (then 530 "authentication required"), and SMTP AUTH encodes credentials as ASCII.
+    # The values are never shown: either may be a password.
+    username, password = out.get("username", ""), out.get("password", "")
+    if password and not username and password_needs_user:
+        r.report(
+            "E008",
+            f"{label('PASSWORD')} is set without a user name: robust_mail logs in only "
+            "with one, so the password would never be used.",
+            "Set the user name too (user:password@host in a URL; some services take "
+            "a fixed one such as 'apikey'), or remove the password.",
+        )
+    for key, value in (("USERNAME", username), ("PASSWORD", password)):
+        if not value.isascii():
+            r.report(
+                "E008",
+                f"{label(key)} has characters that are not ASCII, which SMTP AUTH cannot "
+                "send (the value is not shown).",
+                "Use ASCII credentials; ask the provider for an API key or an app password.",
+            )
 
 
 def _check_unique_names(

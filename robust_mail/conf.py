@@ -486,7 +486,11 @@ def _email_settings_provider(r: f.Reader, force_ipv4: bool) -> tuple[ProviderCon
         )
         return ()
     provider = read_provider(
-        r, given, lambda k: f"settings.{_EMAIL_SETTINGS.get(k, k)}", force_ipv4
+        r,
+        given,
+        lambda k: f"settings.{_EMAIL_SETTINGS.get(k, k)}",
+        force_ipv4,
+        password_needs_user=False,
     )
     return () if provider is None else (provider,)
 

@@ -464,6 +464,18 @@ def test_url_provider_range_errors_name_the_url_and_the_query_key(settings: Any)
         ({"PROVIDERS": [{"HOST": ".example.com"}]}, "E008", "empty label"),
         ({"PROVIDERS": ["smtp://smtp..example.com"]}, "E008", "empty label"),
         ({"PROVIDERS": [{"HOST": "a" * 64 + ".example.com"}]}, "E008", "over 63"),
+        ({"PROVIDERS": [{"HOST": "h", "PASSWORD": SECRET}]}, "E008", "without a user name"),
+        ({"PROVIDERS": [f"smtp+tls://:{SECRET}@h"]}, "E008", "without a user name"),
+        (
+            {"PROVIDERS": [{"HOST": "h", "USERNAME": "u", "PASSWORD": "pässwörd"}]},
+            "E008",
+            "['PASSWORD'] has characters that are not ASCII",
+        ),
+        (
+            {"PROVIDERS": ["smtp+tls://j%C3%BCrgen:p@h"]},
+            "E008",
+            "username has characters that are not ASCII",
+        ),
         ({"FALLBACK": "Outbox"}, "E006", "'outbox'"),
         ({"FORCE_IPV4": "yes"}, "E008", "True or False"),
         ({"CACHE": ""}, "E008", "non-empty string"),
@@ -491,6 +503,28 @@ def test_invalid_classic_settings_are_reported_with_a_code_and_an_actionable_tex
     assert config is None
     assert code in codes(problems)
     assert any(text in str(p) for p in problems), [str(p) for p in problems]
+
+
+def test_credential_problems_never_show_the_password(settings: Any) -> None:
+    settings.ROBUST_MAIL = {
+        "PROVIDERS": [
+            {"HOST": "h", "PASSWORD": SECRET},
+            {"NAME": "b", "HOST": "h", "USERNAME": "u", "PASSWORD": SECRET + "é"},
+        ]
+    }
+    _, problems = read_config()
+    assert len(problems) == 2
+    assert not any(SECRET in str(p) for p in problems)
+
+
+def test_email_host_password_without_user_is_not_used_as_in_django(settings: Any) -> None:
+    # Django's SMTP backend logs in only with both; a drop-in replacement must not refuse
+    # a configuration Django accepts.
+    del settings.ROBUST_MAIL
+    settings.EMAIL_HOST_USER = ""
+    settings.EMAIL_HOST_PASSWORD = SECRET
+    config, problems = read_config()
+    assert problems == [] and config is not None
 
 
 def test_valid_configuration_has_no_problems() -> None:
