@@ -138,6 +138,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _finite_float(value: int | float) -> float:
+    """``value`` as a float; an int too large for one (10**400) is too long, not a crash."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise Invalid(_TOO_LONG, hint=_TOO_LONG_HINT, shown="an integer too large") from None
+
+
 # --- converters -----------------------------------------------------------------------
 
 
@@ -171,7 +179,7 @@ def seconds(*, zero: bool = False) -> Converter:
     def convert_seconds(value: object) -> float:
         if not _is_number(value):
             raise Invalid(expected)
-        number = float(value)  # type: ignore[arg-type]
+        number = _finite_float(value)  # type: ignore[arg-type]
         if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
             raise Invalid(expected)
         if number > MAX_SECONDS:
@@ -186,13 +194,16 @@ def timeout(value: object) -> float:
     hint = "Set a timeout in seconds such as 10: a send must never wait forever."
     if value is None:
         raise Invalid("must be a number of seconds > 0", code="E005", hint=hint)
-    if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]
+    if not _is_number(value):
         raise Invalid("must be a number of seconds > 0")
-    if value <= 0:  # type: ignore[operator]
+    number = _finite_float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise Invalid("must be a number of seconds > 0")
+    if number <= 0:
         raise Invalid("must be a number of seconds > 0", code="E005", hint=hint)
-    if value > MAX_SECONDS:  # type: ignore[operator]
+    if number > MAX_SECONDS:
         raise Invalid(_TOO_LONG, hint=_TOO_LONG_HINT)
-    return float(value)  # type: ignore[arg-type]
+    return number
 
 
 def port(value: object) -> int:
@@ -308,12 +319,14 @@ def schedule(value: object) -> tuple[float, ...]:
     if (
         not isinstance(value, list | tuple)
         or not value
-        or not all(_is_number(v) and math.isfinite(v) and v > 0 for v in value)
+        or not all(_is_number(v) and v > 0 for v in value)
     ):
         raise Invalid(
             "must be a non-empty list of delays in seconds, each > 0",
             hint="For example [60, 300, 1800]: the waits before the 2nd, 3rd, 4th... try.",
         )
+    # Compared before any float(): an int too large for a float (10**400) is too long, not
+    # an OverflowError. NaN failed "> 0" above; infinity fails here.
     if any(v > MAX_SECONDS for v in value):
         raise Invalid(f"must have each delay at most {MAX_SECONDS} seconds (100 years)")
     return tuple(float(v) for v in value)

@@ -485,6 +485,11 @@ def test_url_provider_range_errors_name_the_url_and_the_query_key(settings: Any)
         ({"DNS": {"PORT": 0}}, "E008", "1 to 65535"),
         ({"RETRY": {"ATTEMPTS": True}}, "E008", "integer"),
         ({"RETRY": {"DEADLINE": float("nan")}}, "E008", "seconds > 0"),
+        # Ints too large for a float: reported as too long, not an OverflowError.
+        ({"RETRY": {"DEADLINE": 10**400}}, "E008", "at most 3153600000 seconds"),
+        ({"PROVIDERS": [{"HOST": "h", "TIMEOUT": 10**400}]}, "E008", "an integer too large"),
+        ({"OUTBOX": {"RETRY_SCHEDULE": [60, 10**400]}}, "E008", "each delay at most"),
+        ({"OUTBOX": {"LEASE": 10**400}}, "E008", "at most 3153600000 seconds"),
         ({"POOL": {"MAX_MESSAGES": 0}}, "E008", "≥ 1"),
         ({"OUTBOX": {"RETRY_SCHEDULE": []}}, "E008", "non-empty list"),
         ({"RATE_LIMITS": {"GLOBAL": "100/week"}}, "E008", "N/s, N/m, N/h or N/d"),
