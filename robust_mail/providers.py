@@ -19,6 +19,7 @@ Error messages never contain the password: URLs are shown through :func:`mask_pa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -34,6 +35,8 @@ SCHEMES: dict[str, tuple[bool, bool, int]] = {
 URL_QUERY_KEYS = (
     "name", "timeout", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "force_ipv4", "chunking",
 )  # fmt: skip
+
+_HOST_PORT = re.compile(r"[\w.\-]+(:\d*)?|\[[0-9A-Fa-f:.]+\](:\d*)?")
 
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
@@ -142,6 +145,12 @@ def parse_provider_url(url: str, *, index: int) -> dict[str, object]:
     """
 
     def fail(reason: str) -> ProviderURLError:
+        unencoded = _unencoded_in_credentials(url)
+        if unencoded is not None:
+            # The real cause of whatever failed (a "port" that is half a password, a
+            # "query" that ends in @host): say it, without echoing the password.
+            code = {"/": "%2F", "?": "%3F", "#": "%23"}[unencoded]
+            reason = f"unencoded {unencoded!r} in the user or password; percent-encode it ({code})"
         return ProviderURLError(url, reason, index=index)
 
     if "://" not in url:
@@ -179,6 +188,22 @@ def parse_provider_url(url: str, *, index: int) -> dict[str, object]:
     result.update(_parse_query(parts.query, fail))
     result.setdefault("NAME", default_name(host=host))
     return {"NAME": result.pop("NAME"), **result}
+
+
+def _unencoded_in_credentials(url: str) -> str | None:
+    """The '/', '?' or '#' that cut the user or password short, if that is what happened.
+
+    Such a character ends the URL's authority early, so the '@' before the host lands in
+    the path, query or fragment and the authority itself has none.
+    """
+    rest = url.split("://", 1)[-1]
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=-1)
+    if cut < 0 or "@" in rest[:cut] or "@" not in rest[cut:]:
+        return None
+    # What follows the '@' must look like host[:port]: an '@' inside a query value
+    # (?ssl_cafile=/certs/a@b.pem) is not a credential separator.
+    after = re.split(r"[/?#]", rest.rsplit("@", 1)[1], maxsplit=1)[0]
+    return rest[cut] if _HOST_PORT.fullmatch(after) else None
 
 
 def _parse_query(query: str, fail: Callable[[str], ProviderURLError]) -> dict[str, object]:

@@ -110,6 +110,13 @@ def test_provider_url_without_credentials_has_empty_user_and_password() -> None:
         (f"smtp://user:ab/{SECRET}@mail.example.com", "percent-encode"),
         (f"smtp://user:ab#{SECRET}@mail.example.com", "percent-encode"),
         (f"smtp://user:{SECRET}@mail.example.com/path", "unexpected path"),
+        # An unencoded '?' made the password look like a port ("port must be a number").
+        (f"smtp+tls://user:{SECRET}?pass@smtp.example.com:587", "percent-encode it (%3F)"),
+        (f"smtp+tls://user:123?{SECRET}@smtp.example.com", "percent-encode it (%3F)"),
+        (f"smtp://user:ab/{SECRET}@mail.example.com:25?name=x", "percent-encode it (%2F)"),
+        (f"smtp://user:ab#{SECRET}@[::1]:25", "percent-encode it (%23)"),
+        # An '@' in a query value is not a credential separator.
+        ("smtp://h.example?ssl_cafile=/c/a@b.pem&foo=1", "unknown query key 'foo'"),
     ],
 )
 def test_bad_provider_url_is_a_value_error_that_never_shows_the_password(
