@@ -12,6 +12,7 @@ pay connect + STARTTLS + AUTH for every message.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 from collections.abc import Iterable, Sequence
@@ -55,6 +56,19 @@ class MailerConfigurationError(ConfigurationError, _InvalidMailer):  # type: ign
     """
 
 
+def _unknown_options(backend: str, kwargs: dict[str, Any]) -> str:
+    hints = []
+    for key in sorted(kwargs):
+        guess = difflib.get_close_matches(key.lower(), OPTION_KEYS, n=1)
+        hints.append(f"{key!r} (did you mean {guess[0]!r}?)" if guess else repr(key))
+    return (
+        f"{backend} got unknown keyword options {', '.join(hints)}. It takes "
+        f"fail_silently and ROBUST_MAIL's keys in lower case: {', '.join(sorted(OPTION_KEYS))}; "
+        "given any of these, they are the whole configuration and ROBUST_MAIL is not read "
+        "(so include providers)."
+    )
+
+
 @functools.cache
 def _warn_if_not_installed() -> None:
     """Once per process: sending works without the app, but nothing checks the settings."""
@@ -83,6 +97,11 @@ class _RobustBackendBase(BaseEmailBackend):
                 "through another server or account, configure it as a provider (or, on "
                 "Django 6.1, a MAILERS alias of its own)."
             )
+        if kwargs and alias is None:
+            # Django's base class would drop them without a word (before 6.1 it takes
+            # any keyword), and the message would go out with settings the caller did
+            # not ask for. With an alias, Django 6.1 itself reports unknown OPTIONS.
+            raise TypeError(_unknown_options(type(self).__name__, kwargs))
         super().__init__(alias=alias, **kwargs)
         self.alias = alias
         self.fail_silently = fail_silently

@@ -145,6 +145,37 @@ def test_smtp_options_per_call_are_refused_rather_than_ignored(server, call):
     assert server.connections_total == 0
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"FALLBACK": "outbox"}, "'FALLBACK' (did you mean 'fallback'?)"),
+        ({"retries": 3}, "'retries' (did you mean 'retry'?)"),
+        ({"colour": "blue"}, "'colour'"),
+    ],
+)
+def test_unknown_keyword_options_are_refused_rather_than_dropped(server, options, named):
+    # Django's base backend accepts any keyword and drops it: FALLBACK="outbox" would
+    # have sent with no fallback at all.
+    with pytest.raises(TypeError, match="unknown keyword options") as caught:
+        mail.get_connection(fail_silently=True, **options)
+    assert named in str(caught.value)
+    assert "fallback" in str(caught.value) and "providers" in str(caught.value)
+    assert server.connections_total == 0
+
+
+def test_keyword_options_replace_robust_mail_as_a_whole(server):
+    # Documented: like MAILERS OPTIONS, they are the whole configuration, not merged.
+    with pytest.raises(ImproperlyConfigured, match="providers"):
+        mail.get_connection(fallback="outbox").open()
+    connection = mail.get_connection(
+        providers=[f"smtp://127.0.0.1:{server.port}?name=kw"], fallback="outbox"
+    )
+    message = EmailMessage("Hi", "Body", "from@example.com", ["to@example.com"])
+    assert connection.send_messages([message]) == 1
+    assert message.delivery_result.provider == "kw"
+    assert len(server.messages) == 1
+
+
 def test_django_passing_no_smtp_options_is_fine(server):
     # send_mail() always passes username=None, password=None to get_connection().
     assert mail.send_mail("s", "b", "f@example.com", ["t@example.com"]) == 1
