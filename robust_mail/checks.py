@@ -37,6 +37,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import django
 from django.conf import settings
@@ -218,20 +219,45 @@ def _check_tls_files(files: str, provider: ProviderConfig) -> list[CheckMessage]
 def _check_redis_timeouts(alias: str, caches: Mapping[str, Any]) -> list[CheckMessage]:
     # A Redis that stops answering would otherwise hang every send on a cache call.
     entry = caches.get(alias) or {}
-    if "redis" not in str(entry.get("BACKEND", "")).lower():
+    backend = str(entry.get("BACKEND", ""))
+    if "redis" not in backend.lower():
         return []
+    # django-redis reads its own upper-case OPTIONS; Django's RedisCache hands OPTIONS to
+    # redis-py as they are. Both hand LOCATION to redis-py's from_url, which reads the
+    # timeouts from the URL's query too.
+    django_redis = backend.startswith("django_redis.")
+    wanted = ("SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT")
+    keys = wanted if django_redis else tuple(k.lower() for k in wanted)
     options = entry.get("OPTIONS") or {}
-    if "socket_timeout" in options and "socket_connect_timeout" in options:
+    urls = _locations(entry.get("LOCATION"))
+    missing = [
+        key
+        for key in keys
+        if key not in options
+        and not (urls and all(key.lower() in parse_qs(urlsplit(u).query) for u in urls))
+    ]
+    if not missing:
         return []
+    example = ", ".join(f"{k!r}: 0.5" for k in keys)
     return [
         Warning(
-            f"CACHES[{alias!r}] is a Redis cache without socket_timeout and "
-            "socket_connect_timeout: if Redis stops answering, every send waits on it.",
-            hint="Add OPTIONS {'socket_timeout': 0.5, 'socket_connect_timeout': 0.5}; "
+            f"CACHES[{alias!r}] is a Redis cache without {' and '.join(missing)}: if Redis "
+            "stops answering, every send waits on it.",
+            hint=f"Add OPTIONS {{{example}}}"
+            + (" (django-redis reads them in upper case)" if django_redis else "")
+            + ", or ?socket_timeout=0.5&socket_connect_timeout=0.5 in LOCATION; "
             "robust_mail falls back to per-process state when the cache fails fast.",
             id="robust_mail.W004",
         )
     ]
+
+
+def _locations(location: object) -> list[str]:
+    if isinstance(location, str):
+        return [u.strip() for u in location.split(",") if u.strip()]
+    if isinstance(location, list | tuple):
+        return [u for u in location if isinstance(u, str)]
+    return []
 
 
 def _check_mailer(here: str, target: str, *, alias: str | None) -> list[CheckMessage]:

@@ -313,6 +313,49 @@ def test_w004_redis_cache_without_socket_timeouts(settings: Any) -> None:
     assert "robust_mail.W004" not in ids()
 
 
+DJANGO_REDIS = "django_redis.cache.RedisCache"
+BUILTIN_REDIS = "django.core.cache.backends.redis.RedisCache"
+BOTH_IN_URL = "redis://127.0.0.1:1/0?socket_timeout=0.5&socket_connect_timeout=0.5"
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        # django-redis reads its OPTIONS in upper case.
+        {"BACKEND": DJANGO_REDIS, "LOCATION": "redis://127.0.0.1:1/0", "OPTIONS": {
+            "SOCKET_TIMEOUT": 0.5, "SOCKET_CONNECT_TIMEOUT": 0.5}},
+        # redis-py's from_url reads the timeouts from LOCATION's query, for either backend.
+        {"BACKEND": BUILTIN_REDIS, "LOCATION": BOTH_IN_URL},
+        {"BACKEND": DJANGO_REDIS, "LOCATION": BOTH_IN_URL},
+        {"BACKEND": BUILTIN_REDIS, "LOCATION": [BOTH_IN_URL, BOTH_IN_URL.replace(":1/", ":2/")]},
+        {"BACKEND": BUILTIN_REDIS, "LOCATION": "redis://h:1?socket_timeout=0.5",
+         "OPTIONS": {"socket_connect_timeout": 0.5}},
+    ],
+)  # fmt: skip
+def test_w004_accepts_timeouts_where_the_backend_reads_them(settings: Any, cache: Any) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": ["smtp://127.0.0.1:2525"]}
+    settings.CACHES = {"default": cache}
+    assert "robust_mail.W004" not in ids()
+
+
+@pytest.mark.parametrize(
+    ("cache", "hint"),
+    [
+        # Lower case is what Django's RedisCache wants, but django-redis ignores it.
+        ({"BACKEND": DJANGO_REDIS, "LOCATION": "redis://h:1", "OPTIONS": {
+            "socket_timeout": 0.5, "socket_connect_timeout": 0.5}}, "'SOCKET_TIMEOUT': 0.5"),
+        ({"BACKEND": BUILTIN_REDIS, "LOCATION": "redis://h:1", "OPTIONS": {
+            "SOCKET_TIMEOUT": 0.5, "SOCKET_CONNECT_TIMEOUT": 0.5}}, "'socket_timeout': 0.5"),
+        # One of two locations without them.
+        ({"BACKEND": BUILTIN_REDIS, "LOCATION": [BOTH_IN_URL, "redis://h:2"]}, "LOCATION"),
+    ],
+)  # fmt: skip
+def test_w004_hint_names_the_keys_this_backend_reads(settings: Any, cache: Any, hint: str) -> None:
+    settings.ROBUST_MAIL = {"PROVIDERS": ["smtp://127.0.0.1:2525"]}
+    settings.CACHES = {"default": cache}
+    assert hint in (only("robust_mail.W004").hint or "")
+
+
 # --- which configurations are checked -------------------------------------------------
 
 
