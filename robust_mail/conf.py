@@ -496,11 +496,14 @@ def _email_settings_provider(r: f.Reader, force_ipv4: bool) -> tuple[ProviderCon
 
 
 def _django_setting(name: str) -> Any:
-    """A Django setting, read only when the project sets it.
+    """A Django setting: the project's value, else Django's default.
 
     Django 6.1 warns on every read of a deprecated EMAIL_* setting; a project that never
-    set one should not see warnings caused by us, and gets Django's default instead.
+    set one should not see warnings caused by us, so there it is read only when the
+    settings module (or override_settings) sets it. Before 6.1 reading warns about
+    nothing, and getattr also sees a value assigned at run time (settings.EMAIL_HOST_USER
+    = ... in AppConfig.ready()), which is_overridden() does not report.
     """
-    if cast(Any, settings).is_overridden(name):
+    if django.VERSION < (6, 1) or cast(Any, settings).is_overridden(name):
         return getattr(settings, name, None)
     return getattr(global_settings, name, None)

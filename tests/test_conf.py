@@ -6,6 +6,7 @@ import sys
 from dataclasses import FrozenInstanceError
 from typing import Any
 
+import django
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
@@ -527,6 +528,29 @@ def test_credential_problems_never_show_the_password(settings: Any) -> None:
     _, problems = read_config()
     assert len(problems) == 2
     assert not any(SECRET in str(p) for p in problems)
+
+
+@pytest.mark.skipif(
+    django.VERSION >= (6, 1), reason="6.1 deprecates EMAIL_*: only those the project sets"
+)
+def test_email_settings_assigned_at_run_time_are_read_as_django_reads_them() -> None:
+    # As a project loading secrets in AppConfig.ready() does: a plain assignment, which
+    # settings.is_overridden() does not report, but Django's SMTP backend reads.
+    from django.conf import settings as live
+
+    from robust_mail.conf import clear_cache
+
+    assert live.ROBUST_MAIL == {}  # tests.settings: providers come from EMAIL_*
+    saved = live.EMAIL_HOST_USER, live.EMAIL_HOST_PASSWORD
+    live.EMAIL_HOST_USER, live.EMAIL_HOST_PASSWORD = "apikey", SECRET
+    clear_cache()
+    try:
+        assert not live.is_overridden("EMAIL_HOST_USER")
+        provider = get_config().providers[0]
+        assert (provider.username, provider.password) == ("apikey", SECRET)
+    finally:
+        live.EMAIL_HOST_USER, live.EMAIL_HOST_PASSWORD = saved
+        clear_cache()
 
 
 def test_email_host_password_without_user_is_not_used_as_in_django(settings: Any) -> None:
