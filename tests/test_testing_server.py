@@ -647,3 +647,36 @@ def test_bdat_follows_the_servers_faults() -> None:
             with pytest.raises(smtplib.SMTPServerDisconnected):
                 _bdat(client, data)
         assert server.messages == []
+
+
+def test_data_after_bdat_in_one_transaction_is_refused_until_rset() -> None:
+    # RFC 3030, 2: 503 for DATA after BDAT. Accepting it recorded the DATA content and
+    # left the chunk to be glued onto the front of the next message.
+    with SMTPTestServer(chunking=True) as server, connect(server) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        client.rcpt(RECIPIENT)
+        assert _bdat(client, b"STALE\r\n", last=False)[0] == 250
+        assert client.docmd("DATA")[0] == 503
+        assert client.rset()[0] == 250
+        client.sendmail(SENDER, [RECIPIENT], make_message("by data"))
+        client.mail(SENDER)
+        client.rcpt(RECIPIENT)
+        assert _bdat(client, make_message("by bdat"))[0] == 250
+        first, second = server.messages
+    assert first.data == make_message("by data") and not first.chunked
+    assert second.data == make_message("by bdat") and second.chunked
+
+
+def test_a_refused_bdat_chunk_takes_the_earlier_chunks_with_it() -> None:
+    with SMTPTestServer(chunking=True, size_limit=100) as server, connect(server) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        client.rcpt(RECIPIENT)
+        assert _bdat(client, b"STALE\r\n", last=False)[0] == 250
+        assert _bdat(client, b"x" * 100)[0] == 552
+        client.mail(SENDER)
+        client.rcpt(RECIPIENT)
+        assert _bdat(client, b"Subject: fresh\r\n\r\nbody\r\n")[0] == 250
+        (received,) = server.messages
+    assert received.data == b"Subject: fresh\r\n\r\nbody\r\n"

@@ -245,6 +245,11 @@ class FaultySMTP(SMTP):
         return "250 2.1.5 OK"
 
     async def smtp_DATA(self, arg: str) -> None:
+        if self._bdat_chunks:
+            # RFC 3030, 2: DATA and BDAT cannot share a transaction; the client must RSET.
+            # Accepting it would record the DATA content and drop the chunks on the floor.
+            await self.push("503 5.5.1 Error: DATA not allowed after BDAT in this transaction")
+            return
         envelope = self.envelope
         if self.state.mode is Mode.DROP_MID_DATA and envelope and envelope.rcpt_tos:
             # Hang up when the client starts its data phase. Waiting for content
@@ -298,18 +303,19 @@ class FaultySMTP(SMTP):
                 await self.push(f"250 2.0.0 {size} octets received")
                 return
             envelope.content = envelope.original_content = b"".join(chunks)
-            chunks.clear()
             reply = await self.data_reply(envelope, chunked=True)
             self._set_post_data_state()
             await self.push(reply)
             return
-        chunks.clear()  # a refused chunk ends the transaction (RFC 3030, 2)
-        self._set_post_data_state()
+        self._set_post_data_state()  # a refused chunk ends the transaction (RFC 3030, 2)
         await self.push(reply)
 
-    def _set_rset_state(self) -> None:
+    def _set_post_data_state(self) -> None:
+        # The chunks belong to the envelope: every way aiosmtpd or smtp_BDAT ends a
+        # transaction (the end of DATA or BDAT LAST, a refused chunk, RSET, EHLO) comes
+        # through here, so none can carry them into the next message.
         self._bdat_chunks.clear()
-        super()._set_rset_state()
+        super()._set_post_data_state()
 
     def _authenticated(self) -> bool:
         return bool(self.session and self.session.authenticated)
