@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -262,3 +263,22 @@ def test_without_aiosmtpd_the_error_names_the_extra_to_install() -> None:
 
     assert done.returncode != 0
     assert "pip install 'robust-mail[testing]'" in done.stderr
+
+
+def test_a_reader_that_goes_away_stops_the_server_quietly_after_accepting_the_message() -> None:
+    # `... | head -1`: printing the message line hits a closed pipe. That used to escape
+    # the callback as a 451 for a message already recorded (so a client sent it again),
+    # and end in a traceback.
+    server = Server()
+    assert server.process.stdout is not None
+    server.process.stdout.close()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=5) as client:
+        assert (
+            client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nhi\r\n") == {}
+        )
+        with contextlib.suppress(smtplib.SMTPServerDisconnected):
+            client.quit()  # the server may be gone already
+    assert server.process.wait(timeout=30) == 0
+    assert server.process.stderr is not None
+    assert server.process.stderr.read() == ""
+    server.process.stderr.close()

@@ -680,3 +680,35 @@ def test_a_refused_bdat_chunk_takes_the_earlier_chunks_with_it() -> None:
         assert _bdat(client, b"Subject: fresh\r\n\r\nbody\r\n")[0] == 250
         (received,) = server.messages
     assert received.data == b"Subject: fresh\r\n\r\nbody\r\n"
+
+
+def _failing_callback(message: object) -> None:
+    raise RuntimeError("bug in the test's callback")
+
+
+def test_a_failing_on_message_still_accepts_the_message_and_wait_for_raises_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The message is recorded before the callback runs: answering 451 made clients send
+    # it again, so the test saw duplicates instead of its own bug.
+    with SMTPTestServer(on_message=_failing_callback) as server, connect(server) as client:
+        assert client.sendmail(SENDER, [RECIPIENT], make_message()) == {}
+        assert client.sendmail(SENDER, [RECIPIENT], make_message()) == {}
+        with pytest.raises(RuntimeError, match="bug in the test's callback"):
+            server.wait_for(5)
+        assert len(server.messages) == 2
+    assert "on_message callback" in caplog.text  # logged, and stop() did not raise it again
+
+
+def test_stop_raises_the_callback_error_unless_another_one_is_leaving_the_block() -> None:
+    server = SMTPTestServer(on_message=_failing_callback).start()
+    with connect(server) as client:
+        client.sendmail(SENDER, [RECIPIENT], make_message())
+    with pytest.raises(RuntimeError, match="bug in the test's callback"):
+        server.stop()
+    server.stop()  # raised once
+
+    with pytest.raises(KeyError), SMTPTestServer(on_message=_failing_callback) as server:
+        with connect(server) as client:
+            client.sendmail(SENDER, [RECIPIENT], make_message())
+        raise KeyError("the test's own failure")

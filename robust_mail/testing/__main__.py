@@ -13,6 +13,7 @@ import argparse
 import errno
 import io
 import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -125,6 +126,17 @@ def _print_message(label: str, message: ReceivedMessage, show_body: bool) -> Non
     print("\n".join(lines), flush=True)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone (``| head``).
+
+    Python flushes stdout again at exit; to a closed pipe that raises once more and
+    prints a traceback, so the file descriptor itself is redirected.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return 1
@@ -137,6 +149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     label = f"[{args.name}] " if args.name else ""
     auth = dict(entry.split(":", 1) for entry in args.auth) or None
+    stopping = threading.Event()
+
+    def print_message(message: ReceivedMessage) -> None:
+        try:
+            _print_message(label, message, args.show_body)
+        except BrokenPipeError:
+            # Whoever read our output is gone (``| head -1``): nothing left to do, like
+            # any filter whose reader went away. The message itself was accepted.
+            _silence_stdout()
+            stopping.set()
+
     try:
         certificates = None
         if args.certs_dir is not None:
@@ -150,11 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth=auth,
             reply_delay=args.reply_delay,
             name=args.name,
-            on_message=lambda message: _print_message(label, message, args.show_body),
+            on_message=print_message,
         )
     except (ImportError, ValueError, OSError) as exc:
         return _fail(str(exc))
-    stopping = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         stopping.set()
@@ -177,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{label}CA certificate to trust: {server.certificates.ca_file}", flush=True)
         while not stopping.wait(0.5):
             pass
+    except BrokenPipeError:
+        _silence_stdout()  # the reader left before the banner; see print_message
     finally:
         server.stop()
     return 0

@@ -8,6 +8,7 @@ provider. Everything public here is safe to call from any thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,8 @@ from robust_mail.testing.received import ReceivedMessage
 
 TLSMode = Literal["starttls", "implicit"]
 
+log = logging.getLogger("robust_mail.testing")
+
 
 class SMTPTestServer:
     """An SMTP server for tests; see docs/testing.md.
@@ -31,7 +34,9 @@ class SMTPTestServer:
     ``"implicit"`` (SMTPS). ``auth`` maps user names to passwords; when given,
     AUTH PLAIN/LOGIN is offered (over plain text too) and required before MAIL.
     ``refuse_recipients`` are answered ``550 5.1.1`` in every mode.
-    ``on_message`` is called, on the server thread, for each recorded message.
+    ``on_message`` is called, on the server thread, for each recorded message; an
+    exception it raises is logged, the message is still accepted, and the first such
+    exception is raised again by ``wait_for()`` or ``stop()``.
     ``pipelining`` offers PIPELINING (RFC 2920), as most real providers do.
     ``size_limit`` is the byte limit announced with ``SIZE`` (and enforced).
     ``chunking`` offers CHUNKING (RFC 3030: ``BDAT``), as Gmail, Microsoft 365 and
@@ -83,6 +88,9 @@ class SMTPTestServer:
         self._changed = threading.Condition(self._lock)
         self._mode_lock = threading.Lock()
         self._messages: list[ReceivedMessage] = []
+        # The first exception raised by on_message, until wait_for() or stop() raises it.
+        self._callback_error: BaseException | None = None
+        self._callback_error_raised = False
         self._sessions: set[FaultySMTP] = set()
         self.connections_total = 0
         self.peak_connections = 0
@@ -141,7 +149,18 @@ class SMTPTestServer:
         return self
 
     def stop(self) -> None:
-        """Stop listening, close every connection and the loop. Idempotent."""
+        """Stop listening, close every connection and the loop. Idempotent.
+
+        Then raises the first exception of the ``on_message`` callback, unless
+        ``wait_for()`` already did.
+        """
+        self._stop()
+        with self._lock:
+            error = self._take_callback_error()
+        if error is not None:
+            raise error
+
+    def _stop(self) -> None:
         runner, self._runner = self._runner, None
         if runner is None:
             return
@@ -159,7 +178,11 @@ class SMTPTestServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        if exc is None:
+            self.stop()
+        else:
+            # The error leaving the block is the one to see; the callback's was logged.
+            self._stop()
 
     def __repr__(self) -> str:
         return (
@@ -183,10 +206,18 @@ class SMTPTestServer:
     def wait_for(self, count: int = 1, timeout: float = 5.0) -> list[ReceivedMessage]:
         """Block until at least ``count`` messages were recorded; return them all.
 
-        Raises ``TimeoutError`` when they do not arrive within ``timeout`` seconds.
+        Raises ``TimeoutError`` when they do not arrive within ``timeout`` seconds, and
+        the first exception of the ``on_message`` callback when there was one.
         """
         with self._changed:
-            if not self._changed.wait_for(lambda: len(self._messages) >= count, timeout):
+            arrived = self._changed.wait_for(
+                lambda: len(self._messages) >= count or self._callback_error is not None,
+                timeout,
+            )
+            error = self._take_callback_error()
+            if error is not None:
+                raise error
+            if not arrived:
                 raise TimeoutError(
                     f"{self!r} received {len(self._messages)} message(s), "
                     f"expected {count} within {timeout}s"
@@ -197,8 +228,25 @@ class SMTPTestServer:
         with self._changed:
             self._messages.append(message)
             self._changed.notify_all()
-        if self.on_message is not None:
+        if self.on_message is None:
+            return
+        try:
             self.on_message(message)
+        except Exception as error:
+            # The message is recorded: letting this reach aiosmtpd would answer 451 and
+            # the client would send it again. Keep the error for the test's thread.
+            log.exception("on_message callback of %r failed", self)
+            with self._changed:
+                if self._callback_error is None:
+                    self._callback_error = error
+                self._changed.notify_all()
+
+    def _take_callback_error(self) -> BaseException | None:
+        """The callback's first error, the first time it is asked for (lock held)."""
+        if self._callback_error is None or self._callback_error_raised:
+            return None
+        self._callback_error_raised = True
+        return self._callback_error
 
     # -- connections ---------------------------------------------------------------------
 
