@@ -712,3 +712,48 @@ def test_stop_raises_the_callback_error_unless_another_one_is_leaving_the_block(
         with connect(server) as client:
             client.sendmail(SENDER, [RECIPIENT], make_message())
         raise KeyError("the test's own failure")
+
+
+# -- calls from on_message (the server's own thread) ---------------------------------------
+
+
+def test_mode_set_from_on_message_applies_from_the_next_message() -> None:
+    # Waiting on the loop from the loop deadlocked for 10 s and answered 451.
+    server = SMTPTestServer()
+    server.on_message = lambda message: setattr(server, "mode", Mode.DATA_451)
+    with server, connect(server) as client:
+        assert client.sendmail(SENDER, [RECIPIENT], make_message()) == {}
+        with pytest.raises(smtplib.SMTPDataError) as failure:
+            client.sendmail(SENDER, [RECIPIENT], make_message())
+        assert failure.value.smtp_code == 451
+        assert len(server.messages) == 1
+
+
+def test_refuse_set_from_on_message_closes_the_port_after_the_reply() -> None:
+    server = SMTPTestServer()
+    server.on_message = lambda message: setattr(server, "mode", Mode.REFUSE)
+    with server:
+        with connect(server) as client:
+            assert client.sendmail(SENDER, [RECIPIENT], make_message()) == {}
+            server.wait_for_connections(0)
+        with pytest.raises(ConnectionRefusedError):
+            connect(server)
+
+
+def test_drop_connections_from_on_message_hangs_up_after_the_reply() -> None:
+    server = SMTPTestServer()
+    server.on_message = lambda message: server.drop_connections()
+    with server, connect(server) as client:
+        assert client.sendmail(SENDER, [RECIPIENT], make_message()) == {}
+        server.wait_for_connections(0)
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
+
+
+def test_stop_from_on_message_is_a_clear_error_and_the_message_is_accepted() -> None:
+    server = SMTPTestServer()
+    server.on_message = lambda message: server.stop()
+    with server, connect(server) as client:
+        assert client.sendmail(SENDER, [RECIPIENT], make_message()) == {}
+        with pytest.raises(RuntimeError, match="cannot be called from on_message"):
+            server.wait_for()

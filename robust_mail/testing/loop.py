@@ -23,17 +23,39 @@ class LoopThread:
     ``call()`` runs a coroutine on the loop and returns its result to the
     calling thread; ``close()`` stops the loop, cancels what is left, closes it
     and joins the thread. Callers close their transports before ``close()``.
+    Code running on the loop itself (a callback of the server) cannot wait for
+    the loop: ``in_loop_thread()`` tells, and ``schedule()`` runs a coroutine
+    there without waiting.
     """
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(_quiet_exception_handler)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # Strong references: the loop keeps only weak ones to the tasks it runs.
+        self._scheduled: set[asyncio.Task[Any]] = set()
         self._thread.start()
+
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
     def call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         return future.result(CALL_TIMEOUT)
+
+    def schedule(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coroutine`` on the loop after the current step; from the loop thread only.
+
+        ``call()`` there would wait for a result the busy loop can never produce.
+        """
+        task = self.loop.create_task(coroutine)
+        self._scheduled.add(task)
+        task.add_done_callback(self._scheduled_done)
+
+    def _scheduled_done(self, task: asyncio.Task[Any]) -> None:
+        self._scheduled.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("test server task failed", exc_info=task.exception())
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -11,9 +11,9 @@ import asyncio
 import logging
 import ssl
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from robust_mail.testing.certs import TestCertificates, default_certificates
 from robust_mail.testing.loop import LoopThread
@@ -98,6 +98,7 @@ class SMTPTestServer:
         self._runner: LoopThread | None = None
         self._listener: asyncio.Server | None = None
         self._tls_context: ssl.SSLContext | None = None
+        self._listening_lock = asyncio.Lock()
 
     # -- configuration read by the sessions ----------------------------------------
 
@@ -111,8 +112,9 @@ class SMTPTestServer:
         with self._mode_lock:
             self._mode = new
             if self._runner is not None:
-                # Returns once the port is (un)bound, so a connect right after sees it.
-                self._runner.call(self._sync_listening())
+                # From another thread: returns once the port is (un)bound, so a connect
+                # right after sees it. From on_message: right after the callback.
+                self._on_loop(self._runner, self._sync_listening())
 
     @property
     def refuse_recipients(self) -> frozenset[str]:
@@ -138,6 +140,9 @@ class SMTPTestServer:
             return self
         if self.tls is not None:
             self._tls_context = self._make_tls_context()
+        # One per loop: a mode set from on_message (scheduled) and one set from the test
+        # (waited for) may both be (un)binding the port at once.
+        self._listening_lock = asyncio.Lock()
         self._runner = LoopThread(f"SMTPTestServer {self.name or self.port}")
         try:
             self._runner.call(self._listen())
@@ -152,8 +157,15 @@ class SMTPTestServer:
         """Stop listening, close every connection and the loop. Idempotent.
 
         Then raises the first exception of the ``on_message`` callback, unless
-        ``wait_for()`` already did.
+        ``wait_for()`` already did. Not from ``on_message``: the server's thread
+        cannot wait for itself to end.
         """
+        runner = self._runner
+        if runner is not None and runner.in_loop_thread():
+            raise RuntimeError(
+                f"{self!r}: stop() cannot be called from on_message (the server's own "
+                "thread); call it from the test, or use drop_connections() or mode='refuse'"
+            )
         self._stop()
         with self._lock:
             error = self._take_callback_error()
@@ -282,9 +294,19 @@ class SMTPTestServer:
         """Close every open client connection from the server side, now.
 
         Returns once the server has released them; the port keeps listening.
+        From ``on_message``, they are closed right after the callback returns (after
+        the reply to the message is sent).
         """
         if self._runner is not None:
-            self._runner.call(self._close_sessions())
+            self._on_loop(self._runner, self._close_sessions())
+
+    @staticmethod
+    def _on_loop(runner: LoopThread, coroutine: Coroutine[Any, Any, None]) -> None:
+        if runner.in_loop_thread():
+            # Called from on_message: waiting would block the loop that must run it.
+            runner.schedule(coroutine)
+        else:
+            runner.call(coroutine)
 
     # -- convenience -----------------------------------------------------------------------
 
@@ -352,6 +374,10 @@ class SMTPTestServer:
             self.port = self._listener.sockets[0].getsockname()[1]
 
     async def _sync_listening(self) -> None:
+        async with self._listening_lock:
+            await self._sync_listening_now()
+
+    async def _sync_listening_now(self) -> None:
         if self._mode is Mode.REFUSE:
             if self._listener is not None:
                 self._listener.close()
