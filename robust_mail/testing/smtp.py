@@ -173,12 +173,15 @@ class SMTPTestServer:
             raise error
 
     def _stop(self) -> None:
-        runner, self._runner = self._runner, None
+        runner = self._runner
         if runner is None:
             return
         try:
+            # _runner stays set meanwhile: a connection accepted before the listener is
+            # closed still needs _new_session, and then gets closed by _shutdown.
             runner.call(self._shutdown())
         finally:
+            self._runner = None
             runner.close()
 
     def __enter__(self) -> SMTPTestServer:
@@ -350,11 +353,12 @@ class SMTPTestServer:
         return context
 
     def _new_session(self) -> FaultySMTP:
-        assert self._runner is not None
+        # Called by the listener on the loop; asserting on _runner here made asyncio
+        # drop the accepted socket unclosed when stop() had cleared it.
         offer_starttls = self.tls == "starttls" and self._mode is not Mode.NO_STARTTLS
         return FaultySMTP(
             self,
-            loop=self._runner.loop,
+            loop=asyncio.get_running_loop(),
             tls_context=self._tls_context if offer_starttls else None,
             implicit_tls=self.tls == "implicit",
             require_starttls=offer_starttls and self.require_starttls,
@@ -379,28 +383,43 @@ class SMTPTestServer:
 
     async def _sync_listening_now(self) -> None:
         if self._mode is Mode.REFUSE:
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
+            await self._close_listener()
             # A server that is down does not keep serving old connections either.
             await self._close_sessions()
         elif self._listener is None:
             await self._listen()
 
     async def _close_sessions(self) -> None:
-        with self._lock:
-            sessions = list(self._sessions)
-        for session in sessions:
-            session.abort()
-        # Wait for connection_lost() so the sockets are really closed on return.
+        # A connection accepted just before the listener closed becomes a session a few
+        # loop steps later (accept task, then connection_made): one snapshot would miss
+        # it. So let those steps run, and close again until none is left. The sleep
+        # also lets connection_lost() run, so the sockets are closed on return.
         for _ in range(200):
+            for _ in range(3):
+                await asyncio.sleep(0)
             with self._lock:
-                if not self._sessions.intersection(sessions):
-                    return
+                sessions = list(self._sessions)
+            if not sessions:
+                return
+            for session in sessions:
+                session.abort()
             await asyncio.sleep(0.005)
 
+    async def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        # Stop accepting first, then let the accepts already taken become sessions:
+        # Server.close() under an accept in flight makes asyncio fail it in
+        # Server._attach() and leak the accepted socket (a ResourceWarning).
+        loop = asyncio.get_running_loop()
+        for sock in listener.sockets:
+            loop.remove_reader(sock)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        listener.close()
+
     async def _shutdown(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        await self._close_sessions()
+        async with self._listening_lock:  # not under a mode change re-listening
+            await self._close_listener()
+            await self._close_sessions()
