@@ -792,3 +792,19 @@ def test_refuse_closes_a_connection_made_just_before_it() -> None:
         ):
             server.mode = Mode.REFUSE
             assert _closed_by_server(client)
+
+
+@pytest.mark.parametrize("size_limit", [0, None])
+def test_no_size_limit_takes_bdat_as_it_takes_data(size_limit: int | None) -> None:
+    # aiosmtpd reads 0 or None as "no limit"; BDAT answered 552 (0) or failed with 451.
+    with (
+        SMTPTestServer(chunking=True, size_limit=size_limit) as server,
+        connect(server) as client,
+    ):
+        client.ehlo()
+        assert not client.has_extn("size")
+        client.mail(SENDER)
+        client.rcpt(RECIPIENT)
+        assert _bdat(client, make_message())[0] == 250
+        client.sendmail(SENDER, [RECIPIENT], make_message())
+        assert len(server.messages) == 2

@@ -40,7 +40,7 @@ class ServerState(Protocol):
     @property
     def pipelining(self) -> bool: ...
     @property
-    def size_limit(self) -> int: ...
+    def size_limit(self) -> int | None: ...
     @property
     def chunking(self) -> bool: ...
     def refuses(self, address: str) -> bool: ...
@@ -295,7 +295,8 @@ class FaultySMTP(SMTP):
             reply = "503 5.5.1 Error: need MAIL command"
         elif not envelope.rcpt_tos:
             reply = "554 5.5.1 Error: no valid recipients"
-        elif sum(map(len, chunks)) + size > self.state.size_limit:
+        # 0 or None is aiosmtpd's "no limit" (no SIZE announced): BDAT must agree with DATA.
+        elif self.state.size_limit and sum(map(len, chunks)) + size > self.state.size_limit:
             reply = "552 5.3.4 Error: too much mail data"
         else:
             chunks.append(chunk)

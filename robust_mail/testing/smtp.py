@@ -38,7 +38,8 @@ class SMTPTestServer:
     exception it raises is logged, the message is still accepted, and the first such
     exception is raised again by ``wait_for()`` or ``stop()``.
     ``pipelining`` offers PIPELINING (RFC 2920), as most real providers do.
-    ``size_limit`` is the byte limit announced with ``SIZE`` (and enforced).
+    ``size_limit`` is the byte limit announced with ``SIZE`` (and enforced); 0 or
+    ``None``: no limit, and no ``SIZE``.
     ``chunking`` offers CHUNKING (RFC 3030: ``BDAT``), as Gmail, Microsoft 365 and
     Postfix do.
     """
@@ -58,7 +59,7 @@ class SMTPTestServer:
         require_starttls: bool = False,
         on_message: Callable[[ReceivedMessage], None] | None = None,
         pipelining: bool = False,
-        size_limit: int = DATA_SIZE_LIMIT,
+        size_limit: int | None = DATA_SIZE_LIMIT,
         chunking: bool = False,
     ) -> None:
         if tls not in (None, "starttls", "implicit"):
