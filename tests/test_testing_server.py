@@ -808,3 +808,24 @@ def test_no_size_limit_takes_bdat_as_it_takes_data(size_limit: int | None) -> No
         assert _bdat(client, make_message())[0] == 250
         client.sendmail(SENDER, [RECIPIENT], make_message())
         assert len(server.messages) == 2
+
+
+def test_bdat_last_is_case_insensitive() -> None:
+    with SMTPTestServer(chunking=True) as server, connect(server) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        client.rcpt(RECIPIENT)
+        client.send(b"BDAT 5 last\r\nhello")
+        assert client.getreply()[0] == 250
+        assert [message.data for message in server.messages] == [b"hello"]
+
+
+@pytest.mark.parametrize("size", ["\u00b2", "5x", "-5", "\u0665"])
+def test_a_bdat_size_that_is_not_ascii_digits_is_a_syntax_error(size: str) -> None:
+    # "²" passed isdigit() and then failed int(): a 451 and a traceback in the log.
+    with SMTPTestServer(chunking=True) as server, connect(server) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        client.rcpt(RECIPIENT)
+        client.send(f"BDAT {size} LAST\r\n".encode())
+        assert client.getreply()[0] == 501

@@ -274,7 +274,13 @@ class FaultySMTP(SMTP):
             await self.push('500 Error: command "BDAT" not recognized')
             return
         words = (arg or "").split()
-        if not 1 <= len(words) <= 2 or not words[0].isdigit() or words[1:] not in ([], ["LAST"]):
+        # Keywords are case-insensitive (RFC 5321, 2.4); isdigit() alone also takes
+        # digits int() refuses, such as "²".
+        if (
+            not 1 <= len(words) <= 2
+            or not (words[0].isascii() and words[0].isdigit())
+            or [word.upper() for word in words[1:]] not in ([], ["LAST"])
+        ):
             # The size is unknown, so the session cannot be kept in step: close it.
             await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
             await self._hang_up()
