@@ -282,3 +282,15 @@ def test_a_reader_that_goes_away_stops_the_server_quietly_after_accepting_the_me
     assert server.process.stderr is not None
     assert server.process.stderr.read() == ""
     server.process.stderr.close()
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536", "http"])
+def test_a_port_out_of_range_is_a_usage_error(port: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _parse_args(["--port", port])
+    assert exit_.value.code == 2
+
+
+def test_port_bounds_are_accepted() -> None:
+    assert _parse_args(["--port", "0"]).port == 0
+    assert _parse_args(["--port", "65535"]).port == 65535

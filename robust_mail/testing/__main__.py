@@ -47,6 +47,18 @@ def _loopback_host(value: str) -> str:
     return value
 
 
+def _port(value: str) -> int:
+    """An argparse type: a TCP port number, 0 for any free port."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        # Out of range it reached bind() and ended in an OverflowError traceback.
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
+    return port
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -58,7 +70,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="127.0.0.1",
         help="loopback address to bind: 127.0.0.0/8, ::1 or localhost (127.0.0.1)",
     )
-    parser.add_argument("--port", type=int, default=2525, help="port to bind, 0 for any (2525)")
+    parser.add_argument("--port", type=_port, default=2525, help="port to bind, 0 for any (2525)")
     modes = [mode.value for mode in Mode]
     parser.add_argument(
         "--mode",
