@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import selectors
 import socket
 import threading
@@ -28,8 +29,12 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+
+log = logging.getLogger("robust_mail.testing")
 
 #: TTL of every answer; the resolver under test never caches, so it only shows in dig output.
 TTL = 60
@@ -37,6 +42,26 @@ TTL = 60
 
 def _normalize(name: str) -> str:
     return name.rstrip(".").lower()
+
+
+def _checked(records: Mapping[str, Mapping[str, list[str]]]) -> dict[str, dict[str, list[str]]]:
+    """``records`` normalised, every value parsed once so that a bad one fails here.
+
+    Found only when answering, it used to kill the server thread mid-test.
+    """
+    checked: dict[str, dict[str, list[str]]] = {}
+    for name, types in records.items():
+        entry = checked.setdefault(_normalize(name), {})
+        for rdtype, values in types.items():
+            for value in values:
+                try:
+                    dns.rdata.from_text(dns.rdataclass.IN, rdtype, value)
+                except (dns.exception.DNSException, ValueError) as error:
+                    raise ValueError(
+                        f"bad DNS record {name} {rdtype} {value!r}: {error or type(error).__name__}"
+                    ) from error
+            entry[rdtype.upper()] = list(values)
+    return checked
 
 
 class DNSTestServer:
@@ -49,7 +74,9 @@ class DNSTestServer:
     (e.g. ``{"A"}``) to drop only queries of those types, or
     ``servfail = True`` to answer SERVFAIL. ``queries`` records every question
     received, as ``(name, rdtype)`` with the name lower-cased and without the
-    trailing dot, including dropped ones.
+    trailing dot, including dropped ones. A value that is not valid for its type
+    raises ``ValueError`` here. Questions of a class other than IN get REFUSED;
+    anything that goes wrong while answering is logged and answered SERVFAIL.
     """
 
     def __init__(
@@ -58,10 +85,7 @@ class DNSTestServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.records = {
-            _normalize(name): {rdtype.upper(): list(values) for rdtype, values in types.items()}
-            for name, types in records.items()
-        }
+        self.records = _checked(records)
         self.host = host
         self.port = port
         self.silent = False
@@ -134,7 +158,12 @@ class DNSTestServer:
                     continue
                 except OSError:
                     return
-                reply = self._answer(data)
+                try:
+                    reply = self._answer(data)
+                except Exception:
+                    # Not even SERVFAIL could be built; stay up for the next query.
+                    log.exception("DNS test server failed to answer %r", data)
+                    continue
                 if reply is not None:
                     # A client that went away has nothing left to hear.
                     with contextlib.suppress(OSError):
@@ -158,6 +187,20 @@ class DNSTestServer:
         if self.servfail:
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
+        try:
+            self._fill(query, response)
+            return response.to_wire()
+        except Exception:
+            # An error must not end the thread: every later query would time out.
+            log.exception("DNS test server failed to answer %s", query.question)
+            response = dns.message.make_response(query)
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response.to_wire()
+
+    def _fill(self, query: dns.message.Message, response: dns.message.Message) -> None:
+        if any(question.rdclass != dns.rdataclass.IN for question in query.question):
+            response.set_rcode(dns.rcode.REFUSED)  # the records are Internet-class only
+            return
         for question in query.question:
             types = self.records.get(_normalize(question.name.to_text()))
             if types is None:
@@ -170,7 +213,6 @@ class DNSTestServer:
                         question.name, TTL, question.rdclass, question.rdtype, values
                     )
                 )
-        return response.to_wire()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,7 +227,11 @@ def main(argv: list[str] | None = None) -> None:
         name, _, rest = item.partition("=")
         rdtype, _, address = rest.partition(":")
         records.setdefault(name, {}).setdefault(rdtype.upper(), []).append(address)
-    with DNSTestServer(records, host=args.host, port=args.port) as server:
+    try:
+        server = DNSTestServer(records, host=args.host, port=args.port)
+    except ValueError as error:
+        parser.error(str(error))
+    with server:
         print(f"DNS test server on {server.host}:{server.port}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
