@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import email.policy
-import functools
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -33,15 +32,22 @@ class ReceivedMessage:
         default_factory=lambda: datetime.datetime.now(datetime.UTC)
     )
 
-    # A cached_property writes the instance's __dict__ directly, which a frozen dataclass
-    # allows; it is not a field, so equality and repr ignore it as before.
-    @functools.cached_property
+    # Kept in the instance's __dict__, written directly (a frozen dataclass allows it);
+    # not a field, so equality and repr ignore it. Not functools.cached_property: from
+    # Python 3.12 it has no lock, and threads reading it at once each got their own parse.
+    # Threads may still parse at the same time, but setdefault() is atomic: every one
+    # returns the first object stored.
+    @property
     def message(self) -> EmailMessage:
+        try:
+            return self.__dict__["message"]
+        except KeyError:
+            pass
         parsed = BytesParser(policy=email.policy.default).parsebytes(
             self.data.replace(b"\r\n", b"\n")
         )
         assert isinstance(parsed, EmailMessage)
-        return parsed
+        return self.__dict__.setdefault("message", parsed)
 
     @property
     def message_id(self) -> str | None:
