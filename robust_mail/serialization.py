@@ -12,6 +12,8 @@ bcc / reply-to, ``extra_headers`` in their order, HTML and other alternatives,
 attachments (``(filename, content, mimetype)`` with ``str`` or ``bytes``
 content, and ready-made ``MIMEBase`` / ``MIMEPart`` objects, stored as their
 bytes), and on Django 5.2 a changed ``mixed_subtype`` / ``alternative_subtype``.
+Lazy translations (``gettext_lazy``) are stored as their text in the language active
+when the message is stored, as a synchronous send would have rendered them.
 What is not: the ``connection`` and any attribute a subclass adds; the message
 comes back as an ``EmailMessage`` or an ``EmailMultiAlternatives``.
 
@@ -33,6 +35,7 @@ from typing import Any
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.mail.message import EmailAlternative, EmailAttachment
 from django.utils.encoding import force_str
+from django.utils.functional import Promise
 
 from robust_mail.exceptions import InvalidMessage
 
@@ -48,8 +51,19 @@ _KIND_ALTERNATIVES = "alternatives"
 # --- values ----------------------------------------------------------------------------
 
 
+def _resolved(value: Any) -> Any:
+    """``value`` with a lazy translation (``gettext_lazy``) turned into its text.
+
+    Django's backends send lazy strings (they are str() when the message is built), so
+    the outbox must take them too: resolved now, in the active language, as a synchronous
+    send would have rendered them.
+    """
+    return force_str(value) if isinstance(value, Promise) else value
+
+
 def _pack(value: Any, what: str) -> dict[str, str]:
     """A str or bytes value as a JSON object that gives back exactly the same value."""
+    value = _resolved(value)
     if isinstance(value, str):
         if "\x00" in value or not _utf8_clean(value):
             # PostgreSQL refuses NUL and lone surrogates in jsonb: carry the code points
@@ -113,6 +127,7 @@ def _pack_attachment(attachment: Any, index: int) -> dict[str, Any]:
             "(filename, content, mimetype) or a MIME part"
         )
     filename, content, mimetype = (*attachment, None) if len(attachment) == 2 else attachment
+    filename = _resolved(filename)
     if filename is not None and not isinstance(filename, str):
         if not (isinstance(filename, tuple | list) and all(isinstance(p, str) for p in filename)):
             raise InvalidMessage(f"{what}: filename {filename!r} is not a string")

@@ -78,6 +78,36 @@ def test_enqueue_refuses_an_unserialisable_attachment_and_stores_nothing() -> No
     assert not OutboxMessage.objects.exists()
 
 
+def test_lazy_translations_are_queued_by_the_fallback_and_in_the_background(
+    smtp_server, robust, settings
+) -> None:
+    # Django's own backends send gettext_lazy strings; the outbox must not refuse them.
+    from django.core.mail import send_mail
+    from django.utils.translation import gettext_lazy
+
+    from robust_mail import EmailService
+
+    down = smtp_server("refuse")
+    robust([provider(down, "down")], FALLBACK="outbox", RETRY={"ATTEMPTS": 1})
+
+    assert send_mail(gettext_lazy("Welcome"), gettext_lazy("Body"), None, ["t@example.com"]) == 1
+    assert EmailService.send_email(
+        gettext_lazy("Welcome"),
+        gettext_lazy("Body"),
+        ["t@example.com"],
+        html_message=gettext_lazy("<p>Body</p>"),
+        background=True,
+    )
+    settings.EMAIL_BACKEND = "robust_mail.backends.OutboxEmailBackend"
+    message = EmailMessage("Welcome", gettext_lazy("Body"), None, ["t@example.com"])
+    message.attach(gettext_lazy("invoice.txt"), gettext_lazy("Total: 3"), "text/plain")
+    assert message.send() == 1
+
+    rows = list(OutboxMessage.objects.order_by("pk"))
+    assert [row.rebuild().body for row in rows] == ["Body", "Body", "Body"]
+    assert rows[2].rebuild().attachments[0][:2] == ("invoice.txt", "Total: 3")
+
+
 def test_same_idempotency_key_is_queued_only_once() -> None:
     # Inside the test's transaction: the duplicate is refused under a savepoint.
     first = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")

@@ -13,6 +13,7 @@ from typing import Any
 import django
 import pytest
 from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.utils.translation import gettext_lazy
 
 from robust_mail.envelope import pin_message
 from robust_mail.exceptions import InvalidMessage
@@ -158,6 +159,20 @@ def test_nul_and_lone_surrogates_are_stored_without_raw_nul_in_json() -> None:
     rebuilt = message_from_data(json.loads(text))
     assert rebuilt.body == "before\x00after"
     assert rebuilt.attachments[0][1] == "x\udcffy"
+
+
+def test_lazy_translations_round_trip_as_their_text() -> None:
+    # gettext_lazy strings are what Django projects pass; Django's backends send them.
+    message = EmailMultiAlternatives(
+        gettext_lazy("Welcome"), gettext_lazy("Body"), "f@example.com", ["t@example.com"]
+    )
+    message.attach_alternative(gettext_lazy("<p>Body</p>"), "text/html")
+    message.attach(gettext_lazy("invoice.txt"), gettext_lazy("Total: 3"), "text/plain")
+
+    rebuilt = assert_round_trip(message)
+
+    assert rebuilt.body == "Body" and type(rebuilt.body) is str
+    assert rebuilt.attachments[0][:2] == ("invoice.txt", "Total: 3")
 
 
 def test_attachment_json_cannot_hold_is_refused_with_a_clear_error() -> None:
