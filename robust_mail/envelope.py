@@ -182,6 +182,43 @@ def _check_header_names(message: EmailMessage) -> None:
             raise InvalidMessage(f"invalid header name {name!r}: printable ASCII, no colon")
 
 
+def _header_texts(message: EmailMessage) -> list[tuple[str, Any]]:
+    """Every value that ends up in a header field, with what to call it in an error."""
+    texts: list[tuple[str, Any]] = [
+        ("subject", message.subject),
+        ("from_email", message.from_email),
+    ]
+    for field in ("to", "cc", "bcc", "reply_to"):
+        texts.extend((field, address) for address in getattr(message, field, None) or ())
+    texts.extend((f"header {name!r}", value) for name, value in message.extra_headers.items())
+    for index, (_, mimetype) in enumerate(getattr(message, "alternatives", None) or ()):
+        texts.append((f"alternative #{index + 1} mimetype", mimetype))
+    for index, attachment in enumerate(message.attachments):
+        if not isinstance(attachment, tuple | list) or not attachment:
+            continue  # a ready-made MIME part: its headers are the caller's own bytes
+        what = f"attachment #{index + 1}"
+        filename = attachment[0]
+        parts = filename if isinstance(filename, tuple | list) else (filename,)
+        texts.extend((f"{what} filename", part) for part in parts)
+        if len(attachment) == 3:
+            texts.append((f"{what} mimetype", attachment[2]))
+    return texts
+
+
+def _check_no_nul(message: EmailMessage) -> None:
+    # RFC 5322 forbids NUL in a header field, yet Django writes it raw onto the wire; and
+    # PostgreSQL refuses NUL in text, so the outbox's INSERT would fail and read as the
+    # database being down (retried forever) when it is the message that is wrong.
+    for what, value in _header_texts(message):
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else force_str(value, errors="replace")
+        if "\x00" in text:
+            raise InvalidMessage(
+                f"the {what} contains a NUL character (\\x00), which is not allowed in a header"
+            )
+
+
 def build_envelope(message: EmailMessage, *, data: bytes | None = None) -> Envelope:
     """Pin the message and build its envelope; raise :class:`InvalidMessage` if it can't be sent.
 
@@ -198,6 +235,7 @@ def build_envelope(message: EmailMessage, *, data: bytes | None = None) -> Envel
     recipients = tuple(dict.fromkeys(prep_address(r) for r in recipients_raw))
     if data is None:
         _check_header_names(message)
+        _check_no_nul(message)
         try:
             data = _message_bytes(message)
         except _BUILD_ERRORS as exc:

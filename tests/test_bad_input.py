@@ -75,6 +75,35 @@ def test_header_injection_in_subject_is_refused(server):
     assert server.connections_total == 0
 
 
+def _with_nul(where: str) -> EmailMessage:
+    message = EmailMessage("Hi", "Body", "from@example.com", ["a@example.com"])
+    if where == "subject":
+        message.subject = "Order\x00 #1"
+    elif where == "header":
+        message.extra_headers["X-Ref"] = "a\x00b"
+    elif where == "reply_to":
+        message.reply_to = ["r\x00@example.com"]
+    else:
+        message.attach("a\x00.txt", "x", "text/plain")
+    return message
+
+
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [
+        ("subject", "subject"),
+        ("header", "header 'X-Ref'"),
+        ("reply_to", "reply_to"),
+        ("filename", "attachment #1 filename"),
+    ],
+)
+def test_a_nul_in_a_header_is_refused_before_any_traffic(server, where, named):
+    # RFC 5322 forbids NUL in a header; Django would write it raw onto the wire.
+    with pytest.raises(InvalidMessage, match=f"the {named} contains a NUL character"):
+        _with_nul(where).send(fail_silently=True)
+    assert server.connections_total == 0
+
+
 def test_empty_recipient_list_sends_nothing_like_django(server):
     assert EmailMessage("Hi", "Body", "from@example.com", []).send() == 0
     assert server.connections_total == 0

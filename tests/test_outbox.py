@@ -108,6 +108,22 @@ def test_lazy_translations_are_queued_by_the_fallback_and_in_the_background(
     assert rows[2].rebuild().attachments[0][:2] == ("invoice.txt", "Total: 3")
 
 
+@pytest.mark.parametrize("field", ["subject", "header", "filename"])
+def test_enqueue_refuses_a_nul_in_a_header_as_invalid_not_as_a_database_outage(field) -> None:
+    # PostgreSQL refuses NUL in text: left to the INSERT it would be OutboxUnavailable, a
+    # "database outage" retried forever, for a message RFC 5322 forbids anyway.
+    message = EmailMessage("s", "b", "f@example.com", ["t@example.com"])
+    if field == "subject":
+        message.subject = "Order\x00 #1"
+    elif field == "header":
+        message.extra_headers["X-Ref"] = "a\x00b"
+    else:
+        message.attach("a\x00.txt", "x", "text/plain")
+    with pytest.raises(InvalidMessage, match="NUL character"):
+        enqueue(message)
+    assert not OutboxMessage.objects.exists()
+
+
 def test_same_idempotency_key_is_queued_only_once() -> None:
     # Inside the test's transaction: the duplicate is refused under a savepoint.
     first = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
