@@ -67,14 +67,18 @@ class EmailService:
         (``cc``, ``bcc``, ``reply_to``, ``headers``, ``attachments``). Raises
         :class:`DeliveryFailed` (or :class:`RateLimited`) when nothing took the message,
         unless ``fail_silently``. Bad input (:class:`InvalidMessage`: no recipients, a bad
-        address, header injection) and configuration errors are raised anyway, as
-        Django's ``send_mail`` does: they are the caller's to fix, not a delivery failure.
+        address, header injection; ``TypeError`` for a ``recipient_list`` that is a
+        string) and configuration errors are raised anyway, as Django's ``send_mail``
+        does: they are the caller's to fix, not a delivery failure.
         ``sensitive=True`` marks a message that carries a secret (a one-time code, a reset
         link): if it waits in the outbox, the admin withholds its bodies and they are
         erased once it is sent, failed or dead.
         ``using``: a Django 6.1 ``MAILERS`` alias to send (or queue) through instead of
         the default one.
         """
+        if isinstance(recipient_list, str | bytes):
+            # list() would split it into characters: "root" delivered to r, o, o and t.
+            raise TypeError('"recipient_list" argument must be a list or tuple')
         email = EmailMultiAlternatives(
             subject,
             message,

@@ -63,6 +63,17 @@ def test_send_email_raises_delivery_failed_or_returns_false_when_silent(smtp_ser
     assert EmailService.send_email("s", "b", ["t@example.com"], fail_silently=True) is False
 
 
+@pytest.mark.parametrize("recipients", ["root", b"root"])
+def test_a_string_recipient_list_is_a_type_error_like_django(smtp_server, robust, recipients):
+    # list("root") would deliver to the mailboxes r, o, o and t.
+    server = smtp_server()
+    robust([provider(server, "only")])
+
+    with pytest.raises(TypeError, match="must be a list or tuple"):
+        EmailService.send_email("s", "b", recipients, fail_silently=True)
+    assert server.connections_total == 0
+
+
 def test_works_with_djangos_locmem_backend_in_users_tests(settings, mailoutbox):
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 
