@@ -16,7 +16,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from robust_mail.backends import _RobustBackendBase
 from robust_mail.conf import ConfigurationError
 from robust_mail.envelope import build_envelope, release_pins
-from robust_mail.exceptions import InvalidMessage, RobustMailError
+from robust_mail.exceptions import Classification, InvalidMessage, RobustMailError
 from robust_mail.fallback import queue_in_outbox
 from robust_mail.results import DeliveryResult, DeliveryStatus
 
@@ -66,10 +66,11 @@ class EmailService:
         ``extra`` goes to :class:`~django.core.mail.EmailMultiAlternatives`
         (``cc``, ``bcc``, ``reply_to``, ``headers``, ``attachments``). Raises
         :class:`DeliveryFailed` (or :class:`RateLimited`) when nothing took the message,
-        unless ``fail_silently``. Bad input (:class:`InvalidMessage`: no recipients, a bad
-        address, header injection; ``TypeError`` for a ``recipient_list`` that is a
-        string) and configuration errors are raised anyway, as Django's ``send_mail``
-        does: they are the caller's to fix, not a delivery failure.
+        unless ``fail_silently``. Bad input (:class:`InvalidMessage`: a bad address,
+        header injection; ``TypeError`` for a ``recipient_list`` that is a string) and
+        configuration errors are raised anyway, as Django's ``send_mail`` does: they are
+        the caller's to fix, not a delivery failure. No recipients at all sends nothing
+        and returns False, as ``send_mail`` returns 0.
         ``sensitive=True`` marks a message that carries a secret (a one-time code, a reset
         link): if it waits in the outbox, the admin withholds its bodies and they are
         erased once it is sent, failed or dead.
@@ -91,9 +92,10 @@ class EmailService:
         if sensitive:
             # Carries a secret (a one-time code): the outbox erases the bodies once done.
             email.robust_mail_sensitive = True  # type: ignore[attr-defined]
+        if not email.recipients():
+            _skip_without_recipients(email)
+            return False
         try:
-            if not email.recipients():
-                raise InvalidMessage("the message has no recipients (to, cc and bcc are all empty)")
             result = cls._send(email, background, using, fail_silently)
             if not result.ok:
                 raise result.to_exception()
@@ -118,7 +120,9 @@ class EmailService:
         default backend; queued with ``background=True``, to be delivered with ``using``'s
         configuration (an alias served by robust_mail).
         Delivery failures are reported in the result, not raised; a message
-        that cannot be built raises :class:`InvalidMessage`.
+        that cannot be built raises :class:`InvalidMessage`. A message without
+        recipients is not sent (``message.send()`` returns 0 for it): the result is
+        ``FAILED``, with no attempts and no Message-ID.
         """
         return cls._send(message, background, using, fail_silently=False)
 
@@ -126,6 +130,12 @@ class EmailService:
     def _send(
         cls, message: EmailMessage, background: bool, using: str | None, fail_silently: bool
     ) -> DeliveryResult:
+        if not message.recipients():
+            _skip_without_recipients(message)
+            result = DeliveryResult(
+                DeliveryStatus.FAILED, "", classification=Classification.MESSAGE_FATAL
+            )
+            return result.attach(message)
         if background:
             connection = _connection_of(message)
             if using is None and isinstance(connection, _RobustBackendBase):
@@ -142,6 +152,12 @@ class EmailService:
             # queued by the outbox fallback, not dropped); False leaves the backend's own.
             return backend.deliver(message, fail_silently=fail_silently or None)
         return _send_through_other(backend, message)
+
+
+def _skip_without_recipients(message: EmailMessage) -> None:
+    # Django's send_mail() and EmailMessage.send() return 0 for it, fail_silently or not;
+    # the backends skip it the same way. Logged, so an empty list by mistake shows.
+    logger.warning("message without recipients not sent: %r", message.subject)
 
 
 def _require_mailers(using: str) -> None:

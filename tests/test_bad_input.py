@@ -45,7 +45,7 @@ def test_invalid_address_raises_even_with_fail_silently(server):
         message.send(fail_silently=True)
 
 
-@pytest.mark.parametrize("recipients", [[], ["a@"], ["bad address"]])
+@pytest.mark.parametrize("recipients", [["a@"], ["bad address"]])
 def test_email_service_raises_bad_input_even_with_fail_silently(server, recipients):
     from robust_mail.service import EmailService
 
@@ -109,9 +109,27 @@ def test_empty_recipient_list_sends_nothing_like_django(server):
     assert server.connections_total == 0
 
 
-def test_empty_recipient_list_is_a_clear_error_from_email_service(server):
-    with pytest.raises(InvalidMessage, match="no recipients"):
-        EmailService.send_email("Hi", "Body", [])
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.django_db
+def test_empty_recipient_list_sends_nothing_from_email_service_like_django(
+    server, background, caplog
+):
+    # Django's send_mail([]) and EmailMessage(to=[]).send() return 0, fail_silently or not.
+    from robust_mail.models import OutboxMessage
+    from robust_mail.results import DeliveryStatus
+
+    assert EmailService.send_email("Hi", "Body", [], background=background) is False
+    assert (
+        EmailService.send_email("Hi", "Body", [], background=background, fail_silently=True)
+        is False
+    )
+    result = EmailService.send(
+        EmailMessage("Hi", "Body", "f@example.com", []), background=background
+    )
+
+    assert result.status is DeliveryStatus.FAILED and not result.ok and result.attempts == 0
+    assert server.connections_total == 0 and not OutboxMessage.objects.exists()
+    assert "message without recipients not sent: 'Hi'" in caplog.text
 
 
 def test_idn_domain_is_idna_encoded_in_the_envelope(server):
