@@ -118,7 +118,9 @@ class EmailService:
         Through the ``MAILERS`` alias ``using`` when given (Django 6.1), else
         ``message.connection`` when it has one (as ``message.send()`` would), else the
         default backend; queued with ``background=True``, to be delivered with ``using``'s
-        configuration (an alias served by robust_mail).
+        configuration (an alias served by robust_mail). When that backend is not one of
+        robust_mail's (``locmem`` in tests, say) ``background=True`` sends through it at
+        once: the outbox would bypass the backend the project chose.
         Delivery failures are reported in the result, not raised; a message
         that cannot be built raises :class:`InvalidMessage`. A message without
         recipients is not sent (``message.send()`` returns 0 for it): the result is
@@ -138,6 +140,14 @@ class EmailService:
             return result.attach(message)
         if background:
             connection = _connection_of(message)
+            if using is None:
+                backend = connection if connection is not None else default_backend()
+                if not isinstance(backend, _RobustBackendBase):
+                    # The project chose another backend (locmem in tests, console in
+                    # development, another package's): queueing would bypass it, the mail
+                    # going out later over robust_mail's SMTP, never in mail.outbox. So it
+                    # is sent through that backend now, as background=False would.
+                    return _send_through_other(backend, message)
             if using is None and isinstance(connection, _RobustBackendBase):
                 using = connection.alias  # queued for the alias it would have gone through
             if using is not None:

@@ -83,6 +83,56 @@ def test_works_with_djangos_locmem_backend_in_users_tests(settings, mailoutbox):
     assert len(mailoutbox) == 1
 
 
+@pytest.mark.django_db
+def test_background_sends_go_through_djangos_locmem_backend_not_the_outbox(settings, mailoutbox):
+    # The outbox would bypass the backend the project chose: a worker would later send the
+    # message over SMTP, and a test reading mail.outbox would never see it.
+    from robust_mail.models import OutboxMessage
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+
+    assert EmailService.send_email("s", "b", ["t@example.com"], background=True)
+    result = EmailService.send(
+        EmailMessage("s2", "b", "f@example.com", ["t@example.com"]), background=True
+    )
+
+    assert result.status is DeliveryStatus.SENT
+    assert [m.subject for m in mailoutbox] == ["s", "s2"]
+    assert not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_background_send_goes_through_the_message_s_own_non_robust_connection(
+    smtp_server, robust
+):
+    from django.core import mail
+
+    from robust_mail.models import OutboxMessage
+
+    robust([provider(smtp_server(), "only")])
+    connection = mail.get_connection("django.core.mail.backends.locmem.EmailBackend")
+    mail.outbox = []
+    message = EmailMessage("s", "b", "f@example.com", ["t@example.com"], connection=connection)
+
+    assert EmailService.send(message, background=True).status is DeliveryStatus.SENT
+    assert len(mail.outbox) == 1 and not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db
+def test_background_sends_with_robust_mail_s_backend_are_still_queued(smtp_server, robust):
+    from robust_mail.models import OutboxMessage
+
+    server = smtp_server()
+    robust([provider(server, "only")])
+
+    result = EmailService.send(
+        EmailMessage("s", "b", "f@example.com", ["t@example.com"]), background=True
+    )
+
+    assert result.status is DeliveryStatus.QUEUED
+    assert OutboxMessage.objects.count() == 1 and server.messages == []
+
+
 def test_send_email_is_silent_with_djangos_smtp_backend_too(smtp_server, settings):
     # "Works with whatever backend": Django's SMTP backend raises OSError / SMTPException,
     # not robust_mail's errors, and fail_silently must cover those as well.
