@@ -124,6 +124,25 @@ def test_enqueue_refuses_a_nul_in_a_header_as_invalid_not_as_a_database_outage(f
     assert not OutboxMessage.objects.exists()
 
 
+def test_the_outbox_fallback_warns_when_its_row_is_in_the_caller_s_transaction(
+    smtp_server, robust, caplog
+) -> None:
+    # The send counts as done, yet a rollback of the caller's transaction loses the row.
+    from django.core.mail import send_mail
+
+    down = smtp_server("refuse")
+    robust([provider(down, "down")], FALLBACK="outbox", RETRY={"ATTEMPTS": 1})
+    warning = "inside a transaction: it is lost if that transaction is rolled back"
+
+    assert send_mail("Outside", "b", None, ["t@example.com"]) == 1
+    assert warning not in caplog.text  # the test's own atomic block is not the caller's
+    with transaction.atomic():
+        assert send_mail("Inside", "b", None, ["t@example.com"]) == 1
+    (record,) = [r for r in caplog.records if warning in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert OutboxMessage.objects.latest("pk").message_id in record.getMessage()
+
+
 def test_same_idempotency_key_is_queued_only_once() -> None:
     # Inside the test's transaction: the duplicate is refused under a savepoint.
     first = enqueue(EmailMessage("a", "b", "f@example.com", ["t@example.com"]), idempotency_key="k")
