@@ -62,7 +62,7 @@ def _unknown_options(backend: str, kwargs: dict[str, Any]) -> str:
         guess = difflib.get_close_matches(key.lower(), OPTION_KEYS, n=1)
         hints.append(f"{key!r} (did you mean {guess[0]!r}?)" if guess else repr(key))
     return (
-        f"{backend} got unknown keyword options {', '.join(hints)}. It takes "
+        f"{backend} ignores unknown keyword options {', '.join(hints)}. It takes "
         f"fail_silently and ROBUST_MAIL's keys in lower case: {', '.join(sorted(OPTION_KEYS))}; "
         "given any of these, they are the whole configuration and ROBUST_MAIL is not read "
         "(so include providers)."
@@ -98,10 +98,11 @@ class _RobustBackendBase(BaseEmailBackend):
                 "Django 6.1, a MAILERS alias of its own)."
             )
         if kwargs and alias is None:
-            # Django's base class would drop them without a word (before 6.1 it takes
-            # any keyword), and the message would go out with settings the caller did
-            # not ask for. With an alias, Django 6.1 itself reports unknown OPTIONS.
-            raise TypeError(_unknown_options(type(self).__name__, kwargs))
+            # Django's backend contract is to ignore unknown keywords (its own shared
+            # backend tests check it on 6.1), but dropping FALLBACK="outbox" without a word
+            # would send with settings the caller did not ask for: say so in the log. With
+            # an alias, Django 6.1 itself reports unknown OPTIONS.
+            logger.warning("%s", _unknown_options(type(self).__name__, kwargs))
         super().__init__(alias=alias, **kwargs)
         self.alias = alias
         self.fail_silently = fail_silently

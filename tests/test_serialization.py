@@ -161,13 +161,19 @@ def test_nul_and_lone_surrogates_are_stored_without_raw_nul_in_json() -> None:
     assert rebuilt.attachments[0][1] == "x\udcffy"
 
 
+def maybe_lazy(text: str) -> object:
+    """Lazy where Django itself can build the part: 6.1 refuses a lazy alternative or
+    attachment content (KeyError in the email content manager), 5.2 takes them."""
+    return gettext_lazy(text) if django.VERSION < (6, 1) else text
+
+
 def test_lazy_translations_round_trip_as_their_text() -> None:
     # gettext_lazy strings are what Django projects pass; Django's backends send them.
     message = EmailMultiAlternatives(
         gettext_lazy("Welcome"), gettext_lazy("Body"), "f@example.com", ["t@example.com"]
     )
-    message.attach_alternative(gettext_lazy("<p>Body</p>"), "text/html")
-    message.attach(gettext_lazy("invoice.txt"), gettext_lazy("Total: 3"), "text/plain")
+    message.attach_alternative(maybe_lazy("<p>Body</p>"), "text/html")
+    message.attach(gettext_lazy("invoice.txt"), maybe_lazy("Total: 3"), "text/plain")
 
     rebuilt = assert_round_trip(message)
 
