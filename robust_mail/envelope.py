@@ -183,13 +183,12 @@ def _check_header_names(message: EmailMessage) -> None:
 
 
 def _header_texts(message: EmailMessage) -> list[tuple[str, Any]]:
-    """Every value that ends up in a header field, with what to call it in an error."""
-    texts: list[tuple[str, Any]] = [
-        ("subject", message.subject),
-        ("from_email", message.from_email),
-    ]
-    for field in ("to", "cc", "bcc", "reply_to"):
-        texts.extend((field, address) for address in getattr(message, field, None) or ())
+    """Every value that ends up in a header field, with what to call it in an error.
+
+    Not the sender and recipients: :func:`prep_address` has refused a NUL in those already.
+    """
+    texts: list[tuple[str, Any]] = [("subject", message.subject)]
+    texts.extend(("reply_to", address) for address in getattr(message, "reply_to", None) or ())
     texts.extend((f"header {name!r}", value) for name, value in message.extra_headers.items())
     for index, (_, mimetype) in enumerate(getattr(message, "alternatives", None) or ()):
         texts.append((f"alternative #{index + 1} mimetype", mimetype))
